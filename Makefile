@@ -1,0 +1,28 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each sets up .venv by itself.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# CPU machines: pin torch in the same pip command so pip takes the local CPU build and never a
+# multi-GB CUDA wheel. On a GPU machine run `make demo TORCH=torch` (or install torch yourself first).
+TORCH  ?= torch==2.13.0
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)" -e ".[dev]"
+	touch $@
+
+.PHONY: setup demo test bench clean
+setup: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/direct-rlhf demo $(ARGS)
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q $(ARGS)
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/ppo_step.py
+
+clean:
+	rm -rf runs .pytest_cache

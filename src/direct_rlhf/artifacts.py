@@ -1,0 +1,41 @@
+"""Stage caching: a stage's folder is reused when the inputs that made it are unchanged.
+
+Each finished artifact folder holds `stage.json` with a key: a hash of the config sections and
+upstream artifact keys the stage depends on. The folder is written atomically, so `stage.json`
+exists only in complete folders; a killed stage simply runs again next time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+STAMP = "stage.json"
+
+
+def cache_key(*parts: Any) -> str:
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def is_fresh(folder: str | Path, key: str) -> bool:
+    stamp = Path(folder) / STAMP
+    if not stamp.is_file():
+        return False
+    try:
+        return json.loads(stamp.read_text()).get("key") == key
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def read_key(folder: str | Path) -> str | None:
+    try:
+        return json.loads((Path(folder) / STAMP).read_text()).get("key")
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def stamp(folder: str | Path, key: str, **info: Any) -> None:
+    (Path(folder) / STAMP).write_text(json.dumps({"key": key, **info}, indent=2, sort_keys=True, default=str))

@@ -1,0 +1,1 @@
+"""Data: the chat format every stage shares, dataset loaders, and the toy-world generator."""

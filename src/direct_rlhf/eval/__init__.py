@@ -1,0 +1,1 @@
+"""Evaluation: general capabilities (lm-eval-harness) and the project's own measurements."""

@@ -1,0 +1,49 @@
+"""Load models and tokenizers from a local folder or a hub id, with errors a user can act on.
+
+Never loads pickled weights (safetensors only) and never runs remote code unless the recipe
+says `trust_remote_code: true`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from ..errors import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    try:
+        tok = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{name_or_path}: cannot load a tokenizer ({_first_line(err)})") from None
+    if tok.pad_token is None:  # base models often ship without one; EOS is the usual stand-in
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(name_or_path: str | Path, dtype: str = "float32", trust_remote_code: bool = False):
+    """A causal LM in eval mode; `UserError` when the folder is missing or is not a causal LM."""
+    _check_local(name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=DTYPES[dtype],
+                                                     use_safetensors=True, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as err:
+        raise UserError(f"{name_or_path}: cannot load a causal language model ({_first_line(err)})") from None
+    return model.eval()
+
+
+def _check_local(name_or_path: str | Path) -> None:
+    """A path that looks local but does not exist is a typo, not a hub id: say so plainly."""
+    text = str(name_or_path)
+    looks_local = text.startswith((".", "/", "~")) or Path(text).exists() or text.count("/") != 1
+    if looks_local and not Path(text).expanduser().is_dir():
+        raise UserError(f"{text}: model folder not found")
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -1,0 +1,1 @@
+"""Generation backends: Hugging Face `generate` (KV cache, early stop at end-of-turn); vLLM on GPUs."""

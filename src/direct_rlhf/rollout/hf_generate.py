@@ -1,0 +1,73 @@
+"""Sample responses with Hugging Face `generate`, stopping at EOS or the chat format's end of turn.
+
+A base model does not stop after its answer; it writes the next "Human:" turn. Each row stops as
+soon as it writes an end-of-turn marker (`stop_strings`), and the response is cut there. The token
+that opened the marker is kept as the response's last token — it plays the role EOS plays for a
+chat model, so PPO can give credit for ending the turn — but the response *text* excludes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..data.chat_format import END_OF_TURN, truncate_at_end_of_turn
+
+
+@dataclass
+class Samples:
+    prompts: list[str]
+    texts: list[str]                 # responses, cut at the end of turn
+    response_ids: list[list[int]]    # the tokens the policy produced, through the stop token
+    ended: list[bool]                # stopped by itself (EOS or end-of-turn), not by the length limit
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float = 1.0,
+           top_p: float = 1.0, batch_size: int = 32, seed: int | None = None, greedy: bool = False) -> Samples:
+    if seed is not None:
+        torch.manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    out = Samples(prompts=list(prompts), texts=[], response_ids=[], ended=[])
+    try:
+        for i in range(0, len(prompts), batch_size):
+            chunk = prompts[i:i + batch_size]
+            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            gen = model.generate(
+                **enc, max_new_tokens=max_new_tokens, do_sample=not greedy,
+                temperature=temperature if not greedy else None, top_p=top_p if not greedy else None,
+                top_k=0 if not greedy else None, stop_strings=list(END_OF_TURN), tokenizer=tokenizer,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True,
+            )
+            for row in gen[:, enc["input_ids"].shape[1]:].tolist():
+                ids, text, ended = cut_response(tokenizer, row)
+                out.response_ids.append(ids)
+                out.texts.append(text)
+                out.ended.append(ended)
+    finally:
+        tokenizer.padding_side = padding_side
+        model.train(was_training)
+    return out
+
+
+def cut_response(tokenizer, ids: list[int]) -> tuple[list[int], str, bool]:
+    """(kept token ids, response text, ended) for one generated row (right-padded with PAD)."""
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    if eos in ids:
+        ids = ids[: ids.index(eos) + 1]
+        text, _ = truncate_at_end_of_turn(tokenizer.decode(ids[:-1]))
+        return ids, text, True
+    while ids and ids[-1] == pad and pad != eos:
+        ids = ids[:-1]
+    full = tokenizer.decode(ids)
+    text, ended = truncate_at_end_of_turn(full)
+    if not ended:
+        return ids, text, False
+    # keep tokens through the one whose text crosses into the marker
+    for k in range(1, len(ids) + 1):
+        if len(tokenizer.decode(ids[:k])) > len(text):
+            return ids[:k], text, True
+    return ids, text, True

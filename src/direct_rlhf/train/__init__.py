@@ -1,0 +1,1 @@
+"""The trainers: pretrain (toy base model), reward / cost model, SFT baseline, PPO."""

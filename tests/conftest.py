@@ -1,0 +1,33 @@
+"""Shared fixtures. Everything is offline and CPU: tiny worlds, tiny models built from a config."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+from direct_rlhf.config import WorldConfig  # noqa: E402
+
+# A world small enough to generate in well under a second, big enough to hold every kind of record.
+SMALL_WORLD = WorldConfig(n_dialogues=300, n_pairs=200, n_ppo_prompts=64, n_mc_per_task=8, n_redteam=20,
+                          n_conversation=20)
+
+# Overrides that make every stage run in seconds (tests only; the demo uses the real recipe).
+MICRO = ["world.n_dialogues=300", "world.n_pairs=200", "world.n_ppo_prompts=64", "world.n_mc_per_task=8",
+         "world.n_redteam=20", "world.n_conversation=20", "model.vocab_size=400", "model.hidden_size=32",
+         "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=1", "model.intermediate_size=64",
+         "pretrain.steps=30", "pretrain.batch_size=8", "pretrain.seq_len=64", "pretrain.log_every=5",
+         "pretrain.warmup_steps=5"]
+
+
+@pytest.fixture(scope="session")
+def small_world(tmp_path_factory):
+    from direct_rlhf.data.toyworld.generate import write_world
+
+    out = tmp_path_factory.mktemp("world") / "world"
+    write_world(SMALL_WORLD, out)
+    return out
