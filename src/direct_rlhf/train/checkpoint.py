@@ -1,0 +1,88 @@
+"""Atomic, resumable training checkpoints.
+
+A checkpoint is a folder `step-<N>` written next to its final place and renamed into it, so a
+process killed at any instant leaves only complete checkpoints (and perhaps a stray temporary
+folder, which is ignored and cleaned up). It holds the trainable weights (safetensors), the
+optimiser/scheduler states, every RNG state (one file per process) and the trainer's own
+state (step, KL controller, Lagrange multiplier) as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..artifacts import STAMP, stamp
+from ..io import atomic_dir
+
+KEEP = 2
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable parameters only (LoRA: the adapters), each an independent contiguous tensor."""
+    return {n: p.detach().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a step draws from, as tensors and plain data (loadable with weights_only=True)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.copy()), pos, has_gauss, cached),
+            "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+
+
+def save(root: Path, step: int, models: dict[str, torch.nn.Module], states: dict[str, Any],
+         trainer_state: dict[str, Any], rank: int = 0, world_size: int = 1) -> Path:
+    """Write `root/step-<step>` atomically (call on the main process; RNG states of all ranks
+    are passed in `trainer_state['rng']` as a list)."""
+    out = root / f"step-{step:06d}"
+    with atomic_dir(out) as tmp:
+        for name, model in models.items():
+            save_file(trainable_state(model), str(tmp / f"{name}.safetensors"))
+        torch.save(states, tmp / "optim.pt")
+        torch.save(trainer_state.pop("rng"), tmp / "rng.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+        stamp(tmp, f"step-{step}", stage="ppo-checkpoint", world_size=world_size)
+    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-KEEP]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stray in root.glob(".step-*.tmp"):
+        shutil.rmtree(stray, ignore_errors=True)
+    return out
+
+
+def latest(root: Path) -> Path | None:
+    done = sorted(p for p in root.glob("step-*") if (p / STAMP).is_file())
+    return done[-1] if done else None
+
+
+def trainer_state(path: Path) -> dict[str, Any]:
+    return json.loads((path / "trainer_state.json").read_text())
+
+
+def load(path: Path, models: dict[str, torch.nn.Module]) -> tuple[dict[str, Any], dict[str, Any], list]:
+    """Load weights into `models` in place; returns (optimiser states, trainer state, rng states)."""
+    for name, model in models.items():
+        weights = load_file(str(path / f"{name}.safetensors"))
+        missing = set(weights) - {n for n, _ in model.named_parameters()}
+        if missing:
+            raise RuntimeError(f"{path}: checkpoint has weights the model lacks: {sorted(missing)[:3]}")
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for n, w in weights.items():
+                params[n].copy_(w)
+    states = torch.load(path / "optim.pt", weights_only=True)
+    rng = torch.load(path / "rng.pt", weights_only=True)
+    return states, json.loads((path / "trainer_state.json").read_text()), rng

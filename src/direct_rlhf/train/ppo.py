@@ -1,0 +1,374 @@
+"""PPO from the base model: the heart of direct RLHF.
+
+One `step()` reads top to bottom like the algorithm:
+
+    rollout      sample responses from the actor (KV cache, stop at end of turn)
+    score        reward model on (prompt, response); normalise; penalise unfinished turns
+    experience   log-probs of actor and reference, values of the critic: one forward pass each
+    advantages   KL to the base folded into per-token rewards; GAE; whitening
+    rl_step      several epochs of clipped policy and value updates over mini-batches
+                 (+ PPO-ptx language-modelling loss; + PPO-Lagrangian cost advantages)
+    controllers  adaptive KL coefficient; Lagrange multiplier
+
+All the math lives in `algos/ppo.py`; this file only moves tensors between models.
+Shapes: B = sequences, P = prompt length (left-padded), R = response length (right-padded).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from ..algos import ppo as F
+from ..config import Config
+from ..errors import UserError
+from ..io import read_jsonl
+from ..models.loading import load_tokenizer
+from ..rollout.hf_generate import Samples, sample
+from ..tracking import MetricsLogger, seed_everything
+from . import checkpoint
+from .ppo_models import ValueModel, load_actor, load_reference, merged_policy, reference_mode
+
+log = logging.getLogger("direct_rlhf")
+
+
+@dataclass
+class Experience:
+    """One rollout batch with everything the PPO epochs need, all detached."""
+
+    sequences: torch.Tensor       # size = (B, P+R)
+    attention_mask: torch.Tensor  # size = (B, P+R)
+    position_ids: torch.Tensor    # size = (B, P+R)
+    mask: torch.Tensor            # size = (B, R), 1.0 on response tokens
+    old_logprobs: torch.Tensor    # size = (B, R)
+    values: torch.Tensor          # size = (B, R)
+    advantages: torch.Tensor      # size = (B, R)
+    returns: torch.Tensor         # size = (B, R)
+    cost_values: torch.Tensor | None = None
+    cost_advantages: torch.Tensor | None = None
+    cost_returns: torch.Tensor | None = None
+
+
+class PPOTrainer:
+    def __init__(self, cfg: Config, base: str, reward_path: str, prompts: list[str], out: Path,
+                 cost_path: str | None = None, ptx_texts: list[str] | None = None, key: str = "",
+                 progress: bool = True, reward_fn=None):
+        from ..models.reward_model import RewardScorer
+
+        self.cfg, self.pc, self.out, self.progress, self.key = cfg, cfg.ppo, Path(out), progress, key
+        self.acc = Accelerator(cpu=not torch.cuda.is_available())
+        seed_everything(cfg.seed + self.acc.process_index)
+        if not prompts:
+            raise UserError("no PPO prompts")
+        self.prompts = prompts
+        self.tokenizer = load_tokenizer(base, cfg.model.trust_remote_code)
+        dtype = cfg.model.dtype
+        actor = load_actor(base, dtype, self.pc.lora, cfg.model.trust_remote_code)
+        self.ref = load_reference(base, dtype, self.pc.lora, cfg.model.trust_remote_code)
+        critic = ValueModel.from_reward_model(reward_path, dtype)
+        self.reward = RewardScorer(reward_path, device=str(self.acc.device))
+        # tests and custom objectives may replace the learned reward by a function of the text
+        self.reward_fn = reward_fn or self.reward.score
+        opt_a = torch.optim.AdamW([p for p in actor.parameters() if p.requires_grad],
+                                  lr=self.pc.actor_lr, weight_decay=self.pc.weight_decay)
+        opt_c = torch.optim.AdamW(critic.parameters(), lr=self.pc.critic_lr, weight_decay=self.pc.weight_decay)
+        self.actor, self.critic, self.opt_a, self.opt_c = self.acc.prepare(actor, critic, opt_a, opt_c)
+        if self.ref is not None:
+            self.ref.to(self.acc.device)
+        self.lagrangian = self.pc.lagrangian
+        if self.lagrangian:
+            if not cost_path:
+                raise UserError("ppo.lagrangian needs a cost model (train one with `direct-rlhf reward --cost`)")
+            self.cost = RewardScorer(cost_path, device=str(self.acc.device))
+            cost_critic = ValueModel.from_reward_model(cost_path, dtype)
+            opt_cc = torch.optim.AdamW(cost_critic.parameters(), lr=self.pc.critic_lr)
+            self.cost_critic, self.opt_cc = self.acc.prepare(cost_critic, opt_cc)
+            self.lam = F.LagrangeMultiplier(self.pc.lambda_init, self.pc.lambda_lr)
+        self.kl_ctl = (F.AdaptiveKLController(self.pc.kl_coef, self.pc.kl_target, self.pc.kl_horizon)
+                       if self.pc.adaptive_kl else F.FixedKLController(self.pc.kl_coef))
+        self.ptx_blocks = self._ptx_blocks(ptx_texts) if self.pc.ptx_coef > 0 else None
+        self.step_idx = 0
+
+    # ------------------------------------------------------------------ data
+    def next_prompts(self) -> list[str]:
+        """This process's prompts for the current step: a seeded permutation per pass over the
+        data, so the data position is a pure function of the step (resume needs nothing else)."""
+        n, b, world = len(self.prompts), self.pc.rollout_batch_size, self.acc.num_processes
+        start = (self.step_idx * world + self.acc.process_index) * b
+        out = []
+        for i in range(start, start + b):
+            epoch, pos = divmod(i, n)
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch))
+            out.append(self.prompts[perm[pos].item()])
+        return out
+
+    def _ptx_blocks(self, texts: list[str] | None) -> torch.Tensor:
+        from .pretrain import pack
+
+        if not texts:
+            raise UserError("ppo.ptx_coef > 0 needs pretraining text (ppo.ptx_data)")
+        return pack(self.tokenizer, texts, min(self.cfg.pretrain.seq_len, 128))
+
+    # ------------------------------------------------------------------ the step
+    def step(self) -> dict[str, Any]:
+        pc, t0 = self.pc, time.perf_counter()
+        prompts = self.next_prompts()
+        policy = self.acc.unwrap_model(self.actor)
+        samples = sample(policy, self.tokenizer, prompts, pc.max_new_tokens, pc.temperature, pc.top_p,
+                         batch_size=len(prompts))
+        t_gen = time.perf_counter()
+        raw = self.reward_fn(prompts, samples.texts)  # size = (B,)
+        ended = torch.tensor(samples.ended, dtype=torch.float32)
+        score = self.reward.normalise(raw).clamp(-pc.reward_clip, pc.reward_clip) + pc.no_end_penalty * (1 - ended)
+        cost = self.cost.score(prompts, samples.texts) if self.lagrangian else None
+        t_score = time.perf_counter()
+        exp, stats = self.make_experience(prompts, samples, score, cost)
+        t_exp = time.perf_counter()
+        stats.update(self.rl_step(exp))
+        t_train = time.perf_counter()
+
+        stats.update(self._reduce({
+            "reward/raw": raw.mean(), "reward/normalised": self.reward.normalise(raw).mean(),
+            "reward/score": score.mean(), "response/length": torch.tensor([len(r) for r in samples.response_ids],
+                                                                          dtype=torch.float32).mean(),
+            "response/ended_rate": ended.mean(),
+            **({"cost/mean": cost.mean()} if cost is not None else {}),
+        }))
+        self.kl_ctl.update(stats["kl/sequence"], pc.rollout_batch_size * self.acc.num_processes)
+        stats["kl/coef"] = self.kl_ctl.value
+        if self.lagrangian:
+            stats["lagrangian/lambda"] = self.lam.value  # the lambda used in this step's update
+            self.lam.update(stats["cost/mean"], pc.cost_threshold)
+        stats.update({"time/generate_s": t_gen - t0, "time/score_s": t_score - t_gen,
+                      "time/experience_s": t_exp - t_score, "time/train_s": t_train - t_exp,
+                      "time/step_s": t_train - t0})
+        self.step_idx += 1
+        self.last_samples = samples
+        return stats
+
+    @torch.no_grad()
+    def make_experience(self, prompts: list[str], samples: Samples, score: torch.Tensor,
+                        cost: torch.Tensor | None) -> tuple[Experience, dict[str, float]]:
+        pc, dev = self.pc, self.acc.device
+        seq, attn, pos, mask = self._assemble(prompts, samples.response_ids)
+        R = mask.shape[1]
+        old_lp = self._logprobs(self.actor, seq, attn, pos, R)                       # size = (B, R)
+        with reference_mode(self.acc.unwrap_model(self.actor), self.ref) as ref:
+            ref_lp = self._logprobs(ref, seq, attn, pos, R)                           # size = (B, R)
+        values = self.critic(seq, attn, pos)[:, -R - 1:-1] * mask                    # size = (B, R)
+        rewards, kl = F.shape_rewards(score.to(dev), old_lp, ref_lp, mask, self.kl_ctl.value, pc.kl_estimator)
+        adv, ret = F.gae(rewards, values, mask, pc.gamma, pc.lam)
+        exp = Experience(seq, attn, pos, mask, old_lp, values, adv, ret)
+        if cost is not None:
+            cvalues = self.cost_critic(seq, attn, pos)[:, -R - 1:-1] * mask
+            crewards = torch.zeros_like(values)
+            last = (mask.sum(1).long() - 1).clamp(min=0)
+            crewards[torch.arange(len(cost)), last] = cost.to(dev) * (mask.sum(1) > 0)
+            exp.cost_values = cvalues
+            exp.cost_advantages, exp.cost_returns = F.gae(crewards, cvalues, mask, pc.gamma, pc.lam)
+        if pc.whiten_advantages:
+            exp.advantages = F.masked_whiten(exp.advantages, mask)
+            if exp.cost_advantages is not None:
+                exp.cost_advantages = F.masked_whiten(exp.cost_advantages, mask)
+        stats = self._reduce({
+            "kl/sequence": (kl * mask).sum(1).mean(), "kl/token": F.masked_mean(kl, mask),
+            "values/mean": F.masked_mean(values, mask), "returns/mean": F.masked_mean(ret, mask),
+            "values/explained_variance": F.explained_variance(values, ret, mask),
+        })
+        return exp, stats
+
+    def rl_step(self, exp: Experience) -> dict[str, float]:
+        """PPO epochs over mini-batches; every token's loss weighted equally (masked means)."""
+        pc, B = self.pc, exp.sequences.shape[0]
+        R = exp.mask.shape[1]
+        adv = exp.advantages
+        if self.lagrangian:
+            adv = F.lagrangian_advantages(exp.advantages, exp.cost_advantages, self.lam.value)
+        sums: dict[str, float] = {}
+        n = 0
+        for _ in range(pc.ppo_epochs):
+            for idx in torch.randperm(B).split(pc.mini_batch_size):
+                seq, attn, pos, mask = exp.sequences[idx], exp.attention_mask[idx], exp.position_ids[idx], exp.mask[idx]
+                logits = self._response_logits(self.actor, seq, attn, pos, R)          # size = (b, R, V)
+                logprobs = F.logprobs_from_logits(logits, seq[:, -R:])
+                pg_loss, pg_stats = F.policy_loss(logprobs, exp.old_logprobs[idx], adv[idx], mask, pc.clip_eps)
+                entropy = F.masked_mean(F.entropy_from_logits(logits.detach() if pc.entropy_coef == 0 else logits), mask)
+                actor_loss = pg_loss - pc.entropy_coef * entropy
+                if self.ptx_blocks is not None:
+                    ptx_loss = self._ptx_loss()
+                    actor_loss = actor_loss + pc.ptx_coef * ptx_loss
+                    sums["loss/ptx"] = sums.get("loss/ptx", 0.0) + ptx_loss.item()
+                self._update(self.actor, self.opt_a, actor_loss)
+
+                values = self.critic(seq, attn, pos)[:, -R - 1:-1]
+                vf_loss, vf_stats = F.value_loss(values, exp.values[idx], exp.returns[idx], mask, pc.value_clip_eps)
+                self._update(self.critic, self.opt_c, pc.vf_coef * vf_loss)
+                if self.lagrangian:
+                    cvalues = self.cost_critic(seq, attn, pos)[:, -R - 1:-1]
+                    cvf_loss, _ = F.value_loss(cvalues, exp.cost_values[idx], exp.cost_returns[idx], mask,
+                                               pc.value_clip_eps)
+                    self._update(self.cost_critic, self.opt_cc, pc.vf_coef * cvf_loss)
+                for k, v in {"loss/policy": pg_loss, "loss/value": vf_loss, "policy/entropy": entropy,
+                             "policy/clipfrac": pg_stats["clipfrac"], "policy/approx_kl": pg_stats["approx_kl"],
+                             "values/clipfrac": vf_stats["vf_clipfrac"]}.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+                n += 1
+        return self._reduce({k: torch.tensor(v / n) for k, v in sums.items()})
+
+    # ------------------------------------------------------------------ helpers
+    def _update(self, model, opt, loss: torch.Tensor) -> None:
+        opt.zero_grad(set_to_none=True)
+        self.acc.backward(loss)
+        self.acc.clip_grad_norm_(model.parameters(), self.pc.grad_clip)
+        opt.step()
+
+    def _ptx_loss(self) -> torch.Tensor:
+        idx = torch.randint(len(self.ptx_blocks), (self.pc.ptx_batch_size,))
+        batch = self.ptx_blocks[idx].to(self.acc.device)
+        return self.actor(input_ids=batch, labels=batch).loss
+
+    def _assemble(self, prompts: list[str], responses: list[list[int]]):
+        """[left-padded prompt | right-padded response] with explicit positions, so that the
+        log-probs here match what generation computed under left padding."""
+        tok, dev = self.tokenizer, self.acc.device
+        side, tok.padding_side = tok.padding_side, "left"
+        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        tok.padding_side = side
+        R = max(1, max(len(r) for r in responses))
+        resp = torch.full((len(responses), R), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(responses), R)
+        for i, r in enumerate(responses):
+            resp[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[i, :len(r)] = 1.0
+        seq = torch.cat([enc["input_ids"], resp], 1).to(dev)
+        attn = torch.cat([enc["attention_mask"].float(), mask], 1).to(dev)
+        pos = (attn.cumsum(1) - 1).clamp(min=0).long()
+        return seq, attn.long(), pos, mask.to(dev)
+
+    def _response_logits(self, model, seq, attn, pos, R: int) -> torch.Tensor:
+        # only the R positions that predict response tokens go through the LM head
+        out = model(input_ids=seq, attention_mask=attn, position_ids=pos, logits_to_keep=R + 1)
+        return out.logits[:, :-1].float() / self.pc.temperature
+
+    def _logprobs(self, model, seq, attn, pos, R: int) -> torch.Tensor:
+        return F.logprobs_from_logits(self._response_logits(model, seq, attn, pos, R), seq[:, -R:])
+
+    def _reduce(self, stats: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Means across processes (identity on one process)."""
+        if not stats:
+            return {}
+        keys = list(stats)
+        vec = torch.stack([torch.as_tensor(stats[k], dtype=torch.float32).detach().cpu() for k in keys])
+        if self.acc.num_processes > 1:
+            vec = self.acc.reduce(vec.to(self.acc.device), reduction="mean").cpu()
+        return {k: float(v) for k, v in zip(keys, vec)}
+
+    # ------------------------------------------------------------------ checkpoints
+    def _models(self) -> dict[str, torch.nn.Module]:
+        models = {"actor": self.acc.unwrap_model(self.actor), "critic": self.acc.unwrap_model(self.critic)}
+        if self.lagrangian:
+            models["cost_critic"] = self.acc.unwrap_model(self.cost_critic)
+        return models
+
+    def save_checkpoint(self) -> None:
+        rngs = self.acc.gather_for_metrics([checkpoint.rng_state()], use_gather_object=True) \
+            if self.acc.num_processes > 1 else [checkpoint.rng_state()]
+        if self.acc.is_main_process:
+            states = {"opt_a": self.opt_a.state_dict(), "opt_c": self.opt_c.state_dict()}
+            if self.lagrangian:
+                states["opt_cc"] = self.opt_cc.state_dict()
+            trainer_state = {"step": self.step_idx, "key": self.key, "kl_ctl": self.kl_ctl.state_dict(), "rng": rngs,
+                             "lambda": self.lam.state_dict() if self.lagrangian else None,
+                             "config": asdict(self.pc)}
+            checkpoint.save(self.out / "checkpoints", self.step_idx, self._models(), states, trainer_state,
+                            world_size=self.acc.num_processes)
+        self.acc.wait_for_everyone()
+
+    def resume(self) -> bool:
+        path = checkpoint.latest(self.out / "checkpoints")
+        if path is None:
+            return False
+        ts = checkpoint.trainer_state(path)
+        if ts.get("key") != self.key:
+            raise UserError(f"{path}: checkpoint was made with another config or inputs; "
+                            f"remove {path.parent} or run without --resume")
+        states, ts, rngs = checkpoint.load(path, self._models())
+        if len(rngs) != self.acc.num_processes:
+            raise UserError(f"{path}: saved with {len(rngs)} processes, resuming with {self.acc.num_processes}")
+        self.opt_a.load_state_dict(states["opt_a"])
+        self.opt_c.load_state_dict(states["opt_c"])
+        if self.lagrangian:
+            self.opt_cc.load_state_dict(states["opt_cc"])
+            self.lam.load_state_dict(ts["lambda"])
+        self.kl_ctl.load_state_dict(ts["kl_ctl"])
+        checkpoint.set_rng_state(rngs[self.acc.process_index])
+        self.step_idx = ts["step"]
+        log.info("ppo: resumed from %s (step %d)", path, self.step_idx)
+        return True
+
+    # ------------------------------------------------------------------ the loop
+    def train(self, resume: bool = False, stop_after: int | None = None) -> bool:
+        """Run to `ppo.steps` (or stop after `stop_after` steps, for tests); True when finished."""
+        if resume:
+            self.resume()
+        logger = MetricsLogger(self.out / "logs", append=resume) if self.acc.is_main_process else None
+        samples_log = (self.out / "logs" / "samples.jsonl").open("a" if resume else "w") \
+            if self.acc.is_main_process else None
+        bar = tqdm(total=self.pc.steps, initial=self.step_idx, desc="ppo",
+                   disable=not (self.progress and self.acc.is_main_process), dynamic_ncols=True)
+        done = 0
+        try:
+            while self.step_idx < self.pc.steps and (stop_after is None or done < stop_after):
+                stats = self.step()
+                done += 1
+                bar.update(1)
+                bar.set_postfix(reward=f"{stats['reward/raw']:.2f}", kl=f"{stats['kl/sequence']:.2f}",
+                                ended=f"{stats['response/ended_rate']:.2f}")
+                if logger:
+                    logger.log(self.step_idx, stats)
+                    if self.step_idx % self.pc.sample_every == 0 or self.step_idx == 1:
+                        self._log_samples(samples_log, bar)
+                if self.step_idx % self.pc.save_every == 0 or self.step_idx == self.pc.steps:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+            if logger:
+                logger.close()
+                samples_log.close()
+        return self.step_idx >= self.pc.steps
+
+    def _log_samples(self, fh, bar, k: int = 3) -> None:
+        import json
+
+        s = self.last_samples
+        for p, t in list(zip(s.prompts, s.texts))[:k]:
+            fh.write(json.dumps({"step": self.step_idx, "prompt": p, "response": t}) + "\n")
+        fh.flush()
+        if self.progress:
+            p, t = s.prompts[0], s.texts[0]
+            bar.write(f"[step {self.step_idx}] {p.strip()[-80:]!r} -> {t.strip()[:100]!r}")
+
+    def save_policy(self, out: Path, info: dict[str, Any]) -> Path | None:
+        from .common import save_model_folder
+
+        if not self.acc.is_main_process:
+            return None
+        policy = merged_policy(self.acc.unwrap_model(self.actor))
+        return save_model_folder(out, policy.eval(), self.tokenizer, info)
+
+
+def load_prompts(path: str | Path) -> list[str]:
+    rows = read_jsonl(path, required=("prompt",))
+    if not rows:
+        raise UserError(f"{path}: no prompts")
+    for r in rows:
+        if not isinstance(r["prompt"], str) or not r["prompt"].strip():
+            raise UserError(f"{path}:{r['_line']}: field 'prompt' must be a non-empty string")
+    return [r["prompt"] for r in rows]

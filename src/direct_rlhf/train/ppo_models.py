@@ -1,0 +1,83 @@
+"""The four roles of PPO from a base model: actor, reference, reward, critic.
+
+- actor:     the base model itself (full fine-tuning, or LoRA adapters through peft);
+- reference: the frozen base. With LoRA it is the *same* weights with adapters disabled, so no
+             second copy is held in memory; with full fine-tuning it is a frozen copy;
+- reward:    the trained reward model, used through `RewardScorer` (text in, normalised score out);
+- critic:    a per-token value head on a transformer, initialised from the reward model: the
+             reward model already knows what a good response looks like, which gives the value
+             function a head start that a randomly initialised head on the base model lacks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+from transformers import AutoModelForSequenceClassification
+
+from ..config import LoraConfig
+from ..models.loading import DTYPES, load_causal_lm
+
+
+class ValueModel(nn.Module):
+    """Backbone + scalar head applied at every position: values of size (B, T)."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    @classmethod
+    def from_reward_model(cls, path: str | Path, dtype: str = "float32") -> "ValueModel":
+        rm = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=DTYPES[dtype],
+                                                                use_safetensors=True)
+        return cls(getattr(rm, rm.base_model_prefix), rm.score)
+
+    def forward(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                               position_ids=position_ids).last_hidden_state  # size = (B, T, H)
+        return self.head(hidden).squeeze(-1).float()  # size = (B, T)
+
+
+def load_actor(base: str, dtype: str, lora: LoraConfig, trust_remote_code: bool = False) -> nn.Module:
+    model = load_causal_lm(base, dtype, trust_remote_code)
+    if lora.enabled:
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import get_peft_model
+
+        model = get_peft_model(model, PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                     target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+    return model.train()
+
+
+def load_reference(base: str, dtype: str, lora: LoraConfig, trust_remote_code: bool = False) -> nn.Module | None:
+    """A frozen copy of the base for full fine-tuning; None with LoRA (see `reference_mode`)."""
+    if lora.enabled:
+        return None
+    ref = load_causal_lm(base, dtype, trust_remote_code)
+    ref.requires_grad_(False)
+    return ref.eval()
+
+
+@contextlib.contextmanager
+def reference_mode(actor: nn.Module, ref: nn.Module | None) -> Iterator[nn.Module]:
+    """Yield the model that computes reference log-probs: the frozen copy, or the actor with
+    its LoRA adapters switched off for the duration of the block."""
+    if ref is not None:
+        yield ref
+        return
+    with actor.disable_adapter():
+        yield actor
+
+
+def merged_policy(actor: nn.Module) -> nn.Module:
+    """The policy as a plain causal LM (LoRA merged into the weights) for saving."""
+    if hasattr(actor, "merge_and_unload"):
+        import copy
+
+        return copy.deepcopy(actor).merge_and_unload()
+    return actor

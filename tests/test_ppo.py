@@ -1,0 +1,125 @@
+"""PPO end to end on tiny models: reward rises, stops at end of turn, exact resume, 2 processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import MICRO
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from direct_rlhf.cli import main
+from direct_rlhf.config import load_config
+from direct_rlhf.rollout.hf_generate import cut_response
+from direct_rlhf.train.ppo import PPOTrainer, load_prompts
+
+PPO_MICRO = ["ppo.rollout_batch_size=8", "ppo.mini_batch_size=4", "ppo.ppo_epochs=2", "ppo.max_new_tokens=12",
+             "ppo.save_every=2", "ppo.sample_every=2", "ppo.actor_lr=3e-3", "ppo.critic_lr=3e-3"]
+
+
+@pytest.fixture(scope="module")
+def micro_run(tmp_path_factory):
+    """A micro base model, a reward folder with a random head on it, and the world's PPO prompts."""
+    run = tmp_path_factory.mktemp("run")
+    assert main(["-q", "pretrain", "--out", str(run), *MICRO]) == 0
+    base = run / "base"
+    rm = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
+    tok = AutoTokenizer.from_pretrained(base)
+    rm.config.pad_token_id = tok.pad_token_id
+    rm.save_pretrained(run / "rm")
+    tok.save_pretrained(run / "rm")
+    (run / "rm" / "reward_stats.json").write_text(json.dumps({"mean": 0.0, "std": 1.0, "max_len": 256}))
+    return run
+
+
+def _trainer(run: Path, out: Path, extra=(), reward_fn=None) -> PPOTrainer:
+    cfg = load_config(None, [*MICRO, *PPO_MICRO, *extra])
+    prompts = load_prompts(run / "world" / "ppo_prompts.jsonl")
+    return PPOTrainer(cfg, str(run / "base"), str(run / "rm"), prompts, out, key="test", progress=False,
+                      reward_fn=reward_fn)
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_stop_at_end_of_turn_keeps_the_stop_token_and_cuts_the_text(micro_run):
+    tok = AutoTokenizer.from_pretrained(micro_run / "base")
+    answer = tok(" Paris.", add_special_tokens=False)["input_ids"]
+    marker = tok("\n\nHuman: And Spain?", add_special_tokens=False)["input_ids"]
+    ids, text, ended = cut_response(tok, answer + marker + [tok.pad_token_id] * 3)
+    assert (text, ended) == (" Paris.", True)
+    assert ids[:len(answer)] == answer and len(answer) < len(ids) <= len(answer) + len(marker)
+    assert tok.decode(ids).startswith(" Paris.\n")  # the kept stop token opens the marker
+    ids, text, ended = cut_response(tok, answer + [tok.eos_token_id, tok.pad_token_id])
+    assert (ids, text, ended) == (answer + [tok.eos_token_id], " Paris.", True)
+    ids, text, ended = cut_response(tok, answer)
+    assert (ids, text, ended) == (answer, " Paris.", False)
+
+
+def test_reward_rises_on_a_synthetic_reward(micro_run, tmp_path):
+    # reward: short answers that end their turn; the micro base rambles, so there is room to learn
+    def reward_fn(prompts, texts):
+        return torch.tensor([-len(t) / 20.0 for t in texts])
+
+    trainer = _trainer(micro_run, tmp_path, ["ppo.steps=12", "ppo.adaptive_kl=false", "ppo.kl_coef=0.01"],
+                       reward_fn=reward_fn)
+    trainer.train()
+    rows = _metrics(tmp_path)
+    first, last = sum(r["reward/raw"] for r in rows[:3]) / 3, sum(r["reward/raw"] for r in rows[-3:]) / 3
+    assert last > first + 0.3, (first, last)
+    for key in ("kl/sequence", "policy/clipfrac", "policy/approx_kl", "values/explained_variance",
+                "response/ended_rate", "policy/entropy", "loss/value", "kl/coef"):
+        assert key in rows[-1]
+
+
+def test_resume_reproduces_the_uninterrupted_run(micro_run, tmp_path):
+    full = _trainer(micro_run, tmp_path / "full", ["ppo.steps=4"])
+    full.train()
+    part = _trainer(micro_run, tmp_path / "part", ["ppo.steps=4"])
+    part.train(stop_after=2)  # as if killed after the checkpoint at step 2
+    del part
+    resumed = _trainer(micro_run, tmp_path / "part", ["ppo.steps=4"])
+    resumed.train(resume=True)
+    a, b = _metrics(tmp_path / "full"), _metrics(tmp_path / "part")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a[2:], b[2:]):
+        for k in ra:
+            if not k.startswith("time/"):
+                assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-6), k
+
+
+def test_ppo_cli_saves_a_plain_causal_lm_and_lora_reference_shares_weights(micro_run, tmp_path):
+    args = ["-q", "ppo", "--out", str(tmp_path), *MICRO, *PPO_MICRO, "ppo.steps=2",
+            f"model.base={micro_run / 'base'}", f"ppo.reward_model={micro_run / 'rm'}",
+            f"ppo.prompts={micro_run / 'world' / 'ppo_prompts.jsonl'}", "ppo.lora.enabled=true"]
+    assert main(args) == 0
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "rlhf")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "rlhf")
+    assert not any("lora" in n for n, _ in model.named_parameters())
+    out = model.generate(**tok("\n\nHuman: Hi\n\nAssistant:", return_tensors="pt"), max_new_tokens=4,
+                         do_sample=False, pad_token_id=tok.pad_token_id)
+    assert out.shape[1] > 4
+    # bad input: one line, exit 2
+    assert main(["-q", "ppo", "--out", str(tmp_path / "x"), *MICRO, "ppo.prompts=/nonexistent.jsonl",
+                 f"model.base={micro_run / 'base'}", f"ppo.reward_model={micro_run / 'rm'}"]) == 2
+
+
+def test_two_process_accelerate_launch(micro_run, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "direct_rlhf", "-q", "ppo", "--out", str(tmp_path), *MICRO, *PPO_MICRO, "ppo.steps=2",
+           f"model.base={micro_run / 'base'}", f"ppo.reward_model={micro_run / 'rm'}",
+           f"ppo.prompts={micro_run / 'world' / 'ppo_prompts.jsonl'}"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = _metrics(tmp_path / "rlhf-work")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(r["loss/policy"])) for r in rows)
+    assert (tmp_path / "rlhf" / "model.safetensors").is_file()
