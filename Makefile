@@ -19,6 +19,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/direct-rlhf demo $(ARGS)
 
 test: $(VENV)/.installed
+	@sh scripts/ensure_chromium.sh  # headless Chromium for the report test (apt-get, once)
 	$(PY) -m pytest -q $(ARGS)
 
 bench: $(VENV)/.installed

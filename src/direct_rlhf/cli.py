@@ -52,15 +52,74 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     from .pipeline import ensure_base
 
     cfg = _load(args)
-    print(f"base model: {ensure_base(cfg)}")
+    print(f"base model: {ensure_base(cfg, progress=not args.quiet)}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from .pipeline import ensure_base
+    from .config import recipe_path
+    from .demo import format_summary, run_demo
+
+    if args.seeds < 1:
+        raise UserError("--seeds must be at least 1")
+    if args.quick and args.config is None:
+        args.config = str(recipe_path("quick.yaml"))
+    cfg = _load(args)
+    summary = run_demo(cfg, seeds=args.seeds, with_sft_rlhf=args.with_sft_rlhf, progress=not args.quiet)
+    print(format_summary(summary))
+    print(f"wall time: {summary['wall_s'] / 60:.1f} min")
+    print(f"report: {summary['reports'][0]}")
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from .chat import chat
+
+    chat(args.model_dir, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+
+
+def cmd_sft(args: argparse.Namespace) -> None:
+    from .pipeline import ensure_sft
+
+    print(f"sft model: {ensure_sft(_load(args), progress=not args.quiet)}")
+
+
+def cmd_ppo(args: argparse.Namespace) -> None:
+    from .pipeline import ensure_policy
 
     cfg = _load(args)
-    base = ensure_base(cfg)
-    print(f"base model: {base}")
+    print(f"policy: {ensure_policy(cfg, progress=not args.quiet, resume=args.resume)}")
+
+
+def cmd_reward(args: argparse.Namespace) -> None:
+    cfg = _load(args)
+    if args.eval_only:
+        from .train.reward import evaluate_folder, format_accuracy
+
+        if not args.model or not args.data:
+            raise UserError("--eval-only needs --model DIR and --data FILE")
+        print(format_accuracy(evaluate_folder(args.model, args.data, cfg.reward.subset, cfg.reward.eval_split)))
+        return
+    from .pipeline import ensure_cost, ensure_reward
+
+    print(f"reward model: {ensure_reward(cfg, progress=not args.quiet)}")
+    if args.cost or cfg.reward.cost_model:
+        print(f"cost model: {ensure_cost(cfg, progress=not args.quiet)}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .eval.runner import parse_models, run_eval
+    from .pipeline import run_dir
+
+    cfg = _load(args)
+    models = parse_models(args.models)  # checked before any work
+    out = args.eval_out or run_dir(cfg) / "eval"
+    run_eval(cfg, models, out, progress=not args.quiet)
+    print(f"results: {out / 'results.json'}\nreport: {out / 'report.html'}")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from .eval.report import report_from_dir
+
+    print(f"report: {report_from_dir(args.results_dir)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,10 +137,50 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(s)
     s.set_defaults(func=cmd_pretrain)
 
-    s = sub.add_parser("demo", help="run the whole experiment on the toy world and write the report")
+    s = sub.add_parser("reward", help="train the Bradley-Terry reward model (and the cost model with --cost)")
+    s.add_argument("--out", type=Path, help="run folder (default: the recipe's 'out')")
+    s.add_argument("--cost", action="store_true", help="also train the cost (harmfulness) model into <out>/cost")
+    s.add_argument("--eval-only", action="store_true", help="only report pairwise accuracy of --model on --data")
+    s.add_argument("--model", type=Path, metavar="DIR", help="with --eval-only: a saved reward model folder")
+    s.add_argument("--data", metavar="FILE", help="with --eval-only: pairs (JSONL, save_to_disk folder or HF name)")
+    _config_args(s)
+    s.set_defaults(func=cmd_reward)
+
+    s = sub.add_parser("sft", help="the SFT baseline: fine-tune the base on the chosen responses")
     s.add_argument("--out", type=Path, help="run folder (default: the recipe's 'out')")
     _config_args(s)
+    s.set_defaults(func=cmd_sft)
+
+    s = sub.add_parser("ppo", help="PPO from the base model (no SFT), KL-anchored to the base")
+    s.add_argument("--out", type=Path, help="run folder (default: the recipe's 'out')")
+    s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    _config_args(s)
+    s.set_defaults(func=cmd_ppo)
+
+    s = sub.add_parser("eval", help="evaluate models on the three axes; writes results.json and report.html")
+    s.add_argument("--models", required=True, metavar="NAME=DIR,...",
+                   help="named models, each a Hugging Face folder or hub id, e.g. base=runs/toy/base,rlhf=runs/toy/rlhf")
+    s.add_argument("--out", dest="eval_out", type=Path, metavar="DIR", help="output folder (default: <out>/eval)")
+    _config_args(s)
+    s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("report", help="rebuild report.html and the figures from RESULTS_DIR/results.json")
+    s.add_argument("results_dir", type=Path, metavar="RESULTS_DIR")
+    s.set_defaults(func=cmd_report)
+
+    s = sub.add_parser("demo", help="run the whole experiment on the toy world and write the report")
+    s.add_argument("--out", type=Path, help="run folder (default: the recipe's 'out')")
+    s.add_argument("--quick", action="store_true", help="smaller sizes, same stages (recipes/quick.yaml)")
+    s.add_argument("--seeds", type=int, default=1, help="repeat the training stages with N seeds")
+    s.add_argument("--with-sft-rlhf", action="store_true", help="also run PPO from the SFT model")
+    _config_args(s)
     s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("chat", help="multi-turn chat in the terminal with a causal-LM folder")
+    s.add_argument("model_dir")
+    s.add_argument("--max-new-tokens", type=int, default=64)
+    s.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    s.set_defaults(func=cmd_chat)
     return p
 
 

@@ -1,8 +1,9 @@
 """Typed, validated configuration: a YAML recipe plus `section.key=value` overrides.
 
-Configs are plain dataclasses. They are validated once, here, at the edge: an unknown key, a wrong
-type or a missing file raises `UserError` naming the key and the file, so no stage downstream has
-to re-check anything. Defaults live in `recipes/toy.yaml` (the embedded recipe), not scattered in code.
+Configs are plain dataclasses whose field defaults are the toy demo's settings, in this one file;
+a recipe (`recipes/*.yaml`) overrides them. They are validated once, here, at the edge: an unknown
+key, a wrong type or a missing file raises `UserError` naming the key and the file, so no stage
+downstream has to re-check anything.
 """
 
 from __future__ import annotations
@@ -66,6 +67,134 @@ class PretrainConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA through peft. With LoRA, the PPO reference is the base with adapters disabled."""
+
+    enabled: bool = False
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                               "gate_proj", "up_proj", "down_proj"])
+
+
+@dataclass
+class RewardConfig:
+    """Bradley-Terry reward model (and the cost model for PPO-Lagrangian)."""
+
+    data: str | None = None          # JSONL file, save_to_disk folder or HF dataset name; null = the toy world's pairs
+    eval_data: str | None = None     # held-out pairs; null = toy world's held-out pairs / the HF eval_split /
+                                     # an eval_fraction of a local data file
+    eval_fraction: float = 0.05      # held out of a local `data` file when eval_data is null
+    split: str = "train"             # split of an HF dataset
+    eval_split: str = "test"
+    subset: Literal["all", "helpful", "harmless"] = "all"
+    init: str | None = None          # model to start from; null = the base model
+    cost_model: bool = False         # also train a harmfulness (cost) model on the harmless pairs
+    epochs: int = 2
+    batch_size: int = 32
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    max_len: int = 256
+    margin: bool = True              # use a per-pair 'margin' field when the data has one
+    center_coef: float = 0.01
+    min_lr_ratio: float = 0.1        # cosine schedule floor, as a fraction of lr
+    grad_clip: float = 1.0
+    stats_pairs: int = 1000          # training pairs scored for reward_stats.json (mean/std); 0 = all
+    eval_every: int = 50
+    log_every: int = 10
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class SFTConfig:
+    """The conventional pipeline's first stage, for comparison: fine-tune on chosen responses."""
+
+    data: str | None = None
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 5e-4
+    warmup_steps: int = 10
+    max_len: int = 256
+    log_every: int = 10
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class PPOConfig:
+    """PPO from the base model, KL-anchored to it (see algos/ppo.py for the math)."""
+
+    prompts: str | None = None        # JSONL with a 'prompt' field; null = the toy world's PPO prompts
+    reward_model: str | None = None   # reward model folder; null = this run's <out>/reward (trained if missing)
+    cost_model: str | None = None     # cost model folder for ppo.lagrangian; null = this run's <out>/cost
+    steps: int = 60
+    rollout_batch_size: int = 32      # prompts per PPO step (per process)
+    mini_batch_size: int = 32
+    ppo_epochs: int = 4
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    top_p: float = 1.0
+    actor_lr: float = 2e-4
+    critic_lr: float = 5e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    kl_coef: float = 0.05
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    adaptive_kl: bool = True
+    kl_target: float = 2.0            # per-sequence KL the adaptive controller aims for (nats)
+    kl_horizon: int = 2000
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip_eps: float = 0.2
+    value_clip_eps: float = 0.2
+    vf_coef: float = 0.5
+    entropy_coef: float = 0.0
+    whiten_advantages: bool = True
+    reward_clip: float = 5.0          # clip the normalised reward to +-this
+    no_end_penalty: float = -1.0      # added to the score of a response that never ends its turn
+    ptx_coef: float = 0.0             # PPO-ptx: weight of the LM loss on pretraining text
+    ptx_batch_size: int = 8
+    ptx_data: str | None = None       # JSONL with a 'text' field; null = the toy world's corpus
+    lagrangian: bool = False          # PPO-Lagrangian with the cost model
+    cost_threshold: float = 0.0
+    lambda_init: float = 1.0
+    lambda_lr: float = 0.05
+    save_every: int = 20
+    sample_every: int = 10
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class EvalConfig:
+    """`direct-rlhf eval` (see eval/runner.py). Defaults fit the toy world: 3 models in < 3 min on 2 CPU cores."""
+
+    general: str = "toy"              # "toy", "standard", "none", or a comma-separated list of lm-eval task ids
+    general_limit: int | None = None
+    device: str = "cpu"               # where models run: "cpu", "cuda", "cuda:1", ...
+    batch_size: int = 32              # lm-eval, logit lens, classifier and reward-model batches
+    generation_batch_size: int = 100  # rows sampled together
+    samples_per_prompt: int = 4       # k sampled responses per red-team prompt
+    conversation_samples: int = 2     # sampled responses per conversation prompt
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    top_p: float = 1.0
+    redteam: str | None = None        # red-team prompts (JSONL, 'prompt' field); null = the toy world's
+    conversation: str | None = None   # conversation prompts (JSONL: prompt, kind, gold); null = the toy world's
+    toxicity_classifier: str = "profanity-check"   # or a HF text-classification folder / id
+    toxicity_label: str | None = None  # the classifier's toxic label; null = guessed from its label names
+    toxicity_threshold: float = 0.5
+    badwords: str | None = None       # bad-word list for the logit-lens probe; null = the shipped list
+    reward_model: str | None = None   # judge of the win-rate; null = <out>/reward when it exists, else skipped
+    tie_eps: float = 0.01             # |r(a) - r(b)| <= tie_eps (in reward std units) is a tie
+    bootstrap: int = 2000             # bootstrap resamples for intervals of means
+    transcripts: int = 6              # sample transcripts per prompt set shown in the report
+    judge_url: str | None = None      # optional OpenAI-compatible judge endpoint (off by default)
+    judge_model: str | None = None
+    judge_timeout_s: float = 30.0
+
+
+@dataclass
 class Config:
     seed: int = 0
     out: str = "runs/toy"
@@ -73,6 +202,10 @@ class Config:
     world: WorldConfig = field(default_factory=WorldConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def section_dict(self, *names: str) -> dict[str, Any]:
         """The config of some sections as plain data: the cache key of a stage's artifacts."""

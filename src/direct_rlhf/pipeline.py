@@ -53,3 +53,93 @@ def ensure_base(cfg: Config, progress: bool = True) -> str:
     log.info("base model: pretraining into %s", out)
     pretrain(cfg, world / "corpus.jsonl", out, run_dir(cfg) / "logs" / "pretrain", key, progress)
     return str(out)
+
+
+def ensure_reward(cfg: Config, progress: bool = True) -> str:
+    """The Bradley-Terry reward model in `<out>/reward`, trained when stale (see train/reward.py)."""
+    return _ensure_preference_model(cfg, "reward", progress)
+
+
+def ensure_cost(cfg: Config, progress: bool = True) -> str:
+    """The cost (harmfulness) model in `<out>/cost`: harmless pairs, roles swapped, for PPO-Lagrangian."""
+    return _ensure_preference_model(cfg, "cost", progress)
+
+
+def _ensure_preference_model(cfg: Config, stage: str, progress: bool) -> str:
+    from .train.reward import preference_data, train_preference_model
+
+    needs_world = cfg.reward.data is None
+    # Data first: a bad file must fail in a second, not after pretraining a base model.
+    data = preference_data(cfg, ensure_world(cfg) if needs_world else None, cost=stage == "cost")
+    init = cfg.reward.init or ensure_base(cfg, progress)
+    out = run_dir(cfg) / stage
+    key = cache_key(stage, read_key(init) or init, data.key, read_key(run_dir(cfg) / "world") if needs_world else None,
+                    cfg.seed, cfg.section_dict("reward"), cfg.model.dtype)
+    if is_fresh(out, key):
+        log.info("%s model: cached at %s", stage, out)
+        return str(out)
+    log.info("%s model: training into %s", stage, out)
+    train_preference_model(cfg, init, data, out, run_dir(cfg) / "logs" / stage, key, progress, stage=stage)
+    return str(out)
+
+
+def ensure_policy(cfg: Config, progress: bool = True, resume: bool = False, init: str | None = None,
+                  name: str = "rlhf") -> str:
+    """PPO from the base model (or from `init`, e.g. the SFT model for the conventional pipeline)
+    into `<out>/<name>`; checkpoints and metrics under `<out>/<name>-work`.
+
+    Under `accelerate launch` the main process builds missing upstream artifacts first; the
+    others then find them cached.
+    """
+    from accelerate import PartialState
+
+    from .train.ppo import PPOTrainer, load_prompts
+
+    pc = cfg.ppo
+    with PartialState().main_process_first():
+        needs_world = pc.prompts is None or (pc.ptx_coef > 0 and pc.ptx_data is None)
+        world = ensure_world(cfg) if needs_world else None
+        prompts = load_prompts(pc.prompts or world / "ppo_prompts.jsonl")
+        start = init or ensure_base(cfg, progress)
+        reward = pc.reward_model or ensure_reward(cfg, progress)
+        cost = (pc.cost_model or ensure_cost(cfg, progress)) if pc.lagrangian else None
+    out, work = run_dir(cfg) / name, run_dir(cfg) / f"{name}-work"
+    key = cache_key("ppo", read_key(start) or start, read_key(reward) or reward,
+                    (read_key(cost) or cost) if cost else None, cfg.seed, cfg.section_dict("ppo", "model"))
+    if is_fresh(out, key):
+        log.info("%s policy: cached at %s", name, out)
+        return str(out)
+    ptx = None
+    if pc.ptx_coef > 0:
+        from .io import read_jsonl
+
+        ptx_file = Path(pc.ptx_data) if pc.ptx_data else world / "corpus.jsonl"
+        ptx = [r["text"] for r in read_jsonl(ptx_file, required=("text",))]
+    log.info("%s policy: PPO from %s into %s", name, start, out)
+    trainer = PPOTrainer(cfg, start, reward, prompts, work, cost_path=cost, ptx_texts=ptx, key=key,
+                         progress=progress)
+    trainer.train(resume=resume)
+    trainer.save_policy(out, {"stage": "ppo", "key": key, "seed": cfg.seed, "init": start, "reward": reward,
+                              "config": cfg.section_dict("ppo")})
+    trainer.acc.wait_for_everyone()
+    return str(out)
+
+
+def ensure_sft(cfg: Config, progress: bool = True) -> str:
+    """The SFT baseline in `<out>/sft`: the base fine-tuned on the chosen responses."""
+    from .data.preferences import load_pairs
+    from .train.sft import train_sft
+
+    world = ensure_world(cfg) if cfg.sft.data is None else None
+    source = cfg.sft.data or str(world / "pairs_train.jsonl")
+    pairs, _ = load_pairs(source)
+    base = ensure_base(cfg, progress)
+    out = run_dir(cfg) / "sft"
+    key = cache_key("sft", read_key(base) or base, read_key(world) if world else source, cfg.seed,
+                    cfg.section_dict("sft", "model"))
+    if is_fresh(out, key):
+        log.info("sft model: cached at %s", out)
+        return str(out)
+    log.info("sft model: fine-tuning %s on %d chosen responses into %s", base, len(pairs), out)
+    train_sft(cfg, base, pairs, out, run_dir(cfg) / "logs" / "sft", key, progress)
+    return str(out)

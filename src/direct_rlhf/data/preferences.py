@@ -1,0 +1,282 @@
+"""Preference pairs: every accepted format normalised to one `Pair`, validated once, here.
+
+Accepted records (one per JSONL line, or one per row of a Hugging Face dataset):
+
+* HH-RLHF raw: ``{"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": ...}``; the shared
+  prompt is everything up to the last ``Assistant:`` turn.
+* TRL conversational, explicit prompt: ``prompt`` / ``chosen`` / ``rejected`` as lists of
+  ``{"role", "content"}`` messages (``chosen``/``rejected`` usually one assistant message).
+* TRL conversational, implicit prompt: ``chosen`` / ``rejected`` as whole conversations.
+* TRL standard, explicit prompt: ``prompt`` / ``chosen`` / ``rejected`` as strings, the prompt an
+  HH transcript ending in ``Assistant:``.
+
+Optional fields: ``subset`` ("helpful" / "harmless", used by the subset filter) and ``margin``
+(a number; Llama-2-style BT margin). A ``system`` message is folded into the first user turn
+(a base model has no system slot), separated by a blank line.
+
+Every transcript goes through `chat_format.parse` and `chat_format.render`, so all formats of the
+same conversation give the same bytes, and those bytes are what PPO and evaluation produce too.
+
+Rules for bad input (one `UserError` naming file, line and problem): malformed JSON, missing
+``chosen``/``rejected``, a transcript with no final Assistant turn, chosen and rejected that do not
+share a prompt, a non-UTF-8 file, and no pairs at all after filtering. Pairs whose chosen equals
+rejected carry no preference and are dropped (counted in `PairStats.dropped_identical`).
+Truncation to a token budget happens at tokenisation (see `models.reward_model.encode`).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+from ..errors import UserError
+from ..io import read_jsonl
+from .chat_format import Message, parse, render, split_prompt_response
+
+Subset = Literal["all", "helpful", "harmless"]
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One preference: `prompt` ends in "\\n\\nAssistant:"; responses keep their leading space."""
+
+    prompt: str
+    chosen: str
+    rejected: str
+    subset: str | None = None
+    margin: float | None = None
+
+
+@dataclass
+class PairStats:
+    """What loading did to the data, for the user to see (and for run_info.json)."""
+
+    source: str
+    rows: int = 0
+    kept: int = 0
+    dropped_identical: int = 0
+    filtered_subset: int = 0
+    by_subset: dict[str, int] = field(default_factory=dict)
+
+
+def load_pairs(source: str | Path, subset: Subset = "all", split: str = "train") -> tuple[list[Pair], PairStats]:
+    """Load preference pairs from a local JSONL file, a `save_to_disk` folder or a HF dataset name.
+
+    `split` is used only for Hugging Face datasets. Raises `UserError` for anything the user must fix.
+    """
+    rows, label = _read_rows(source, split)
+    return pairs_from_rows(rows, label, subset)
+
+
+def pairs_from_rows(rows: Sequence[dict[str, Any]], label: str, subset: Subset = "all") -> tuple[list[Pair], PairStats]:
+    """Normalise raw records (each may carry `_line`, its 1-based position) into pairs."""
+    stats = PairStats(source=label, rows=len(rows))
+    if subset not in ("all", "helpful", "harmless"):
+        raise UserError(f"{label}: unknown subset {subset!r} (expected all, helpful or harmless)")
+    out: list[Pair] = []
+    for i, row in enumerate(rows, 1):
+        at = f"{label}:{row.get('_line', i)}"
+        pair = _to_pair(row, at)
+        if subset != "all":
+            if pair.subset is None:
+                raise UserError(f"{at}: no 'subset' field, so the {subset} pairs cannot be selected (label each "
+                                f"record 'helpful' or 'harmless'; for the reward model reward.subset=all also works)")
+            if pair.subset != subset:
+                stats.filtered_subset += 1
+                continue
+        if pair.chosen == pair.rejected:
+            stats.dropped_identical += 1
+            continue
+        out.append(pair)
+        key = pair.subset or "unlabelled"
+        stats.by_subset[key] = stats.by_subset.get(key, 0) + 1
+    stats.kept = len(out)
+    if not out:
+        why = f" after keeping subset={subset}" if subset != "all" else ""
+        why += f" ({stats.dropped_identical} dropped with chosen == rejected)" if stats.dropped_identical else ""
+        raise UserError(f"{label}: no preference pairs{why}")
+    return out, stats
+
+
+def split_holdout(pairs: list[Pair], fraction: float, seed: int) -> tuple[list[Pair], list[Pair]]:
+    """Seeded (train, held-out) split for user data that came without an eval file."""
+    if len(pairs) < 2:
+        raise UserError(f"only {len(pairs)} pair(s): too few to hold any out for evaluation "
+                        f"(give reward.eval_data)")
+    order = list(range(len(pairs)))
+    random.Random(seed).shuffle(order)
+    n_eval = min(len(pairs) - 1, max(1, math.ceil(fraction * len(pairs))))
+    held = set(order[:n_eval])
+    return [p for i, p in enumerate(pairs) if i not in held], [pairs[i] for i in sorted(held)]
+
+
+def has_splits(source: str | Path) -> bool:
+    """Whether `source` names a dataset with splits (a hub name, a DatasetDict, a data folder).
+
+    A JSONL file or a single saved `Dataset` has no held-out split of its own.
+    """
+    path = Path(str(source)).expanduser()
+    if path.is_file():
+        return False
+    if path.is_dir():
+        return not ((path / "dataset_info.json").is_file() and not (path / "dataset_dict.json").is_file())
+    return True
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading rows
+
+
+def _read_rows(source: str | Path, split: str) -> tuple[list[dict[str, Any]], str]:
+    text = str(source)
+    path = Path(text).expanduser()
+    if path.is_file():
+        _check_utf8(path)
+        return read_jsonl(path), str(path)
+    if path.is_dir():
+        return _read_hf(text, split, local=True)
+    looks_local = text.startswith((".", "/", "~")) or text.endswith((".jsonl", ".json")) or text.count("/") > 1
+    if looks_local:
+        raise UserError(f"{text}: file not found")
+    return _read_hf(text, split, local=False)
+
+
+def _check_utf8(path: Path) -> None:
+    """read_jsonl reports a decode error by byte; say which line, so the user can find it."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte {err.start}); re-save the file as UTF-8") from None
+
+
+def _read_hf(name: str, split: str, local: bool) -> tuple[list[dict[str, Any]], str]:
+    """A `save_to_disk` folder, a local dataset folder, or a hub dataset (offline: from the cache)."""
+    import datasets
+
+    label = f"{name}[{split}]"
+    try:
+        if local and ((Path(name) / "dataset_info.json").is_file() or (Path(name) / "dataset_dict.json").is_file()):
+            ds = datasets.load_from_disk(name)
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise UserError(f"{name}: no split '{split}' (has: {', '.join(ds)})")
+                ds = ds[split]
+        else:
+            ds = datasets.load_dataset(name, split=split)
+    except UserError:
+        raise
+    except Exception as err:  # datasets raises many types (ConnectionError, FileNotFoundError, ValueError...)
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        hint = "" if local else " (offline: the dataset must be in the local Hugging Face cache)"
+        raise UserError(f"{label}: cannot load dataset{hint}: {msg}") from None
+    rows = []
+    for i, row in enumerate(ds, 1):
+        rows.append({**row, "_line": f"row {i}"})
+    return rows, label
+
+
+# --------------------------------------------------------------------------------------------------
+# One record -> one Pair
+
+
+def _to_pair(row: dict[str, Any], at: str) -> Pair:
+    for key in ("chosen", "rejected"):
+        if row.get(key) is None:
+            raise UserError(f"{at}: missing field '{key}'")
+    prompt = row.get("prompt")
+    c_prompt, chosen = _prompt_response(prompt, row["chosen"], at, "chosen")
+    r_prompt, rejected = _prompt_response(prompt, row["rejected"], at, "rejected")
+    if c_prompt != r_prompt:
+        raise UserError(f"{at}: 'chosen' and 'rejected' have different prompts (they must differ only in "
+                        f"the last Assistant turn)")
+    return Pair(c_prompt, chosen, rejected, _subset(row, at), _margin(row, at))
+
+
+def _prompt_response(prompt: Any, answer: Any, at: str, name: str) -> tuple[str, str]:
+    """Render (prompt, answer) in any accepted shape to the canonical transcript and split it."""
+    if isinstance(answer, str):
+        if prompt is None:
+            transcript = answer
+        elif isinstance(prompt, str):
+            transcript = prompt + answer
+        else:
+            raise UserError(f"{at}: field 'prompt' is a message list but '{name}' is a string; use the same "
+                            f"format for both")
+        messages = _parse(transcript, at, name)
+    elif isinstance(answer, list):
+        head: list[Message] = []
+        if isinstance(prompt, list):
+            head = _messages(prompt, at, "prompt")
+        elif prompt is not None:
+            raise UserError(f"{at}: field '{name}' is a message list but 'prompt' is not; use the same "
+                            f"format for both")
+        messages = _fold_system(head + _messages(answer, at, name), at, name)
+    else:
+        raise UserError(f"{at}: field '{name}' must be a transcript string or a list of messages, "
+                        f"got {type(answer).__name__}")
+    if not any(m.role == "assistant" for m in messages):
+        raise UserError(f"{at}: field '{name}' has no Assistant turn")
+    if messages[-1].role != "assistant":
+        raise UserError(f"{at}: field '{name}' does not end with an Assistant turn")
+    if messages[0].role != "user":
+        raise UserError(f"{at}: field '{name}' must start with a Human (user) turn")
+    return split_prompt_response(render(messages, add_generation_prompt=False))
+
+
+def _parse(transcript: str, at: str, name: str) -> list[Message]:
+    if "\n\nAssistant:" not in transcript and not transcript.lstrip("\n").startswith("Assistant:"):
+        raise UserError(f"{at}: field '{name}' has no Assistant turn")
+    try:
+        return parse(transcript)
+    except ValueError as err:
+        raise UserError(f"{at}: field '{name}': {err}") from None
+
+
+def _messages(items: list[Any], at: str, name: str) -> list[Message]:
+    out = []
+    for j, m in enumerate(items):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise UserError(f"{at}: field '{name}'[{j}] must be {{\"role\": str, \"content\": str}}")
+        if m["role"] not in ("system", "user", "assistant"):
+            raise UserError(f"{at}: field '{name}'[{j}]: unknown role {m['role']!r} "
+                            f"(expected system, user or assistant)")
+        out.append(Message(m["role"], m["content"]))  # type: ignore[arg-type]
+    return out
+
+
+def _fold_system(messages: list[Message], at: str, name: str) -> list[Message]:
+    """A base model's transcript has no system slot: prepend it to the first user turn."""
+    if not messages or messages[0].role != "system":
+        if any(m.role == "system" for m in messages):
+            raise UserError(f"{at}: field '{name}': a system message is only allowed first")
+        return messages
+    system, rest = messages[0], messages[1:]
+    if any(m.role == "system" for m in rest):
+        raise UserError(f"{at}: field '{name}': only one system message is allowed")
+    if not rest or rest[0].role != "user":
+        raise UserError(f"{at}: field '{name}': a system message must be followed by a user turn")
+    first = Message("user", f"{system.content.strip()}\n\n{rest[0].content.strip()}")
+    return [first, *rest[1:]]
+
+
+def _subset(row: dict[str, Any], at: str) -> str | None:
+    value = row.get("subset")
+    if value is None:
+        return None
+    if value not in ("helpful", "harmless"):
+        raise UserError(f"{at}: field 'subset' must be 'helpful' or 'harmless', got {value!r}")
+    return value
+
+
+def _margin(row: dict[str, Any], at: str) -> float | None:
+    value = row.get("margin")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise UserError(f"{at}: field 'margin' must be a finite number, got {value!r}")
+    return float(value)

@@ -1,0 +1,121 @@
+"""`direct-rlhf demo`: the paper's experiment end to end on the toy world.
+
+toy world -> base model (pretrained, cached) -> reward model (+ cost model) -> SFT baseline ->
+PPO from the base (direct RLHF) [-> PPO from SFT, the conventional pipeline] -> evaluation of
+every model on the three axes -> report.html, and a summary table on stdout.
+
+With `--seeds N` the training stages (reward, SFT, PPO) run once per seed, each into
+`<out>/seed-<s>/`, on the same world and base model; the summary gives mean ± std over seeds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import Config
+from .io import write_json
+
+log = logging.getLogger("direct_rlhf")
+
+# (label, how to read it from results.json, format)
+SUMMARY = (
+    ("general acc (11 tasks)", lambda r, m: r["general"]["mean_acc"][m], "{:.3f}"),
+    ("toxicity (red-team)", lambda r, m: r["harmlessness"]["per_model"][m]["toxicity_rate"], "{:.1%}"),
+    ("win-rate vs base (RM)", lambda r, m: _win_rate(r, m, "base"), "{:.3f}"),
+    ("gold-correct (facts)", lambda r, m: r["conversation"]["per_model"][m]["gold_correct"]["rate"], "{:.1%}"),
+    ("over-refusal (benign)", lambda r, m: r["conversation"]["per_model"][m]["over_refusal"]["rate"], "{:.1%}"),
+    ("ended turn", lambda r, m: r["conversation"]["per_model"][m]["ended_rate"]["rate"], "{:.1%}"),
+    ("mean reward (RM)", lambda r, m: r["conversation"]["per_model"][m].get("mean_reward"), "{:+.2f}"),
+)
+
+
+def _win_rate(results: dict, model: str, opponent: str) -> float | None:
+    if model == opponent:
+        return 0.5
+    for w in results["conversation"]["win_rates"]:
+        if w["model"] == model and w["opponent"] == opponent and w["judge"] == "reward_model":
+            return w["win_rate"]
+    return None
+
+
+def train_and_evaluate(cfg: Config, with_sft_rlhf: bool, progress: bool) -> Path:
+    """Every stage for one seed; returns the eval folder (results.json, report.html)."""
+    from .eval.runner import run_eval
+    from .pipeline import ensure_base, ensure_policy, ensure_reward, ensure_sft, run_dir
+
+    base = ensure_base(cfg, progress)
+    ensure_reward(cfg, progress)
+    models = {"base": base, "sft": ensure_sft(cfg, progress), "rlhf": ensure_policy(cfg, progress)}
+    if with_sft_rlhf:
+        models["sft_rlhf"] = ensure_policy(cfg, progress, init=models["sft"], name="sft_rlhf")
+    out = run_dir(cfg) / "eval"
+    run_eval(cfg, models, out, progress=progress)
+    return out
+
+
+def run_demo(cfg: Config, seeds: int = 1, with_sft_rlhf: bool = False, progress: bool = True) -> dict[str, Any]:
+    from .pipeline import ensure_base, run_dir
+
+    t0 = time.perf_counter()
+    root = run_dir(cfg)
+    if seeds == 1:
+        evals = [train_and_evaluate(cfg, with_sft_rlhf, progress)]
+    else:
+        base = ensure_base(cfg, progress)  # one world and one base model for every seed
+        evals = []
+        for s in range(cfg.seed, cfg.seed + seeds):
+            scfg = dataclasses.replace(cfg, seed=s, out=str(root / f"seed-{s}"),
+                                       model=dataclasses.replace(cfg.model, base=base))
+            evals.append(train_and_evaluate(scfg, with_sft_rlhf, progress))
+    results = [json.loads((e / "results.json").read_text()) for e in evals]
+    summary = summarise(results, seeds=list(range(cfg.seed, cfg.seed + seeds)))
+    summary["wall_s"] = time.perf_counter() - t0
+    summary["reports"] = [str(e / "report.html") for e in evals]
+    write_json(root / "summary.json", summary)
+    return summary
+
+
+def summarise(results: list[dict], seeds: list[int]) -> dict[str, Any]:
+    models = list(results[0]["models"])
+    table: dict[str, dict[str, Any]] = {}
+    for label, get, _ in SUMMARY:
+        table[label] = {}
+        for m in models:
+            vals = [v for v in (_safe(get, r, m) for r in results) if v is not None]
+            table[label][m] = {"mean": statistics.fmean(vals) if vals else None,
+                               "std": statistics.stdev(vals) if len(vals) > 1 else 0.0 if vals else None,
+                               "values": vals}
+    return {"seeds": seeds, "models": models, "table": table}
+
+
+def _safe(get, results: dict, model: str):
+    try:
+        return get(results, model)
+    except (KeyError, TypeError):
+        return None
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    models = summary["models"]
+    n = len(summary["seeds"])
+    width = max(len(label) for label, _, _ in SUMMARY)
+    lines = [f"{'':{width}}  " + "  ".join(f"{m:>16}" for m in models)]
+    for label, _, fmt in SUMMARY:
+        cells = []
+        for m in models:
+            c = summary["table"][label][m]
+            if c["mean"] is None:
+                cells.append(f"{'n/a':>16}")
+            else:
+                text = fmt.format(c["mean"]) + (f" ± {fmt.format(c['std']).lstrip('+')}" if n > 1 else "")
+                cells.append(f"{text:>16}")
+        lines.append(f"{label:{width}}  " + "  ".join(cells))
+    seeds = ", ".join(map(str, summary["seeds"]))
+    lines.append(f"(seed{'s' if n > 1 else ''} {seeds}; mean ± std over seeds)" if n > 1 else f"(seed {seeds})")
+    return "\n".join(lines)

@@ -1,0 +1,320 @@
+"""Reward model: one loader for every format, the BT loss path, scoring at the last real token,
+a folder plain transformers can load, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+from conftest import MICRO
+from transformers import AutoModelForSequenceClassification
+
+from direct_rlhf.cli import main
+from direct_rlhf.config import load_config
+from direct_rlhf.data.chat_format import render
+from direct_rlhf.data.preferences import Pair, load_pairs, pairs_from_rows
+from direct_rlhf.errors import UserError
+from direct_rlhf.io import read_jsonl, write_jsonl
+from direct_rlhf.models.factory import tiny_mistral
+from direct_rlhf.models.reward_model import (RewardScorer, build_reward_model, encode, pad_right, plain_model,
+                                             rewards, score_ids)
+from direct_rlhf.models.tokenizer import train_tokenizer
+from direct_rlhf.tracking import seed_everything
+from direct_rlhf.train.reward import (PreferenceData, cost_pairs, encode_pairs, pair_loss, pairwise_accuracy,
+                                      train_preference_model)
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory, small_world):
+    """A random-init micro Mistral with the toy tokenizer, saved as a plain HF folder (no pretraining)."""
+    cfg = load_config(None, MICRO)
+    texts = [r["text"] for r in read_jsonl(small_world / "corpus.jsonl")]
+    tok = train_tokenizer(texts, cfg.model.vocab_size)
+    out = tmp_path_factory.mktemp("tiny") / "base"
+    tiny_mistral(cfg.model, tok, seed=0).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def _cfg(*extra: str):
+    return load_config(None, [*MICRO, *extra])
+
+
+# ------------------------------------------------------------------------------------------------
+# Formats: every accepted shape of the same conversations gives the same pairs
+
+CONVERSATIONS = [  # (history, user turn, chosen, rejected, subset)
+    ([], "How do I hurt my sister?", "I can't help with hurting anyone.", "Just punch her.", "harmless"),
+    ([("What is 2 plus 3?", "2 plus 3 is 5.")], "What colour is a lemon?", "A lemon is usually yellow.",
+     "I like turtles.", "helpful"),
+]
+
+
+def _messages(history, user):
+    msgs = []
+    for q, a in history:
+        msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    return msgs + [{"role": "user", "content": user}]
+
+
+def _rows(fmt: str) -> list[dict]:
+    rows = []
+    for history, user, good, bad, subset in CONVERSATIONS:
+        msgs = _messages(history, user)
+        if fmt == "hh":
+            row = {"chosen": render(msgs + [{"role": "assistant", "content": good}], False),
+                   "rejected": render(msgs + [{"role": "assistant", "content": bad}], False)}
+        elif fmt == "trl_prompt":
+            row = {"prompt": msgs, "chosen": [{"role": "assistant", "content": good}],
+                   "rejected": [{"role": "assistant", "content": bad}]}
+        elif fmt == "trl_conversation":
+            row = {"chosen": msgs + [{"role": "assistant", "content": good}],
+                   "rejected": msgs + [{"role": "assistant", "content": bad}]}
+        else:  # TRL standard: prompt and responses as strings
+            row = {"prompt": render(msgs), "chosen": " " + good, "rejected": " " + bad}
+        rows.append({**row, "subset": subset})
+    return rows
+
+
+EXPECTED = [
+    Pair("\n\nHuman: How do I hurt my sister?\n\nAssistant:", " I can't help with hurting anyone.",
+         " Just punch her.", "harmless"),
+    Pair("\n\nHuman: What is 2 plus 3?\n\nAssistant: 2 plus 3 is 5.\n\nHuman: What colour is a lemon?"
+         "\n\nAssistant:", " A lemon is usually yellow.", " I like turtles.", "helpful"),
+]
+
+
+@pytest.mark.parametrize("fmt", ["hh", "trl_prompt", "trl_conversation", "trl_standard"])
+def test_each_jsonl_format_loads_to_the_same_pairs(tmp_path, fmt):
+    write_jsonl(tmp_path / "p.jsonl", _rows(fmt))
+    pairs, stats = load_pairs(tmp_path / "p.jsonl")
+    assert pairs == EXPECTED and stats.kept == 2
+
+
+def test_hf_datasets_saved_to_disk_and_local_json_folder_load_to_the_same_pairs(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_list(_rows("trl_prompt")).save_to_disk(str(tmp_path / "saved"))
+    assert load_pairs(tmp_path / "saved")[0] == EXPECTED
+    datasets.DatasetDict({"test": datasets.Dataset.from_list(_rows("hh"))}).save_to_disk(str(tmp_path / "dd"))
+    assert load_pairs(tmp_path / "dd", split="test")[0] == EXPECTED
+    (tmp_path / "local").mkdir()
+    write_jsonl(tmp_path / "local" / "train.jsonl", _rows("hh"))
+    assert load_pairs(tmp_path / "local", split="train")[0] == EXPECTED
+
+
+def test_local_file_without_eval_file_holds_out_a_seeded_fraction(tmp_path):
+    from direct_rlhf.train.reward import preference_data
+
+    rows = [{"chosen": f"\n\nHuman: q{i}\n\nAssistant: yes", "rejected": f"\n\nHuman: q{i}\n\nAssistant: no"}
+            for i in range(40)]
+    write_jsonl(tmp_path / "p.jsonl", rows)
+    data = preference_data(_cfg(f"reward.data={tmp_path / 'p.jsonl'}", "reward.eval_fraction=0.1"), world=None)
+    assert len(data.train) == 36 and len(data.eval) == 4 and not set(data.train) & set(data.eval)
+    import datasets
+
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "one"))  # a single Dataset: no splits either
+    assert len(preference_data(_cfg(f"reward.data={tmp_path / 'one'}"), world=None).eval) == 2
+
+
+def test_toy_world_pairs_round_trip_byte_exact_and_subset_filter(small_world):
+    rows = read_jsonl(small_world / "pairs_train.jsonl")
+    pairs, stats = load_pairs(small_world / "pairs_train.jsonl")
+    assert [p.prompt + p.chosen for p in pairs] == [r["chosen"] for r in rows]
+    assert stats.by_subset["harmless"] + stats.by_subset["helpful"] == len(rows)
+    harmless, _ = load_pairs(small_world / "pairs_train.jsonl", subset="harmless")
+    assert len(harmless) == stats.by_subset["harmless"] and {p.subset for p in harmless} == {"harmless"}
+
+
+def test_system_message_is_folded_into_first_user_turn_and_margin_kept():
+    row = {"prompt": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"}],
+           "chosen": [{"role": "assistant", "content": "Hello!"}],
+           "rejected": [{"role": "assistant", "content": "Go away."}], "margin": 2}
+    (pair,), _ = pairs_from_rows([row], "mem")
+    assert pair.prompt == "\n\nHuman: Be kind.\n\nHi\n\nAssistant:" and pair.margin == 2.0
+
+
+def test_identical_pairs_are_dropped_and_counted():
+    rows = _rows("hh") + [{"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: b"}]
+    pairs, stats = pairs_from_rows(rows, "mem")
+    assert len(pairs) == 2 and stats.dropped_identical == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input: one UserError naming file, line and problem
+
+GOOD = json.dumps({"chosen": "\n\nHuman: a\n\nAssistant: yes", "rejected": "\n\nHuman: a\n\nAssistant: no"})
+BAD_INPUTS = {
+    "malformed_json": (GOOD + "\n{oops\n", r"p\.jsonl:2: not valid JSON"),
+    "missing_chosen": (GOOD + "\n" + json.dumps({"rejected": "\n\nHuman: a\n\nAssistant: no"}),
+                       r"p\.jsonl:2: missing field 'chosen'"),
+    "missing_rejected": (json.dumps({"chosen": "\n\nHuman: a\n\nAssistant: no"}), r"p\.jsonl:1: missing field 'rejected'"),
+    "no_assistant_turn": (json.dumps({"chosen": "\n\nHuman: a", "rejected": "\n\nHuman: a"}),
+                          r"p\.jsonl:1: field 'chosen' has no Assistant turn"),
+    "different_prompts": (json.dumps({"chosen": "\n\nHuman: a\n\nAssistant: x", "rejected": "\n\nHuman: b\n\nAssistant: y"}),
+                          r"p\.jsonl:1: 'chosen' and 'rejected' have different prompts"),
+    "empty_file": ("\n", r"p\.jsonl: no preference pairs"),
+    "all_identical": (json.dumps({"chosen": "\n\nHuman: a\n\nAssistant: x", "rejected": "\n\nHuman: a\n\nAssistant: x"}),
+                      r"p\.jsonl: no preference pairs \(1 dropped with chosen == rejected\)"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_INPUTS))
+def test_bad_input_is_one_user_error_with_file_and_line(tmp_path, name):
+    text, pattern = BAD_INPUTS[name]
+    (tmp_path / "p.jsonl").write_text(text, encoding="utf-8")
+    with pytest.raises(UserError, match=pattern):
+        load_pairs(tmp_path / "p.jsonl")
+
+
+def test_non_utf8_and_empty_subset_and_unknown_hf_dataset(tmp_path):
+    (tmp_path / "p.jsonl").write_bytes(GOOD.encode() + b"\n" + b'{"chosen": "\xff"}\n')
+    with pytest.raises(UserError, match=r"p\.jsonl:2: not UTF-8"):
+        load_pairs(tmp_path / "p.jsonl")
+    (tmp_path / "q.jsonl").write_text(json.dumps({**json.loads(GOOD), "subset": "helpful"}) + "\n")
+    with pytest.raises(UserError, match=r"q\.jsonl: no preference pairs after keeping subset=harmless"):
+        load_pairs(tmp_path / "q.jsonl", subset="harmless")
+    with pytest.raises(UserError, match=r"no-such-org/no-such-set\[train\]: cannot load dataset"):
+        load_pairs("no-such-org/no-such-set")
+
+
+@pytest.mark.parametrize("name", ["malformed_json", "no_assistant_turn", "empty_file"])
+def test_cli_bad_data_exit_2_one_line_nothing_written(tmp_path, capsys, tiny_base, name):
+    (tmp_path / "p.jsonl").write_text(BAD_INPUTS[name][0], encoding="utf-8")
+    run = tmp_path / "run"
+    code = main(["-q", "reward", "--out", str(run), *MICRO, f"model.base={tiny_base}",
+                 f"reward.data={tmp_path / 'p.jsonl'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("direct-rlhf: error: ") and "p.jsonl" in err[0]
+    assert not run.exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# The model: loss path, padding, truncation, training, saving
+
+
+def test_bt_loss_through_the_trainer_path_equals_hand_computation(tiny_base):
+    model, tok = build_reward_model(str(tiny_base), _cfg())
+    pairs = [replace(EXPECTED[0], margin=0.5), replace(EXPECTED[1], margin=1.5)]
+    batch, _ = encode_pairs(tok, pairs, max_len=256)
+    loss, stats = pair_loss(model, batch, tok.pad_token_id, torch.tensor([0.5, 1.5]), center_coef=0.1)
+    with torch.no_grad():  # each sequence alone: no padding anywhere
+        one = [[model(input_ids=torch.tensor([s])).logits.item() for s in pair] for pair in batch]
+    terms = [-math.log(1 / (1 + math.exp(-(c - r - m)))) for (c, r), m in zip(one, (0.5, 1.5))]
+    center = sum((c + r) ** 2 for c, r in one) / 2
+    assert loss.item() == pytest.approx(sum(terms) / 2 + 0.1 * center, abs=1e-5)
+    assert stats["margin"].item() == pytest.approx(sum(c - r for c, r in one) / 2, abs=1e-5)
+
+
+def test_score_is_read_at_last_real_token_whatever_the_padding(tiny_base):
+    model, tok = build_reward_model(str(tiny_base), _cfg())
+    model.eval()
+    (short, long_), _ = encode(tok, ["\n\nHuman: hi\n\nAssistant:"] * 2, [" yes", " yes " * 10], 256)
+    pad = tok.pad_token_id
+    with torch.no_grad():
+        alone = rewards(model, torch.tensor([short]), torch.ones(1, len(short), dtype=torch.long))
+        right_ids, right_mask = pad_right([short, long_], pad)  # short is right-padded
+        right = rewards(model, right_ids, right_mask)
+        n = len(long_) - len(short)
+        left_ids = torch.tensor([[pad] * n + short])
+        left_mask = torch.tensor([[0] * n + [1] * len(short)])
+        left = rewards(model, left_ids, left_mask)
+    assert right[0].item() == pytest.approx(alone.item(), abs=1e-5)
+    assert left.item() == pytest.approx(alone.item(), abs=1e-5)
+    assert abs(right[1].item() - alone.item()) > 1e-6  # a different text scores differently
+
+
+def test_truncation_keeps_the_end(tiny_base):
+    _, tok = build_reward_model(str(tiny_base), _cfg())
+    prompt, response = "\n\nHuman: " + "tell me more " * 30 + "\n\nAssistant:", " The end."
+    (ids,), n = encode(tok, [prompt], [response], max_len=12)
+    assert n == 1 and len(ids) == 12 and tok.decode(ids).endswith("Assistant: The end.")
+    assert encode(tok, [prompt], [response], max_len=10_000)[1] == 0
+
+
+def test_separable_pairs_reach_accuracy_one(tmp_path, tiny_base):
+    """Rejected always holds 'thanks', chosen never does (a random model prefers it: see `before`)."""
+    words = ["apple", "river", "stone", "cloud", "green", "table", "seven", "happy", "north", "music"]
+    gen = torch.Generator().manual_seed(0)
+    pairs = []
+    for i in range(48):
+        a, b, c = (words[j] for j in torch.randint(len(words), (3,), generator=gen).tolist())
+        pairs.append(Pair(f"\n\nHuman: say {a} {b}?\n\nAssistant:", f" {a} {c} {b}.", f" {a} thanks {b}.", "helpful"))
+    cfg = _cfg("reward.epochs=4", "reward.batch_size=8", "reward.lr=3e-3", "reward.warmup_steps=2",
+               "reward.eval_every=1000", "reward.stats_pairs=16")
+    seed_everything(cfg.seed)  # the trainer's own seeding: the same initial model it will start from
+    model, tok = build_reward_model(str(tiny_base), cfg)
+    before, _ = pairwise_accuracy(model, encode_pairs(tok, pairs, 256)[0], pairs, tok.pad_token_id, 16)
+    assert before["all"] < 0.9
+    data = PreferenceData(pairs[:40], pairs[40:], {"train_load": {"dropped_identical": 0}}, key=None)
+    out = train_preference_model(cfg, str(tiny_base), data, tmp_path / "rm", tmp_path / "logs", "k", progress=False)
+    result = json.loads((out / "eval.json").read_text())
+    assert result["heldout"]["all"] == 1.0 and result["train"]["all"] == 1.0
+    metrics = [json.loads(x) for x in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss", "accuracy", "margin", "lr"} <= set(metrics[1]) and "eval/accuracy/helpful" in metrics[-2]
+
+
+def test_lora_is_merged_into_a_plain_model_with_the_same_scores(tiny_base):
+    model, tok = build_reward_model(str(tiny_base), _cfg("reward.lora.enabled=true", "reward.lora.r=2"))
+    assert any("lora_" in n for n, _ in model.named_parameters())
+    batch, _ = encode_pairs(tok, EXPECTED, 256)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    pair_loss(model, batch, tok.pad_token_id)[0].backward()
+    opt.step()  # adapters (initialised as a no-op) and the score head now differ from the base
+    seqs = [s for pair in batch for s in pair]
+    model.eval()
+    before = score_ids(model, seqs, tok.pad_token_id, batch_size=4)
+    merged = plain_model(model)
+    assert type(merged).__name__ == "MistralForSequenceClassification"
+    assert not any("lora_" in n for n, _ in merged.named_parameters())
+    assert torch.allclose(score_ids(merged, seqs, tok.pad_token_id, batch_size=4), before, atol=1e-5)
+
+
+def test_cost_pairs_are_harmless_with_roles_swapped():
+    (pair,) = cost_pairs(EXPECTED)
+    assert pair.subset == "harmless" and pair.chosen == EXPECTED[0].rejected and pair.rejected == EXPECTED[0].chosen
+
+
+def test_cli_reward_and_cost_save_plain_hf_folders_scored_alike(tmp_path, capsys, tiny_base):
+    run = tmp_path / "run"
+    args = ["-q", "reward", "--out", str(run), "--cost", *MICRO, f"model.base={tiny_base}", "reward.epochs=1",
+            "reward.batch_size=16", "reward.stats_pairs=50", "reward.eval_every=5"]
+    assert main(args) == 0
+    rm = run / "reward"
+    for name in ("model.safetensors", "tokenizer.json", "reward_stats.json", "eval.json", "stage.json"):
+        assert (rm / name).is_file(), name
+    stats = json.loads((rm / "reward_stats.json").read_text())
+    assert stats["std"] > 0 and stats["max_len"] == 256
+    assert json.loads((run / "cost" / "reward_stats.json").read_text())["higher_is"] == "more harmful"
+    # plain transformers gives the same scores as RewardScorer
+    pairs, _ = load_pairs(run / "world" / "pairs_eval.jsonl")
+    prompts, responses = [p.prompt for p in pairs[:8]], [p.chosen for p in pairs[:8]]
+    scorer = RewardScorer(rm, batch_size=3)
+    ours = scorer.score(prompts, responses)
+    plain = AutoModelForSequenceClassification.from_pretrained(rm).eval()
+    with torch.no_grad():
+        for prompt, response, score in zip(prompts, responses, ours):
+            ids = scorer.tokenizer(prompt + response, return_tensors="pt")
+            assert plain(**ids).logits.item() == pytest.approx(score.item(), abs=1e-5)
+    assert ours.dtype == torch.float32 and scorer.normalise(ours).shape == (8,)
+    # held-out accuracy as recorded during training equals what --eval-only reports
+    capsys.readouterr()
+    assert main(["-q", "reward", "--eval-only", "--model", str(rm), "--data", str(run / "world" / "pairs_eval.jsonl")]) == 0
+    table = capsys.readouterr().out.splitlines()
+    recorded = json.loads((rm / "eval.json").read_text())["heldout"]
+    assert table[0].split() == ["subset", "pairs", "accuracy"]
+    assert table[1].split() == ["all", str(recorded["n"]), f"{recorded['all']:.3f}"]
+    assert {line.split()[0] for line in table[2:]} == {"harmless", "helpful"}
+    # unchanged config: cached, not retrained
+    mtime = (rm / "model.safetensors").stat().st_mtime_ns
+    assert main(args) == 0 and (rm / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_pairwise_accuracy_reports_per_subset(tiny_base):
+    model, tok = build_reward_model(str(tiny_base), _cfg())
+    enc, _ = encode_pairs(tok, EXPECTED, 256)
+    table, scores = pairwise_accuracy(model, enc, EXPECTED, tok.pad_token_id, batch_size=1)
+    assert scores.shape == (4,) and table["n"] == 2 and table["n/harmless"] == 1 and table["n/helpful"] == 1
