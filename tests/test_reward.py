@@ -233,6 +233,16 @@ def test_truncation_keeps_the_end(tiny_base):
     (ids,), n = encode(tok, [prompt], [response], max_len=12)
     assert n == 1 and len(ids) == 12 and tok.decode(ids).endswith("Assistant: The end.")
     assert encode(tok, [prompt], [response], max_len=10_000)[1] == 0
+    # a tokenizer that adds a BOS (as Llama/Mistral ones do) keeps it first after truncation
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    backend = tok.backend_tokenizer
+    backend.post_processor = TemplateProcessing(single=f"{tok.eos_token} $A",
+                                                special_tokens=[(tok.eos_token, tok.eos_token_id)])
+    bos_tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=tok.eos_token, pad_token=tok.pad_token)
+    (ids,), n = encode(bos_tok, [prompt], [response], max_len=12)
+    assert n == 1 and len(ids) == 12 and ids[0] == tok.eos_token_id and bos_tok.decode(ids[1:]).endswith("The end.")
 
 
 def test_separable_pairs_reach_accuracy_one(tmp_path, tiny_base):

@@ -20,6 +20,15 @@ def cache_key(*parts: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def file_digest(path: str | Path) -> str:
+    """Content hash of a file, for keys that should follow data rather than how it was made."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
 def is_fresh(folder: str | Path, key: str) -> bool:
     stamp = Path(folder) / STAMP
     if not stamp.is_file():

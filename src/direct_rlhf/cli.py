@@ -189,6 +189,10 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                             format="%(message)s", stream=sys.stderr)
+        if args.quiet:  # libraries' own progress bars too
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
         args.func(args)
     except UserError as err:
         print(f"direct-rlhf: error: {err}", file=sys.stderr)

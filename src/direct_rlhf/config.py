@@ -91,7 +91,7 @@ class RewardConfig:
     subset: Literal["all", "helpful", "harmless"] = "all"
     init: str | None = None          # model to start from; null = the base model
     cost_model: bool = False         # also train a harmfulness (cost) model on the harmless pairs
-    epochs: int = 2
+    epochs: int = 3
     batch_size: int = 32
     lr: float = 5e-4
     weight_decay: float = 0.0
@@ -139,11 +139,11 @@ class PPOConfig:
     critic_lr: float = 5e-4
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    kl_coef: float = 0.05
+    kl_coef: float = 0.1
     kl_estimator: Literal["k1", "k3"] = "k1"
     adaptive_kl: bool = True
-    kl_target: float = 2.0            # per-sequence KL the adaptive controller aims for (nats)
-    kl_horizon: int = 2000
+    kl_target: float = 1.5            # per-sequence KL the adaptive controller aims for (nats)
+    kl_horizon: int = 500
     gamma: float = 1.0
     lam: float = 0.95
     clip_eps: float = 0.2
@@ -153,7 +153,7 @@ class PPOConfig:
     whiten_advantages: bool = True
     reward_clip: float = 5.0          # clip the normalised reward to +-this
     no_end_penalty: float = -1.0      # added to the score of a response that never ends its turn
-    ptx_coef: float = 0.0             # PPO-ptx: weight of the LM loss on pretraining text
+    ptx_coef: float = 1.0             # PPO-ptx: weight of the LM loss on pretraining text (0 = off)
     ptx_batch_size: int = 8
     ptx_data: str | None = None       # JSONL with a 'text' field; null = the toy world's corpus
     lagrangian: bool = False          # PPO-Lagrangian with the cost model

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .artifacts import cache_key, is_fresh, read_key
+from .artifacts import cache_key, file_digest, is_fresh, read_key
 from .config import Config
 
 log = logging.getLogger("direct_rlhf")
@@ -25,10 +25,10 @@ def ensure_world(cfg: Config) -> Path:
     from dataclasses import asdict
 
     from .artifacts import stamp
-    from .data.toyworld.generate import write_world
+    from .data.toyworld.generate import GENERATOR_VERSION, write_world
 
     out = run_dir(cfg) / "world"
-    key = cache_key("world", asdict(cfg.world))
+    key = cache_key("world", GENERATOR_VERSION, asdict(cfg.world))
     if is_fresh(out, key):
         log.info("toy world: cached at %s", out)
         return out
@@ -46,7 +46,8 @@ def ensure_base(cfg: Config, progress: bool = True) -> str:
 
     world = ensure_world(cfg)
     out = run_dir(cfg) / "base"
-    key = cache_key("base", read_key(world), cfg.seed, cfg.section_dict("model", "pretrain"))
+    # keyed by the corpus itself: changing preference pairs or prompts does not retrain the base
+    key = cache_key("base", file_digest(world / "corpus.jsonl"), cfg.seed, cfg.section_dict("model", "pretrain"))
     if is_fresh(out, key):
         log.info("base model: cached at %s", out)
         return str(out)
@@ -97,9 +98,15 @@ def ensure_policy(cfg: Config, progress: bool = True, resume: bool = False, init
 
     pc = cfg.ppo
     with PartialState().main_process_first():
-        needs_world = pc.prompts is None or (pc.ptx_coef > 0 and pc.ptx_data is None)
+        from_pairs = pc.prompts is None and cfg.reward.data is not None
+        needs_world = (pc.prompts is None and not from_pairs) or (pc.ptx_coef > 0 and pc.ptx_data is None)
         world = ensure_world(cfg) if needs_world else None
-        prompts = load_prompts(pc.prompts or world / "ppo_prompts.jsonl")
+        if from_pairs:  # user data without a prompt file: the preference data's prompts
+            from .data.preferences import load_pairs
+
+            prompts = list(dict.fromkeys(p.prompt for p in load_pairs(cfg.reward.data, split=cfg.reward.split)[0]))
+        else:
+            prompts = load_prompts(pc.prompts or world / "ppo_prompts.jsonl")
         start = init or ensure_base(cfg, progress)
         reward = pc.reward_model or ensure_reward(cfg, progress)
         cost = (pc.cost_model or ensure_cost(cfg, progress)) if pc.lagrangian else None

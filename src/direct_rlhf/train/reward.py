@@ -11,6 +11,7 @@ score means more harm.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, replace
@@ -28,6 +29,7 @@ from ..tracking import MetricsLogger, seed_everything
 from .common import adamw, cosine_schedule, save_model_folder
 
 EncodedPair = tuple[list[int], list[int]]  # (chosen ids, rejected ids)
+log = logging.getLogger("direct_rlhf")
 
 
 @dataclass
@@ -54,23 +56,16 @@ def preference_data(cfg: Config, world: Path | None, cost: bool = False) -> Pref
     """
     rc = cfg.reward
     subset = "harmless" if cost else rc.subset
-    if rc.data is None:
-        assert world is not None, "the toy world is needed when reward.data is null"
-        train_src, train_split = str(world / "pairs_train.jsonl"), rc.split
-    else:
-        train_src, train_split = rc.data, rc.split
-    train, train_stats = load_pairs(train_src, subset, train_split)
+    if rc.data is None and world is None:
+        raise ValueError("the toy world is needed when reward.data is null")
+    train_src = rc.data if rc.data is not None else str(Path(world) / "pairs_train.jsonl")
+    train, train_stats = load_pairs(train_src, subset, rc.split)
     held_stats: PairStats | None = None
-    if rc.eval_data is not None:
-        held, held_stats = load_pairs(rc.eval_data, subset, rc.eval_split)
-        eval_src = f"{rc.eval_data}[{rc.eval_split}]"
-    elif rc.data is None:
-        held, held_stats = load_pairs(world / "pairs_eval.jsonl", subset)  # type: ignore[operator]
-        eval_src = str(world / "pairs_eval.jsonl")  # type: ignore[operator]
-    elif has_splits(rc.data):
-        held, held_stats = load_pairs(rc.data, subset, rc.eval_split)
-        eval_src = f"{rc.data}[{rc.eval_split}]"
-    else:  # a local file with no eval file: hold out a seeded fraction
+    if rc.eval_data is not None or rc.data is None or has_splits(rc.data):
+        eval_src = rc.eval_data or (rc.data if rc.data is not None else str(Path(world) / "pairs_eval.jsonl"))
+        held, held_stats = load_pairs(eval_src, subset, rc.eval_split)
+        eval_src = held_stats.source
+    else:  # a local file and no eval file: hold out a seeded fraction
         train, held = split_holdout(train, rc.eval_fraction, cfg.seed)
         eval_src = f"{rc.eval_fraction:.0%} of {rc.data} held out (seed {cfg.seed})"
     if cost:
@@ -175,6 +170,10 @@ def train_preference_model(cfg: Config, init: str, data: PreferenceData, out: Pa
     pad_id = tokenizer.pad_token_id
     train_enc, n_trunc = encode_pairs(tokenizer, data.train, rc.max_len)
     eval_enc, n_trunc_eval = encode_pairs(tokenizer, data.eval, rc.max_len)
+    load = data.info.get("train_load") or {}
+    log.info("%s model: %d training pairs (%d dropped: chosen == rejected), %d held out; %d + %d sequences "
+             "longer than reward.max_len=%d keep their last %d tokens", stage, len(train_enc),
+             load.get("dropped_identical", 0), len(eval_enc), n_trunc, n_trunc_eval, rc.max_len, rc.max_len)
     steps_per_epoch = math.ceil(len(train_enc) / rc.batch_size)
     total = rc.epochs * steps_per_epoch
     opt = adamw(model, rc.lr, rc.weight_decay)
@@ -182,7 +181,7 @@ def train_preference_model(cfg: Config, init: str, data: PreferenceData, out: Pa
     gen = torch.Generator().manual_seed(cfg.seed)
     logger = MetricsLogger(log_dir)
     logger.log(0, {"n_train": len(train_enc), "n_eval": len(eval_enc), "truncated_train": n_trunc,
-                   "truncated_eval": n_trunc_eval, "dropped_identical": data.info["train_load"]["dropped_identical"]})
+                   "truncated_eval": n_trunc_eval, "dropped_identical": load.get("dropped_identical", 0)})
     start = time.perf_counter()
     window: dict[str, list[float]] = {"loss": [], "accuracy": [], "margin": []}
     bar = tqdm(total=total, desc=stage, disable=not progress, dynamic_ncols=True)

@@ -1,0 +1,48 @@
+"""The main job end to end: `demo --quick` writes the report for base, SFT and direct RLHF."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from direct_rlhf.cli import main
+
+STAGES = ("base", "reward", "sft", "rlhf")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    assert main(["-q", "demo", "--quick", "--out", str(out)]) == 0
+    return out
+
+
+def test_quick_demo_writes_results_and_report_for_three_models(quick_run):
+    results = json.loads((quick_run / "eval" / "results.json").read_text())
+    assert set(results["models"]) == {"base", "sft", "rlhf"}
+    for axis in ("general", "harmlessness", "conversation"):
+        assert results[axis]
+    assert len(results["general"]["per_model"]["rlhf"]) >= 11
+    html = (quick_run / "eval" / "report.html").read_text()
+    assert "<img" in html and "rlhf" in html
+    summary = json.loads((quick_run / "summary.json").read_text())
+    assert summary["table"]["toxicity (red-team)"]["rlhf"]["mean"] is not None
+
+
+def test_second_run_reuses_every_training_stage(quick_run):
+    before = {s: (quick_run / s / "stage.json").stat().st_mtime_ns for s in STAGES}
+    assert main(["-q", "demo", "--quick", "--out", str(quick_run)]) == 0
+    after = {s: (quick_run / s / "stage.json").stat().st_mtime_ns for s in STAGES}
+    assert before == after
+
+
+def test_chat_answers_a_scripted_two_turn_conversation(quick_run):
+    res = subprocess.run([sys.executable, "-m", "direct_rlhf", "chat", str(quick_run / "rlhf"), "--temperature", "0"],
+                         input="What is the capital of France?\nAnd of Spain?\n", capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    replies = [line for line in res.stdout.splitlines() if line.startswith("assistant> ")]
+    assert len(replies) == 2 and all(r.strip() != "assistant>" for r in replies)
