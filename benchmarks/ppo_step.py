@@ -58,7 +58,7 @@ def run(hidden: int, layers: int, steps: int, warmup: int) -> dict:
         tmp = Path(d)
         base, reward, prompts = build(tmp, hidden, layers)
         cfg = load_config(None, ["ppo.rollout_batch_size=32", "ppo.mini_batch_size=32", "ppo.ppo_epochs=4",
-                                 "ppo.max_new_tokens=48", f"ppo.steps={steps + warmup}", "ppo.save_every=100000",
+                                 "ppo.max_new_tokens=48", f"ppo.steps={steps + warmup}", "ppo.save_every=100000", "ppo.ptx_coef=0",
                                  "ppo.sample_every=100000"])
         trainer = PPOTrainer(cfg, str(base), str(reward), load_prompts(prompts), tmp / "work", progress=False)
         rows = [trainer.step() for _ in range(steps + warmup)][warmup:]

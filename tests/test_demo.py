@@ -10,19 +10,19 @@ import pytest
 
 from direct_rlhf.cli import main
 
-STAGES = ("base", "reward", "sft", "rlhf")
+STAGES = ("base", "reward", "sft", "rlhf", "sft_rlhf")
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    assert main(["-q", "demo", "--quick", "--out", str(out)]) == 0
+    assert main(["-q", "demo", "--quick", "--with-sft-rlhf", "--out", str(out)]) == 0
     return out
 
 
-def test_quick_demo_writes_results_and_report_for_three_models(quick_run):
+def test_quick_demo_writes_results_and_report_for_every_model(quick_run):
     results = json.loads((quick_run / "eval" / "results.json").read_text())
-    assert set(results["models"]) == {"base", "sft", "rlhf"}
+    assert set(results["models"]) == {"base", "sft", "rlhf", "sft_rlhf"}
     for axis in ("general", "harmlessness", "conversation"):
         assert results[axis]
     assert len(results["general"]["per_model"]["rlhf"]) >= 11
@@ -34,7 +34,7 @@ def test_quick_demo_writes_results_and_report_for_three_models(quick_run):
 
 def test_second_run_reuses_every_training_stage(quick_run):
     before = {s: (quick_run / s / "stage.json").stat().st_mtime_ns for s in STAGES}
-    assert main(["-q", "demo", "--quick", "--out", str(quick_run)]) == 0
+    assert main(["-q", "demo", "--quick", "--with-sft-rlhf", "--out", str(quick_run)]) == 0
     after = {s: (quick_run / s / "stage.json").stat().st_mtime_ns for s in STAGES}
     assert before == after
 

@@ -19,7 +19,8 @@ from direct_rlhf.rollout.hf_generate import cut_response
 from direct_rlhf.train.ppo import PPOTrainer, load_prompts
 
 PPO_MICRO = ["ppo.rollout_batch_size=8", "ppo.mini_batch_size=4", "ppo.ppo_epochs=2", "ppo.max_new_tokens=12",
-             "ppo.save_every=2", "ppo.sample_every=2", "ppo.actor_lr=3e-3", "ppo.critic_lr=3e-3"]
+             "ppo.save_every=2", "ppo.sample_every=2", "ppo.actor_lr=3e-3", "ppo.critic_lr=3e-3", "ppo.ptx_coef=0",
+             "ppo.lora.enabled=false"]
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +124,19 @@ def test_two_process_accelerate_launch(micro_run, tmp_path):
     assert [r["step"] for r in rows] == [1, 2]
     assert all(torch.isfinite(torch.tensor(r["loss/policy"])) for r in rows)
     assert (tmp_path / "rlhf" / "model.safetensors").is_file()
+
+
+def test_ptx_and_lagrangian_options_train_and_move_lambda_the_right_way(micro_run, tmp_path):
+    from direct_rlhf.io import read_jsonl
+
+    cfg = load_config(None, [*MICRO, *PPO_MICRO, "ppo.steps=2", "ppo.ptx_coef=0.5", "ppo.lagrangian=true",
+                             "ppo.cost_threshold=-100", "ppo.lambda_init=0.5", "ppo.lambda_lr=0.1"])
+    texts = [r["text"] for r in read_jsonl(micro_run / "world" / "corpus.jsonl")]
+    trainer = PPOTrainer(cfg, str(micro_run / "base"), str(micro_run / "rm"),
+                         load_prompts(micro_run / "world" / "ppo_prompts.jsonl"), tmp_path,
+                         cost_path=str(micro_run / "rm"), ptx_texts=texts, progress=False)
+    trainer.train()
+    rows = _metrics(tmp_path)
+    assert rows[0]["lagrangian/lambda"] == pytest.approx(0.5)
+    assert rows[1]["lagrangian/lambda"] > 0.5  # expected cost above the threshold: lambda rises
+    assert all(r["loss/ptx"] > 0 for r in rows)

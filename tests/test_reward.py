@@ -328,3 +328,31 @@ def test_pairwise_accuracy_reports_per_subset(tiny_base):
     enc, _ = encode_pairs(tok, EXPECTED, 256)
     table, scores = pairwise_accuracy(model, enc, EXPECTED, tok.pad_token_id, batch_size=1)
     assert scores.shape == (4,) and table["n"] == 2 and table["n/harmless"] == 1 and table["n/helpful"] == 1
+
+
+def test_a_run_killed_after_an_epoch_resumes_to_the_same_model(tmp_path, tiny_base, small_world, monkeypatch):
+    import direct_rlhf.train.reward as reward_mod
+    from safetensors.torch import load_file
+
+    pairs, _ = load_pairs(small_world / "pairs_train.jsonl")
+    data = PreferenceData(pairs[:48], pairs[48:64], {"train_load": {}}, key=None)
+    cfg = _cfg("reward.epochs=2", "reward.batch_size=16", "reward.eval_every=1000", "reward.stats_pairs=16")
+    full = train_preference_model(cfg, str(tiny_base), data, tmp_path / "full", tmp_path / "lf", "k", progress=False)
+
+    calls, real = {"n": 0}, reward_mod.pair_loss
+
+    def dies_in_epoch_two(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 4:  # 3 batches per epoch: killed in the middle of the second epoch
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(reward_mod, "pair_loss", dies_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        train_preference_model(cfg, str(tiny_base), data, tmp_path / "part", tmp_path / "lp", "k", progress=False)
+    assert not (tmp_path / "part").exists() and (tmp_path / "lp" / "checkpoints").is_dir()
+    monkeypatch.setattr(reward_mod, "pair_loss", real)
+    part = train_preference_model(cfg, str(tiny_base), data, tmp_path / "part", tmp_path / "lp", "k", progress=False)
+    a, b = load_file(str(full / "model.safetensors")), load_file(str(part / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert not (tmp_path / "lp" / "checkpoints").exists()  # cleaned up once the model is saved

@@ -51,6 +51,7 @@ class ModelConfig:
     max_position: int = 512
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
+    gradient_checkpointing: bool = False   # trade compute for memory in trained models (large models)
 
 
 @dataclass
@@ -128,14 +129,14 @@ class PPOConfig:
     prompts: str | None = None        # JSONL with a 'prompt' field; null = the toy world's PPO prompts
     reward_model: str | None = None   # reward model folder; null = this run's <out>/reward (trained if missing)
     cost_model: str | None = None     # cost model folder for ppo.lagrangian; null = this run's <out>/cost
-    steps: int = 60
+    steps: int = 100
     rollout_batch_size: int = 32      # prompts per PPO step (per process)
     mini_batch_size: int = 32
     ppo_epochs: int = 4
     max_new_tokens: int = 48
     temperature: float = 1.0
     top_p: float = 1.0
-    actor_lr: float = 2e-4
+    actor_lr: float = 1e-3            # LoRA adapters (2e-4 suits full fine-tuning of the toy model)
     critic_lr: float = 5e-4
     weight_decay: float = 0.0
     grad_clip: float = 1.0
@@ -162,7 +163,7 @@ class PPOConfig:
     lambda_lr: float = 0.05
     save_every: int = 20
     sample_every: int = 10
-    lora: LoraConfig = field(default_factory=LoraConfig)
+    lora: LoraConfig = field(default_factory=lambda: LoraConfig(enabled=True, r=16, alpha=32))
 
 
 @dataclass

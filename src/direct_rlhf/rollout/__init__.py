@@ -1,1 +1,1 @@
-"""Generation backends: Hugging Face `generate` (KV cache, early stop at end-of-turn); vLLM on GPUs."""
+"""Generation: Hugging Face `generate` with the KV cache and an early stop at the end of the turn."""

@@ -70,7 +70,7 @@ class PPOTrainer:
         self.prompts = prompts
         self.tokenizer = load_tokenizer(base, cfg.model.trust_remote_code)
         dtype = cfg.model.dtype
-        actor = load_actor(base, dtype, self.pc.lora, cfg.model.trust_remote_code)
+        actor = load_actor(base, dtype, self.pc.lora, cfg.model.trust_remote_code, cfg.model.gradient_checkpointing)
         self.ref = load_reference(base, dtype, self.pc.lora, cfg.model.trust_remote_code)
         critic = ValueModel.from_reward_model(reward_path, dtype)
         self.reward = RewardScorer(reward_path, device=str(self.acc.device))

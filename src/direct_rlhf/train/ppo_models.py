@@ -43,8 +43,12 @@ class ValueModel(nn.Module):
         return self.head(hidden).squeeze(-1).float()  # size = (B, T)
 
 
-def load_actor(base: str, dtype: str, lora: LoraConfig, trust_remote_code: bool = False) -> nn.Module:
+def load_actor(base: str, dtype: str, lora: LoraConfig, trust_remote_code: bool = False,
+               gradient_checkpointing: bool = False) -> nn.Module:
     model = load_causal_lm(base, dtype, trust_remote_code)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False  # generation turns it back on per call
     if lora.enabled:
         from peft import LoraConfig as PeftLoraConfig
         from peft import get_peft_model
@@ -75,9 +79,8 @@ def reference_mode(actor: nn.Module, ref: nn.Module | None) -> Iterator[nn.Modul
 
 
 def merged_policy(actor: nn.Module) -> nn.Module:
-    """The policy as a plain causal LM (LoRA merged into the weights) for saving."""
+    """The policy as a plain causal LM for saving: LoRA adapters merged into the weights *in
+    place* (no second copy of a large model), so call it only when training is over."""
     if hasattr(actor, "merge_and_unload"):
-        import copy
-
-        return copy.deepcopy(actor).merge_and_unload()
+        return actor.merge_and_unload()
     return actor

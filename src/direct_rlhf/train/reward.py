@@ -12,6 +12,7 @@ score means more harm.
 from __future__ import annotations
 
 import logging
+import shutil
 import math
 import time
 from dataclasses import asdict, dataclass, replace
@@ -26,6 +27,7 @@ from ..config import Config
 from ..data.preferences import Pair, PairStats, has_splits, load_pairs, split_holdout
 from ..models.reward_model import STATS_FILE, build_reward_model, encode, pad_right, plain_model, rewards, score_ids
 from ..tracking import MetricsLogger, seed_everything
+from . import checkpoint
 from .common import adamw, cosine_schedule, save_model_folder
 
 EncodedPair = tuple[list[int], list[int]]  # (chosen ids, rejected ids)
@@ -161,6 +163,19 @@ def length_grouped_batches(lengths: Sequence[int], batch_size: int, gen: torch.G
 # The trainer
 
 
+def _resume(root: Path, key: str, model, opt, sched, gen: torch.Generator) -> tuple[int, int] | None:
+    """Restore the newest end-of-epoch checkpoint made with the same inputs; (epoch, step) or None."""
+    path = checkpoint.latest(root)
+    if path is None or checkpoint.trainer_state(path).get("key") != key:
+        return None
+    states, ts, rngs = checkpoint.load(path, {"model": model})
+    opt.load_state_dict(states["opt"])
+    sched.load_state_dict(states["sched"])
+    checkpoint.set_rng_state(rngs[0])
+    gen.set_state(torch.tensor(ts["gen"], dtype=torch.uint8))
+    return ts["epoch"], ts["step"]
+
+
 def train_preference_model(cfg: Config, init: str, data: PreferenceData, out: Path, log_dir: Path, key: str,
                            progress: bool = True, stage: str = "reward") -> Path:
     """Train, evaluate on held-out pairs, and save a plain HF folder + reward_stats.json + eval.json."""
@@ -185,10 +200,16 @@ def train_preference_model(cfg: Config, init: str, data: PreferenceData, out: Pa
     start = time.perf_counter()
     window: dict[str, list[float]] = {"loss": [], "accuracy": [], "margin": []}
     bar = tqdm(total=total, desc=stage, disable=not progress, dynamic_ncols=True)
-    step, held = 0, {}
+    step, held, first_epoch = 0, {}, 0
+    ckpt_root = log_dir / "checkpoints"
+    resumed = _resume(ckpt_root, key, model, opt, sched, gen)
+    if resumed is not None:
+        first_epoch, step = resumed
+        bar.update(step)
+        log.info("%s model: resumed after epoch %d (step %d)", stage, first_epoch, step)
     model.train()
     lengths = [max(len(c), len(r)) for c, r in train_enc]
-    for _ in range(rc.epochs):
+    for epoch in range(first_epoch, rc.epochs):
         for idx in length_grouped_batches(lengths, rc.batch_size, gen):
             step += 1
             loss, stats = pair_loss(model, [train_enc[i] for i in idx], pad_id,
@@ -210,7 +231,13 @@ def train_preference_model(cfg: Config, init: str, data: PreferenceData, out: Pa
                 logger.log(step, {f"eval/accuracy/{k}" if k != "all" else "eval/accuracy": v
                                   for k, v in held.items() if not k.startswith("n")})
             bar.update(1)
+        if epoch + 1 < rc.epochs:  # a killed run restarts from the last finished epoch
+            checkpoint.save(ckpt_root, step, {"model": model},
+                            {"opt": opt.state_dict(), "sched": sched.state_dict()},
+                            {"key": key, "epoch": epoch + 1, "step": step, "rng": [checkpoint.rng_state()],
+                             "gen": gen.get_state().tolist()})
     bar.close()
+    shutil.rmtree(ckpt_root, ignore_errors=True)
     train_s = time.perf_counter() - start
     model = plain_model(model).eval()
     # Statistics PPO normalises with: rewards of both chosen and rejected responses on (a seeded sample

@@ -47,7 +47,7 @@ def train_sft(cfg: Config, base: str, pairs: list[Pair], out: Path, log_dir: Pat
     sc = cfg.sft
     seed_everything(cfg.seed)
     tokenizer = load_tokenizer(base, cfg.model.trust_remote_code)
-    model = load_actor(base, cfg.model.dtype, sc.lora, cfg.model.trust_remote_code)
+    model = load_actor(base, cfg.model.dtype, sc.lora, cfg.model.trust_remote_code, cfg.model.gradient_checkpointing)
     examples = [sft_example(tokenizer, p.prompt, p.chosen, sc.max_len) for p in pairs]
     steps = max(1, sc.epochs * len(examples) // sc.batch_size)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=sc.lr)
