@@ -122,6 +122,15 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(f"report: {report_from_dir(args.results_dir)}")
 
 
+def _stage(sub, name: str, func, help: str) -> argparse.ArgumentParser:
+    """A sub-command that runs stages into a run folder, configured by a recipe + overrides."""
+    s = sub.add_parser(name, help=help)
+    s.add_argument("--out", type=Path, help="run folder (default: the recipe's 'out')")
+    _config_args(s)
+    s.set_defaults(func=func)
+    return s
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="direct-rlhf", description="RLHF applied directly to a base model (no SFT), with the evidence.")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
@@ -132,30 +141,17 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(s)
     s.set_defaults(func=cmd_toyworld)
 
-    s = sub.add_parser("pretrain", help="train the toy tokenizer and pretrain the tiny base model")
-    s.add_argument("--out", type=Path, help="run folder (default: the recipe's 'out')")
-    _config_args(s)
-    s.set_defaults(func=cmd_pretrain)
+    _stage(sub, "pretrain", cmd_pretrain, "train the toy tokenizer and pretrain the tiny base model")
 
-    s = sub.add_parser("reward", help="train the Bradley-Terry reward model (and the cost model with --cost)")
-    s.add_argument("--out", type=Path, help="run folder (default: the recipe's 'out')")
+    s = _stage(sub, "reward", cmd_reward, "train the Bradley-Terry reward model (and the cost model with --cost)")
     s.add_argument("--cost", action="store_true", help="also train the cost (harmfulness) model into <out>/cost")
     s.add_argument("--eval-only", action="store_true", help="only report pairwise accuracy of --model on --data")
     s.add_argument("--model", type=Path, metavar="DIR", help="with --eval-only: a saved reward model folder")
     s.add_argument("--data", metavar="FILE", help="with --eval-only: pairs (JSONL, save_to_disk folder or HF name)")
-    _config_args(s)
-    s.set_defaults(func=cmd_reward)
 
-    s = sub.add_parser("sft", help="the SFT baseline: fine-tune the base on the chosen responses")
-    s.add_argument("--out", type=Path, help="run folder (default: the recipe's 'out')")
-    _config_args(s)
-    s.set_defaults(func=cmd_sft)
-
-    s = sub.add_parser("ppo", help="PPO from the base model (no SFT), KL-anchored to the base")
-    s.add_argument("--out", type=Path, help="run folder (default: the recipe's 'out')")
+    _stage(sub, "sft", cmd_sft, "the SFT baseline: fine-tune the base on the chosen responses")
+    s = _stage(sub, "ppo", cmd_ppo, "PPO from the base model (no SFT), KL-anchored to the base")
     s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
-    _config_args(s)
-    s.set_defaults(func=cmd_ppo)
 
     s = sub.add_parser("eval", help="evaluate models on the three axes; writes results.json and report.html")
     s.add_argument("--models", required=True, metavar="NAME=DIR,...",
@@ -168,13 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("results_dir", type=Path, metavar="RESULTS_DIR")
     s.set_defaults(func=cmd_report)
 
-    s = sub.add_parser("demo", help="run the whole experiment on the toy world and write the report")
-    s.add_argument("--out", type=Path, help="run folder (default: the recipe's 'out')")
+    s = _stage(sub, "demo", cmd_demo, "run the whole experiment on the toy world and write the report")
     s.add_argument("--quick", action="store_true", help="smaller sizes, same stages (recipes/quick.yaml)")
     s.add_argument("--seeds", type=int, default=1, help="repeat the training stages with N seeds")
     s.add_argument("--with-sft-rlhf", action="store_true", help="also run PPO from the SFT model")
-    _config_args(s)
-    s.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("chat", help="multi-turn chat in the terminal with a causal-LM folder")
     s.add_argument("model_dir")
