@@ -140,3 +140,11 @@ def test_ptx_and_lagrangian_options_train_and_move_lambda_the_right_way(micro_ru
     assert rows[0]["lagrangian/lambda"] == pytest.approx(0.5)
     assert rows[1]["lagrangian/lambda"] > 0.5  # expected cost above the threshold: lambda rises
     assert all(r["loss/ptx"] > 0 for r in rows)
+
+
+def test_user_data_with_ptx_but_no_ptx_text_is_a_one_line_error(tmp_path, capsys, micro_run):
+    pairs = micro_run / "world" / "pairs_train.jsonl"
+    assert main(["-q", "ppo", "--out", str(tmp_path), *MICRO, f"reward.data={pairs}", "ppo.ptx_coef=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ppo.ptx_data" in err[0]
+    assert not (tmp_path / "rlhf").exists()

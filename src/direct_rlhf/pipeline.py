@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .artifacts import cache_key, file_digest, is_fresh, read_key
 from .config import Config
+from .errors import UserError
 
 log = logging.getLogger("direct_rlhf")
 
@@ -99,6 +100,9 @@ def ensure_policy(cfg: Config, progress: bool = True, resume: bool = False, init
     pc = cfg.ppo
     with PartialState().main_process_first():
         from_pairs = pc.prompts is None and cfg.reward.data is not None
+        if pc.ptx_coef > 0 and pc.ptx_data is None and cfg.reward.data is not None:
+            raise UserError("ppo.ptx_coef > 0 mixes in pretraining text: give ppo.ptx_data (JSONL with 'text') "
+                            "for your own data, or set ppo.ptx_coef=0")
         needs_world = (pc.prompts is None and not from_pairs) or (pc.ptx_coef > 0 and pc.ptx_data is None)
         world = ensure_world(cfg) if needs_world else None
         if from_pairs:  # user data without a prompt file: the preference data's prompts
