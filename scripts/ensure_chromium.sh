@@ -1,5 +1,5 @@
 #!/bin/sh
-# Make sure Debian's `chromium` is present for the report test (tests/test_report.py renders
+# Make sure Debian's `chromium` is present for the report test (tests/test_eval_cli.py renders
 # report.html in headless Chromium). Installs it with apt-get when missing and we are root (or
 # have password-less sudo); otherwise says why and exits 0, and the test skips with that reason.
 set -u
