@@ -67,30 +67,13 @@ def reference_names(models: dict[str, str]) -> tuple[str, str | None]:
 
 
 def _check_model_source(name: str, src: str, trust_remote_code: bool) -> None:
-    """Cheap pre-flight: the folder exists and its config is a causal LM (before minutes of work)."""
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    from ..models.loading import _check_local, _first_line
+    """Cheap pre-flight for every model before minutes of work, naming the model in the error."""
+    from ..models.loading import check_causal_lm
 
     try:
-        _check_local(src)
+        check_causal_lm(src, trust_remote_code)
     except UserError as err:
         raise UserError(f"model '{name}': {err}") from None
-    try:
-        config = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as err:
-        raise UserError(f"model '{name}': {src}: cannot load a causal language model ({_first_line(err)})") from None
-    if trust_remote_code:
-        return
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise UserError(f"model '{name}': {src}: not a causal language model (model_type '{config.model_type}')")
-    # A reward/classifier folder of a causal-LM family (e.g. MistralForSequenceClassification) would
-    # load as a causal LM with a *random* LM head, silently: its saved architecture says what it is.
-    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
-    archs = list(getattr(config, "architectures", None) or [])
-    if archs and not any(a in causal or a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
-        raise UserError(f"model '{name}': {src}: not a causal language model (it is a {archs[0]})")
 
 
 def general_tasks(spec: str, world: Path | None, tmp: Path) -> tuple[list[str], Path | None]:

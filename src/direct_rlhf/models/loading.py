@@ -26,9 +26,35 @@ def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False) ->
     return tok
 
 
+def check_causal_lm(name_or_path: str | Path, trust_remote_code: bool = False) -> None:
+    """Cheap pre-flight (config only): the folder exists and holds a causal LM.
+
+    A reward/classifier folder of a causal-LM family (e.g. MistralForSequenceClassification)
+    would otherwise load as a causal LM with a *random* LM head, silently; its saved
+    architecture says what it is.
+    """
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    src = str(name_or_path)
+    _check_local(src)
+    try:
+        config = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as err:
+        raise UserError(f"{src}: cannot load a causal language model ({_first_line(err)})") from None
+    if trust_remote_code:
+        return
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise UserError(f"{src}: not a causal language model (model_type '{config.model_type}')")
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    archs = list(getattr(config, "architectures", None) or [])
+    if archs and not any(a in causal or a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        raise UserError(f"{src}: not a causal language model (it is a {archs[0]})")
+
+
 def load_causal_lm(name_or_path: str | Path, dtype: str = "float32", trust_remote_code: bool = False):
     """A causal LM in eval mode; `UserError` when the folder is missing or is not a causal LM."""
-    _check_local(name_or_path)
+    check_causal_lm(name_or_path, trust_remote_code)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=DTYPES[dtype],
                                                      use_safetensors=True, trust_remote_code=trust_remote_code)

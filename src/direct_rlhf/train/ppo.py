@@ -95,6 +95,8 @@ class PPOTrainer:
                        if self.pc.adaptive_kl else F.FixedKLController(self.pc.kl_coef))
         self.ptx_blocks = self._ptx_blocks(ptx_texts) if self.pc.ptx_coef > 0 else None
         self.step_idx = 0
+        self._perm: list[int] = []
+        self._perm_epoch: int | None = None
 
     # ------------------------------------------------------------------ data
     def next_prompts(self) -> list[str]:
@@ -105,9 +107,15 @@ class PPOTrainer:
         out = []
         for i in range(start, start + b):
             epoch, pos = divmod(i, n)
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch))
-            out.append(self.prompts[perm[pos].item()])
+            out.append(self.prompts[self._permutation(epoch)[pos]])
         return out
+
+    def _permutation(self, epoch: int) -> list[int]:
+        """The prompt order of one pass over the data, drawn once per pass (not once per prompt)."""
+        if self._perm_epoch != epoch:
+            gen = torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch)
+            self._perm, self._perm_epoch = torch.randperm(len(self.prompts), generator=gen).tolist(), epoch
+        return self._perm
 
     def _ptx_blocks(self, texts: list[str] | None) -> torch.Tensor:
         from .pretrain import pack
