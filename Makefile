@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q "$(TORCH)" -e ".[dev]"
 	touch $@
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench bench-trl clean
 setup: $(VENV)/.installed
 
 demo: $(VENV)/.installed
@@ -24,6 +24,10 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/ppo_step.py
+
+# ours vs TRL's PPOTrainer side by side (installs trl==1.12.0 into benchmarks/.venv-trl once)
+bench-trl: $(VENV)/.installed
+	$(PY) benchmarks/ppo_vs_trl.py --out benchmarks/results/ppo_vs_trl.json
 
 clean:
 	rm -rf runs .pytest_cache

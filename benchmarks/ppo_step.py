@@ -7,6 +7,7 @@ full fine-tuning, no PPO-ptx. Random weights rarely end a turn early (about 45 o
 average), close to the worst case for generation. Everything is built offline.
 
     .venv/bin/python benchmarks/ppo_step.py [--steps 8] [--warmup 2] [--hidden 128 --layers 4] [--out FILE]
+                                            [--set ppo.micro_batch_size=32 ...]
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import time
 from pathlib import Path
 
 import torch
+
+PHASES = ("generate", "score", "experience", "train")
 
 
 def build(tmp: Path, hidden: int, layers: int) -> tuple[Path, Path, Path]:
@@ -50,25 +53,78 @@ def build(tmp: Path, hidden: int, layers: int) -> tuple[Path, Path, Path]:
     return base, tmp / "reward", world / "ppo_prompts.jsonl"
 
 
-def run(hidden: int, layers: int, steps: int, warmup: int) -> dict:
+def time_ours(base: Path, reward: Path, prompts: Path, workdir: Path, steps: int, warmup: int,
+              overrides: list[str] = ()) -> dict:
+    """Per-step times of our PPOTrainer on prebuilt models, and the training phase's FLOP/s.
+
+    FLOPs are counted (torch's FLOP counter: matrix products, forward and backward) during the
+    first warm-up step's PPO epochs, per token processed; each timed step's FLOP/s is then that
+    rate x the tokens its PPO epochs processed / its training time, so the counter's own overhead
+    never enters a timed step."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     from direct_rlhf.config import load_config
     from direct_rlhf.train.ppo import PPOTrainer, load_prompts
 
+    if warmup < 1:
+        raise SystemExit("--warmup must be >= 1 (the first step counts FLOPs)")
+    cfg = load_config(None, ["ppo.rollout_batch_size=32", "ppo.mini_batch_size=32", "ppo.ppo_epochs=4",
+                             "ppo.max_new_tokens=48", f"ppo.steps={steps + warmup}", "ppo.save_every=100000",
+                             "ppo.ptx_coef=0", "ppo.lora.enabled=false", "ppo.sample_every=100000", *overrides])
+    trainer = PPOTrainer(cfg, str(base), str(reward), load_prompts(prompts), workdir, progress=False)
+    count = {"on": False, "tokens": 0}
+    micro_batches, rl_step = trainer._micro_batches, trainer.rl_step
+
+    def counting_micro_batches(*args):
+        for rows, cols, r in micro_batches(*args):
+            count["tokens"] += len(rows) * (cols.stop - cols.start) if count["on"] else 0
+            yield rows, cols, r
+
+    def counting_rl_step(exp):
+        count.update(on=True, tokens=0)
+        try:
+            return rl_step(exp)
+        finally:
+            count["on"] = False
+
+    def flop_counting_rl_step(exp):
+        with FlopCounterMode(display=False) as fc:
+            stats = counting_rl_step(exp)
+        count["flops"] = fc.get_total_flops()
+        return stats
+
+    trainer._micro_batches, trainer.rl_step = counting_micro_batches, flop_counting_rl_step
+    rows = []
+    for i in range(steps + warmup):
+        r = trainer.step()
+        if i == 0:
+            flops_per_token = count["flops"] / count["tokens"]
+            trainer.rl_step = counting_rl_step
+        rows.append({"step_s": r["time/step_s"], **{f"{k}_s": r[f"time/{k}_s"] for k in PHASES},
+                     "generated_tokens": r["response/length"] * cfg.ppo.rollout_batch_size,
+                     "train_flop_per_s": flops_per_token * count["tokens"] / r["time/train_s"]})
+    return {"rows": rows[warmup:], "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def summarise(res: dict) -> dict:
+    rows = res["rows"]
+    gen_s = sum(r["generate_s"] for r in rows)
+    return {"median_step_s": statistics.median(r["step_s"] for r in rows),
+            "step_s": [round(r["step_s"], 4) for r in rows],
+            "median_split_s": {k: statistics.median(r[f"{k}_s"] for r in rows) for k in PHASES},
+            "generation_tokens_per_s": sum(r["generated_tokens"] for r in rows) / gen_s,
+            **({"train_flop_per_s": statistics.median(r["train_flop_per_s"] for r in rows)}
+               if "train_flop_per_s" in rows[0] else {}),
+            "peak_rss_mib": res["peak_rss_mib"]}
+
+
+def run(hidden: int, layers: int, steps: int, warmup: int, overrides: list[str] = ()) -> dict:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         base, reward, prompts = build(tmp, hidden, layers)
-        cfg = load_config(None, ["ppo.rollout_batch_size=32", "ppo.mini_batch_size=32", "ppo.ppo_epochs=4",
-                                 "ppo.max_new_tokens=48", f"ppo.steps={steps + warmup}", "ppo.save_every=100000", "ppo.ptx_coef=0", "ppo.lora.enabled=false",
-                                 "ppo.sample_every=100000"])
-        trainer = PPOTrainer(cfg, str(base), str(reward), load_prompts(prompts), tmp / "work", progress=False)
-        rows = [trainer.step() for _ in range(steps + warmup)][warmup:]
-    split = {k: statistics.median(r[f"time/{k}_s"] for r in rows)
-             for k in ("generate", "score", "experience", "train")}
-    return {"hidden": hidden, "layers": layers, "steps_timed": steps,
-            "median_step_s": statistics.median(r["time/step_s"] for r in rows),
-            "step_s": [r["time/step_s"] for r in rows], "median_split_s": split,
-            "mean_response_tokens": statistics.mean(r["response/length"] for r in rows),
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        res = time_ours(base, reward, prompts, tmp / "work", steps, warmup, overrides=overrides)
+    return {"hidden": hidden, "layers": layers, "steps_timed": steps, **summarise(res)}
 
 
 def main() -> None:
@@ -78,13 +134,25 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--out", type=Path)
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="config overrides for a variant, e.g. ppo.micro_batch_size=32")
+    p.add_argument("--models", type=Path, help="(used by ppo_vs_trl.py) a folder from build(): time only, "
+                   "write the raw per-step rows to --out")
     args = p.parse_args()
-    res = run(args.hidden, args.layers, args.steps, args.warmup)
+    if args.models:
+        d = args.models
+        res = time_ours(d / "base", d / "reward", d / "world" / "ppo_prompts.jsonl", Path(tempfile.mkdtemp()),
+                        args.steps, args.warmup, overrides=args.set)
+        args.out.write_text(json.dumps(res, indent=2))
+        return
+    res = run(args.hidden, args.layers, args.steps, args.warmup, args.set)
     res.update({"machine": platform.platform(), "threads": torch.get_num_threads(),
                 "date": time.strftime("%Y-%m-%d"), "python": sys.version.split()[0], "torch": torch.__version__})
     print(f"PPO step (hidden {res['hidden']}, {res['layers']} layers, 32 prompts x 48 tokens, 4 epochs, 1 mini-batch)")
     print(f"  median step: {res['median_step_s']:.2f} s   peak RSS: {res['peak_rss_mib']:.0f} MiB")
     print("  split (median s): " + ", ".join(f"{k} {v:.2f}" for k, v in res["median_split_s"].items()))
+    print(f"  generation: {res['generation_tokens_per_s']:.0f} tokens/s   "
+          f"training: {res['train_flop_per_s'] / 1e9:.1f} GFLOP/s")
     if args.out:
         args.out.write_text(json.dumps(res, indent=2))
 

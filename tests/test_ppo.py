@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from direct_rlhf.cli import main
 from direct_rlhf.config import load_config
-from direct_rlhf.rollout.hf_generate import cut_response
+from direct_rlhf.rollout.hf_generate import cut_response, sample
 from direct_rlhf.train.ppo import PPOTrainer, load_prompts
 
 PPO_MICRO = ["ppo.rollout_batch_size=8", "ppo.mini_batch_size=4", "ppo.ppo_epochs=2", "ppo.max_new_tokens=12",
@@ -61,6 +61,31 @@ def test_stop_at_end_of_turn_keeps_the_stop_token_and_cuts_the_text(micro_run):
     assert (ids, text, ended) == (answer + [tok.eos_token_id], " Paris.", True)
     ids, text, ended = cut_response(tok, answer)
     assert (ids, text, ended) == (answer, " Paris.", False)
+
+
+def test_generation_logprobs_equal_a_forward_pass_and_micro_batches_equal_one_pass(micro_run, tmp_path):
+    """The two speed-ups change nothing: the log-probs taken from generation's logits equal a
+    full forward pass over (prompt, response), and an update over length-grouped micro-batches
+    equals the same update over the whole mini-batch in one pass."""
+    trainer = _trainer(micro_run, tmp_path / "a", ["ppo.micro_batch_size=3", "ppo.temperature=0.7"])
+    prompts = trainer.next_prompts()
+    samples = sample(trainer.actor, trainer.tokenizer, prompts, 12, 0.7, batch_size=8, logprobs=True)
+    seq, attn, pos, mask = trainer._assemble(prompts, samples.response_ids)
+    assert len(set(attn[:, :-mask.shape[1]].sum(1).tolist())) > 1  # prompts of different lengths
+    with torch.no_grad():
+        full = trainer._logprobs(trainer.actor, seq, attn, pos, mask.shape[1])
+    for i, lp in enumerate(samples.logprobs):
+        torch.testing.assert_close(lp, full[i, :len(lp)], atol=1e-4, rtol=1e-4)
+
+    exp, _ = trainer.make_experience(prompts, samples, torch.randn(len(prompts)), None)
+    one = _trainer(micro_run, tmp_path / "b", ["ppo.micro_batch_size=8", "ppo.temperature=0.7"])
+    for t in (trainer, one):
+        torch.manual_seed(0)
+        t.rl_step(exp)
+    for (name, a), b in zip(trainer.actor.named_parameters(), one.actor.parameters()):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=name)
+    for a, b in zip(trainer.critic.parameters(), one.critic.parameters()):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
 
 
 def test_reward_rises_on_a_synthetic_reward(micro_run, tmp_path):

@@ -28,7 +28,7 @@ class WorldConfig:
     seed: int = 0
     fact_templates_per_fact: int = 4
     n_dialogues: int = 6000
-    n_pairs: int = 3000
+    n_pairs: int = 6000
     n_ppo_prompts: int = 512
     n_mc_per_task: int = 50
     n_redteam: int = 100
@@ -132,6 +132,8 @@ class PPOConfig:
     steps: int = 100
     rollout_batch_size: int = 32      # prompts per PPO step (per process)
     mini_batch_size: int = 32
+    micro_batch_size: int = 8         # rows per forward pass; rows are grouped by length and each group
+                                      # cut to its own width (no compute on padding), gradients accumulated
     ppo_epochs: int = 4
     max_new_tokens: int = 48
     temperature: float = 1.0

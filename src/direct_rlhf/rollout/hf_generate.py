@@ -4,6 +4,10 @@ A base model does not stop after its answer; it writes the next "Human:" turn. E
 soon as it writes an end-of-turn marker (`stop_strings`), and the response is cut there. The token
 that opened the marker is kept as the response's last token — it plays the role EOS plays for a
 chat model, so PPO can give credit for ending the turn — but the response *text* excludes it.
+
+With `logprobs=True` it also returns each kept token's log-probability under the sampling model
+(raw logits / temperature, no top-p), taken from the logits generation computed anyway: PPO's
+"old" log-probs then cost no extra forward pass.
 """
 
 from __future__ import annotations
@@ -21,17 +25,19 @@ class Samples:
     texts: list[str]                 # responses, cut at the end of turn
     response_ids: list[list[int]]    # the tokens the policy produced, through the stop token
     ended: list[bool]                # stopped by itself (EOS or end-of-turn), not by the length limit
+    logprobs: list[torch.Tensor] | None = None  # per row, size = (len(response_ids[i]),)
 
 
 @torch.no_grad()
 def sample(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float = 1.0,
-           top_p: float = 1.0, batch_size: int = 32, seed: int | None = None, greedy: bool = False) -> Samples:
+           top_p: float = 1.0, batch_size: int = 32, seed: int | None = None, greedy: bool = False,
+           logprobs: bool = False) -> Samples:
     if seed is not None:
         torch.manual_seed(seed)
     was_training = model.training
     model.eval()
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    out = Samples(prompts=list(prompts), texts=[], response_ids=[], ended=[])
+    out = Samples(prompts=list(prompts), texts=[], response_ids=[], ended=[], logprobs=[] if logprobs else None)
     try:
         for i in range(0, len(prompts), batch_size):
             chunk = prompts[i:i + batch_size]
@@ -41,15 +47,29 @@ def sample(model, tokenizer, prompts: list[str], max_new_tokens: int, temperatur
                 temperature=temperature if not greedy else None, top_p=top_p if not greedy else None,
                 top_k=0 if not greedy else None, stop_strings=list(END_OF_TURN), tokenizer=tokenizer,
                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True,
+                return_dict_in_generate=True, output_logits=logprobs,
             )
-            for row in gen[:, enc["input_ids"].shape[1]:].tolist():
+            new = gen.sequences[:, enc["input_ids"].shape[1]:]  # size = (b, S)
+            lp = _token_logprobs(gen.logits, new, temperature) if logprobs else None
+            for i, row in enumerate(new.tolist()):
                 ids, text, ended = cut_response(tokenizer, row)
                 out.response_ids.append(ids)
                 out.texts.append(text)
                 out.ended.append(ended)
+                if lp is not None:
+                    out.logprobs.append(lp[i, :len(ids)].cpu())
     finally:
         tokenizer.padding_side = padding_side
         model.train(was_training)
+    return out
+
+
+def _token_logprobs(logits: tuple[torch.Tensor, ...], tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax(logits_t / T)[token_t] for each generated step; size = (b, S)."""
+    out = torch.empty(tokens.shape, dtype=torch.float32, device=tokens.device)
+    for t, step_logits in enumerate(logits):  # one (b, V) tensor per step: never a (b, S, V) copy
+        scaled = step_logits.float() / temperature
+        out[:, t] = scaled.gather(1, tokens[:, t:t + 1]).squeeze(1) - torch.logsumexp(scaled, dim=-1)
     return out
 
 

@@ -2,9 +2,10 @@
 
 One `step()` reads top to bottom like the algorithm:
 
-    rollout      sample responses from the actor (KV cache, stop at end of turn)
+    rollout      sample responses from the actor (KV cache, stop at end of turn); the actor's
+                 log-probs of its tokens come from generation's own logits
     score        reward model on (prompt, response); normalise; penalise unfinished turns
-    experience   log-probs of actor and reference, values of the critic: one forward pass each
+    experience   log-probs of the reference, values of the critic: one forward pass each
     advantages   KL to the base folded into per-token rewards; GAE; whitening
     rl_step      several epochs of clipped policy and value updates over mini-batches
                  (+ PPO-ptx language-modelling loss; + PPO-Lagrangian cost advantages)
@@ -12,10 +13,14 @@ One `step()` reads top to bottom like the algorithm:
 
 All the math lives in `algos/ppo.py`; this file only moves tensors between models.
 Shapes: B = sequences, P = prompt length (left-padded), R = response length (right-padded).
+Every forward pass runs over micro-batches of rows of similar length, each cut to its own width
+(`_micro_batches`), so no matrix product is spent on padding; losses are weighted by each micro-batch's
+share of the mini-batch's tokens, so the update equals one pass over the whole mini-batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -130,7 +135,7 @@ class PPOTrainer:
         prompts = self.next_prompts()
         policy = self.acc.unwrap_model(self.actor)
         samples = sample(policy, self.tokenizer, prompts, pc.max_new_tokens, pc.temperature, pc.top_p,
-                         batch_size=len(prompts))
+                         batch_size=len(prompts), logprobs=True)
         t_gen = time.perf_counter()
         raw = self.reward_fn(prompts, samples.texts)  # size = (B,)
         ended = torch.tensor(samples.ended, dtype=torch.float32)
@@ -166,16 +171,25 @@ class PPOTrainer:
                         cost: torch.Tensor | None) -> tuple[Experience, dict[str, float]]:
         pc, dev = self.pc, self.acc.device
         seq, attn, pos, mask = self._assemble(prompts, samples.response_ids)
-        R = mask.shape[1]
-        old_lp = self._logprobs(self.actor, seq, attn, pos, R)                       # size = (B, R)
-        with reference_mode(self.acc.unwrap_model(self.actor), self.ref) as ref:
-            ref_lp = self._logprobs(ref, seq, attn, pos, R)                           # size = (B, R)
-        values = self.critic(seq, attn, pos)[:, -R - 1:-1] * mask                    # size = (B, R)
+        B, R = mask.shape
+        old_lp = torch.zeros(B, R, device=dev)                                      # size = (B, R)
+        for i, lp in enumerate(samples.logprobs):
+            old_lp[i, :len(lp)] = lp.to(dev)
+        ref_lp, values = torch.zeros(B, R, device=dev), torch.zeros(B, R, device=dev)
+        cvalues = torch.zeros(B, R, device=dev) if cost is not None else None
+        for rows, cols, r in self._micro_batches(attn, mask, torch.arange(B, device=dev)):
+            s_, a_, p_ = seq[rows][:, cols], attn[rows][:, cols], pos[rows][:, cols]
+            with reference_mode(self.acc.unwrap_model(self.actor), self.ref) as ref:
+                ref_lp[rows, :r] = self._logprobs(ref, s_, a_, p_, r)
+            values[rows, :r] = self.critic(s_, a_, p_)[:, -r - 1:-1]
+            if cost is not None:
+                cvalues[rows, :r] = self.cost_critic(s_, a_, p_)[:, -r - 1:-1]
+        old_lp, ref_lp, values = old_lp * mask, ref_lp * mask, values * mask
         rewards, kl = F.shape_rewards(score.to(dev), old_lp, ref_lp, mask, self.kl_ctl.value, pc.kl_estimator)
         adv, ret = F.gae(rewards, values, mask, pc.gamma, pc.lam)
         exp = Experience(seq, attn, pos, mask, old_lp, values, adv, ret)
         if cost is not None:
-            cvalues = self.cost_critic(seq, attn, pos)[:, -R - 1:-1] * mask
+            cvalues = cvalues * mask
             crewards = torch.zeros_like(values)
             last = (mask.sum(1).long() - 1).clamp(min=0)
             crewards[torch.arange(len(cost)), last] = cost.to(dev) * (mask.sum(1) > 0)
@@ -195,45 +209,84 @@ class PPOTrainer:
     def rl_step(self, exp: Experience) -> dict[str, float]:
         """PPO epochs over mini-batches; every token's loss weighted equally (masked means)."""
         pc, B = self.pc, exp.sequences.shape[0]
-        R = exp.mask.shape[1]
         adv = exp.advantages
         if self.lagrangian:
             adv = F.lagrangian_advantages(exp.advantages, exp.cost_advantages, self.lam.value)
+        critics = [(self.critic, self.opt_c, exp.values, exp.returns, "loss/value", "values/clipfrac")]
+        if self.lagrangian:
+            critics.append((self.cost_critic, self.opt_cc, exp.cost_values, exp.cost_returns,
+                            "loss/cost_value", "cost_values/clipfrac"))
         sums: dict[str, float] = {}
         n = 0
         for _ in range(pc.ppo_epochs):
-            for idx in torch.randperm(B).split(pc.mini_batch_size):
-                seq, attn, pos, mask = exp.sequences[idx], exp.attention_mask[idx], exp.position_ids[idx], exp.mask[idx]
-                logits = self._response_logits(self.actor, seq, attn, pos, R)          # size = (b, R, V)
-                logprobs = F.logprobs_from_logits(logits, seq[:, -R:])
-                pg_loss, pg_stats = F.policy_loss(logprobs, exp.old_logprobs[idx], adv[idx], mask, pc.clip_eps)
-                entropy = F.masked_mean(F.entropy_from_logits(logits.detach() if pc.entropy_coef == 0 else logits), mask)
-                actor_loss = pg_loss - pc.entropy_coef * entropy
+            for idx in torch.randperm(B, device=exp.mask.device).split(pc.mini_batch_size):
+                micro = list(self._micro_batches(exp.attention_mask, exp.mask, idx))
+                total = exp.mask[idx].sum().clamp(min=1.0)
+                stats: dict[str, torch.Tensor] = {}
+                # actor: clipped surrogate (+ entropy bonus), accumulated over micro-batches
+                self.opt_a.zero_grad(set_to_none=True)
+                for k, (rows, cols, r) in enumerate(micro):
+                    mask = exp.mask[rows, :r]
+                    w = mask.sum() / total  # this micro-batch's share of the mini-batch's tokens
+                    seq = exp.sequences[rows][:, cols]
+                    logits = self._response_logits(self.actor, seq, exp.attention_mask[rows][:, cols],
+                                                   exp.position_ids[rows][:, cols], r)  # size = (b, r, V)
+                    logprobs = F.logprobs_from_logits(logits, seq[:, -r:])
+                    pg_loss, pg_stats = F.policy_loss(logprobs, exp.old_logprobs[rows, :r], adv[rows, :r], mask,
+                                                      pc.clip_eps)
+                    entropy = F.masked_mean(F.entropy_from_logits(logits if pc.entropy_coef else logits.detach()),
+                                            mask)
+                    self._backward(self.actor, (pg_loss - pc.entropy_coef * entropy) * w,
+                                   last=k == len(micro) - 1 and self.ptx_blocks is None)
+                    for name, v in {"loss/policy": pg_loss, "policy/entropy": entropy,
+                                    "policy/clipfrac": pg_stats["clipfrac"], "policy/approx_kl": pg_stats["approx_kl"]}.items():
+                        stats[name] = stats.get(name, 0.0) + w * v.detach()
                 if self.ptx_blocks is not None:
                     ptx_loss = self._ptx_loss()
-                    actor_loss = actor_loss + pc.ptx_coef * ptx_loss
-                    sums["loss/ptx"] = sums.get("loss/ptx", 0.0) + ptx_loss.item()
-                self._update(self.actor, self.opt_a, actor_loss)
-
-                values = self.critic(seq, attn, pos)[:, -R - 1:-1]
-                vf_loss, vf_stats = F.value_loss(values, exp.values[idx], exp.returns[idx], mask, pc.value_clip_eps)
-                self._update(self.critic, self.opt_c, pc.vf_coef * vf_loss)
-                if self.lagrangian:
-                    cvalues = self.cost_critic(seq, attn, pos)[:, -R - 1:-1]
-                    cvf_loss, _ = F.value_loss(cvalues, exp.cost_values[idx], exp.cost_returns[idx], mask,
-                                               pc.value_clip_eps)
-                    self._update(self.cost_critic, self.opt_cc, pc.vf_coef * cvf_loss)
-                for k, v in {"loss/policy": pg_loss, "loss/value": vf_loss, "policy/entropy": entropy,
-                             "policy/clipfrac": pg_stats["clipfrac"], "policy/approx_kl": pg_stats["approx_kl"],
-                             "values/clipfrac": vf_stats["vf_clipfrac"]}.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+                    self._backward(self.actor, pc.ptx_coef * ptx_loss, last=True)
+                    stats["loss/ptx"] = ptx_loss.detach()
+                self._step(self.actor, self.opt_a)
+                # critics: clipped value loss, same micro-batches
+                for critic, opt, old_values, returns, loss_name, clip_name in critics:
+                    opt.zero_grad(set_to_none=True)
+                    for k, (rows, cols, r) in enumerate(micro):
+                        mask = exp.mask[rows, :r]
+                        w = mask.sum() / total
+                        values = critic(exp.sequences[rows][:, cols], exp.attention_mask[rows][:, cols],
+                                        exp.position_ids[rows][:, cols])[:, -r - 1:-1]
+                        vf_loss, vf_stats = F.value_loss(values, old_values[rows, :r], returns[rows, :r], mask,
+                                                         pc.value_clip_eps)
+                        self._backward(critic, pc.vf_coef * vf_loss * w, last=k == len(micro) - 1)
+                        stats[loss_name] = stats.get(loss_name, 0.0) + w * vf_loss.detach()
+                        stats[clip_name] = stats.get(clip_name, 0.0) + w * vf_stats["vf_clipfrac"]
+                    self._step(critic, opt)
+                for name, v in stats.items():
+                    sums[name] = sums.get(name, 0.0) + float(v)
                 n += 1
         return self._reduce({k: torch.tensor(v / n) for k, v in sums.items()})
 
+    def _micro_batches(self, attn: torch.Tensor, mask: torch.Tensor, idx: torch.Tensor):
+        """Split rows `idx` into micro-batches of rows of similar length; yield (rows, columns, r):
+        the columns that micro-batch needs (its longest prompt's start .. its longest response's
+        end) and its response width r. Left-padded prompts and right-padded responses make that
+        one contiguous slice per micro-batch."""
+        R = mask.shape[1]
+        P = attn.shape[1] - R
+        prompt_len = attn[idx, :P].sum(1)
+        resp_len = mask[idx].sum(1)
+        order = idx[torch.argsort(prompt_len + resp_len, descending=True, stable=True)]
+        for rows in order.split(self.pc.micro_batch_size):
+            r = max(1, int(mask[rows].sum(1).max()))
+            start = P - int(attn[rows, :P].sum(1).max())
+            yield rows, slice(start, P + r), r
+
     # ------------------------------------------------------------------ helpers
-    def _update(self, model, opt, loss: torch.Tensor) -> None:
-        opt.zero_grad(set_to_none=True)
-        self.acc.backward(loss)
+    def _backward(self, model, loss: torch.Tensor, last: bool) -> None:
+        """Accumulate gradients; across processes they are synchronised on the last backward only."""
+        with contextlib.nullcontext() if last else self.acc.no_sync(model):
+            self.acc.backward(loss)
+
+    def _step(self, model, opt) -> None:
         self.acc.clip_grad_norm_(model.parameters(), self.pc.grad_clip)
         opt.step()
 

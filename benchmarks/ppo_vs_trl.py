@@ -1,0 +1,146 @@
+"""Our PPO step against TRL's PPOTrainer on the same models and config, side by side in one run.
+
+For each size (default: hidden 128 x 4 layers, and hidden 512 x 6 layers: 512 x 8 takes the run
+past 10 minutes on 2 cores; `--sizes 128x4,512x8` runs it) it builds one tiny base
+model and one reward model from config (offline, random weights, the toy tokenizer), then runs
+(a) our `PPOTrainer` and (b) TRL's `trl.experimental.ppo.PPOTrainer` (trl==1.12.0, installed once
+into its own virtual env, `benchmarks/.venv-trl`, pinned to our torch/transformers/accelerate
+versions so only the PPO code differs) in alternating fresh processes: 32 prompts, 48 new tokens,
+temperature 1, 4 PPO epochs, 1 mini-batch, full fine-tuning, fp32, separate reference, reward and
+value models on both sides. Each process warms up, then times its steps; peak RSS is the process's.
+
+Reported per size and side: median s/step, peak RSS, median time split (generate / score /
+experience / train), generation tokens/s; ratios ours/TRL (`time_ratio`, `memory_ratio`); our
+training phase's FLOP/s (torch's FLOP counter) against this machine's fp32 matrix-product peak,
+measured here with 2048x2048 products.
+
+    .venv/bin/python benchmarks/ppo_vs_trl.py [--out results.json] [--rounds 2 --steps 3 --warmup 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from ppo_step import PHASES, build, summarise  # noqa: E402
+
+TRL_VENV = HERE / ".venv-trl"
+TRL_VERSION = "1.12.0"
+
+
+def trl_python(venv: Path) -> Path:
+    """The TRL env's python, created on first use with versions pinned to ours."""
+    pins = [f"torch=={metadata.version('torch').split('+')[0]}", f"trl=={TRL_VERSION}"] + \
+        [f"{p}=={metadata.version(p)}" for p in ("transformers", "accelerate", "datasets")]
+    py, stamp = venv / "bin" / "python", venv / ".pins"
+    if stamp.exists() and stamp.read_text() == " ".join(pins):
+        return py
+    print(f"setting up {venv} ({' '.join(pins)}) ...", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([str(py), "-m", "pip", "install", "-q", *pins], check=True)
+    stamp.write_text(" ".join(pins))
+    return py
+
+
+def matmul_peak_gflops(n: int = 2048, reps: int = 10) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    return 2 * n ** 3 / statistics.median(times) / 1e9
+
+
+def run_side(side: str, models: Path, steps: int, warmup: int, trl_py: Path) -> dict:
+    out = models / f"{side}-{time.monotonic_ns()}.json"
+    if side == "ours":
+        cmd = [sys.executable, str(HERE / "ppo_step.py"), "--models", str(models)]
+    else:
+        cmd = [str(trl_py), str(HERE / "trl_ppo_worker.py"), "--base", str(models / "base"),
+               "--reward", str(models / "reward"), "--prompts", str(models / "world" / "ppo_prompts.jsonl"),
+               "--workdir", tempfile.mkdtemp()]
+    proc = subprocess.run(cmd + ["--steps", str(steps), "--warmup", str(warmup), "--out", str(out)],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if proc.returncode:
+        sys.exit(f"{side} run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(out.read_text())
+
+
+def bench_size(hidden: int, layers: int, rounds: int, steps: int, warmup: int, trl_py: Path, tmp: Path) -> dict:
+    models = tmp / f"h{hidden}-l{layers}"
+    models.mkdir()
+    build(models, hidden, layers)
+    raw: dict[str, list[dict]] = {"ours": [], "trl": []}
+    for r in range(rounds):
+        order = ("ours", "trl") if r % 2 == 0 else ("trl", "ours")  # alternate who runs first
+        for side in order:
+            print(f"  hidden {hidden} x {layers} layers, round {r + 1}/{rounds}: {side} ...", flush=True)
+            raw[side].append(run_side(side, models, steps, warmup, trl_py))
+    res = {}
+    for side, runs in raw.items():
+        merged = {"rows": [row for run in runs for row in run["rows"]],
+                  "peak_rss_mib": max(run["peak_rss_mib"] for run in runs)}
+        res[side] = summarise(merged)
+    res["time_ratio"] = res["ours"]["median_step_s"] / res["trl"]["median_step_s"]
+    res["memory_ratio"] = res["ours"]["peak_rss_mib"] / res["trl"]["peak_rss_mib"]
+    return {"hidden": hidden, "layers": layers, "steps_timed_per_side": rounds * steps, **res}
+
+
+def print_table(result: dict) -> None:
+    peak = result["matmul_peak_gflop_per_s"]
+    print(f"\nPPO step, ours vs TRL {TRL_VERSION} (32 prompts x 48 tokens, 4 epochs, 1 mini-batch, fp32, "
+          f"{result['threads']} threads); matmul peak {peak:.0f} GFLOP/s")
+    print(f"{'size':<12}{'side':<6}{'s/step':>8}{'RSS MiB':>9}  {'gen / score / exp / train (s)':<32}{'gen tok/s':>10}")
+    for s in result["sizes"]:
+        for side in ("ours", "trl"):
+            r = s[side]
+            split = " / ".join(f"{r['median_split_s'][k]:.2f}" for k in PHASES)
+            print(f"{s['hidden']}x{s['layers']:<8}{side:<6}{r['median_step_s']:>8.2f}{r['peak_rss_mib']:>9.0f}  "
+                  f"{split:<32}{r['generation_tokens_per_s']:>10.0f}")
+        fl = s["ours"]["train_flop_per_s"] / 1e9
+        print(f"{'':<12}ratio ours/TRL: time {s['time_ratio']:.2f}, memory {s['memory_ratio']:.2f}; "
+              f"our training {fl:.1f} GFLOP/s = {fl / peak:.0%} of peak")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="128x4,512x6", help="comma-separated HIDDENxLAYERS")
+    p.add_argument("--rounds", type=int, default=2, help="alternating runs per side and size")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per run (after warm-up)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--trl-venv", type=Path, default=TRL_VENV)
+    p.add_argument("--out", type=Path)
+    args = p.parse_args()
+    trl_py = trl_python(args.trl_venv)
+    t0 = time.perf_counter()
+    result = {"date": time.strftime("%Y-%m-%d"), "machine": platform.platform(), "processor": platform.processor(),
+              "threads": torch.get_num_threads(), "torch": torch.__version__, "trl": TRL_VERSION,
+              "matmul_peak_gflop_per_s": matmul_peak_gflops(), "sizes": []}
+    with tempfile.TemporaryDirectory() as d:
+        for size in args.sizes.split(","):
+            hidden, layers = (int(x) for x in size.lower().split("x"))
+            result["sizes"].append(bench_size(hidden, layers, args.rounds, args.steps, args.warmup, trl_py, Path(d)))
+    result["wall_s"] = time.perf_counter() - t0
+    print_table(result)
+    print(f"benchmark wall time {result['wall_s'] / 60:.1f} min (TRL env set-up excluded)")
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

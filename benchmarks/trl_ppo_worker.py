@@ -1,0 +1,111 @@
+"""TRL's PPOTrainer side of `ppo_vs_trl.py`. Runs inside the benchmark's own virtual env
+(trl==1.12.0, the last release with `trl.experimental.ppo`); it imports nothing from direct_rlhf.
+
+TRL's `train()` is one loop, so the time split is taken by wrapping the module-level helpers it
+calls: `batch_generation` (generation), `get_reward` on the reward model (scoring), `get_reward` on
+the value model and `forward` under no_grad (experience: reference log-probs and values); the rest
+of each update (PPO epochs, GAE, bookkeeping) is training. Step times come from `on_step_end`.
+
+    python trl_ppo_worker.py --base DIR --reward DIR --prompts FILE --steps 3 --warmup 1 --out FILE
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+from collections import defaultdict
+
+import torch
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--base", required=True)
+    p.add_argument("--reward", required=True)
+    p.add_argument("--prompts", required=True)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=48)
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--out", required=True)
+    a = p.parse_args()
+
+    from datasets import Dataset
+    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
+                              TrainerCallback)
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+    from trl.experimental.ppo import ppo_trainer as T
+
+    tok = AutoTokenizer.from_pretrained(a.base, padding_side="left")
+    n = a.batch * (a.steps + a.warmup)
+    prompts = [json.loads(line)["prompt"] for line in open(a.prompts, encoding="utf-8")][:n]
+    ds = Dataset.from_dict({"input_ids": [tok(t, add_special_tokens=False)["input_ids"] for t in prompts]})
+    policy = AutoModelForCausalLM.from_pretrained(a.base)
+    ref = AutoModelForCausalLM.from_pretrained(a.base)
+    value = AutoModelForSequenceClassification.from_pretrained(a.reward, num_labels=1)
+    reward = AutoModelForSequenceClassification.from_pretrained(a.reward, num_labels=1)
+    cfg = PPOConfig(
+        output_dir=a.workdir, per_device_train_batch_size=a.batch, gradient_accumulation_steps=1,
+        num_mini_batches=1, num_ppo_epochs=a.epochs, response_length=a.new_tokens, temperature=1.0,
+        local_rollout_forward_batch_size=a.batch, total_episodes=n, num_sample_generations=0,
+        stop_token="eos", kl_estimator="k1", learning_rate=1e-5, seed=a.seed, report_to="none",
+        save_strategy="no", logging_steps=10_000, disable_tqdm=True, use_cpu=True, dataloader_num_workers=0,
+    )
+
+    spent: dict[str, float] = defaultdict(float)
+
+    def timed(fn, bucket):
+        def wrapper(*args, **kw):
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kw)
+            finally:
+                spent[bucket(args) if callable(bucket) else bucket] += time.perf_counter() - t
+        return wrapper
+
+    T.batch_generation = timed(T.batch_generation, "generate")
+    generated: list[int] = []
+    _gen = T.batch_generation
+
+    def batch_generation(model, queries, *args, **kw):
+        out = _gen(model, queries, *args, **kw)
+        generated.append(queries.shape[0] * (out[0].shape[1] - queries.shape[1]))
+        return out
+
+    T.batch_generation = batch_generation
+    T.get_reward = timed(T.get_reward, lambda args: "score" if args[0] is reward else "experience")
+    T.forward = timed(T.forward, lambda args: "train" if torch.is_grad_enabled() else "experience")
+    rows: list[dict] = []
+
+    class StepTimer(TrainerCallback):
+        def on_train_begin(self, *args, **kw):
+            self.t = time.perf_counter()
+            spent.clear()
+
+        def on_step_end(self, *args, **kw):
+            now = time.perf_counter()
+            step = now - self.t
+            known = spent["generate"] + spent["score"] + spent["experience"]
+            rows.append({"step_s": step, "generate_s": spent["generate"], "score_s": spent["score"],
+                         "experience_s": spent["experience"], "train_s": step - known,
+                         "generated_tokens": generated.pop() if generated else 0})
+            spent.clear()
+            self.t = now
+
+    trainer = PPOTrainer(args=cfg, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
+                         value_model=value, train_dataset=ds, eval_dataset=ds.select(range(a.batch)),
+                         callbacks=[StepTimer()])
+    trainer.train()
+    timed_rows = rows[a.warmup:]
+    json.dump({"rows": timed_rows, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+               "threads": torch.get_num_threads(), "torch": torch.__version__},
+              open(a.out, "w"), indent=2)
+
+
+if __name__ == "__main__":
+    main()

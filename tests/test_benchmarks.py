@@ -1,0 +1,22 @@
+"""The PPO step benchmark still runs against the trainer it instruments (it wraps private methods)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_ppo_step_benchmark_reports_times_throughput_and_flops(tmp_path):
+    out = tmp_path / "bench.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ppo_step.py"), "--hidden", "32", "--layers", "1",
+                    "--steps", "2", "--warmup", "1", "--set", "ppo.max_new_tokens=8", "ppo.rollout_batch_size=8",
+                    "ppo.mini_batch_size=8", "threads=1", "--out", str(out)], check=True, capture_output=True)
+    res = json.loads(out.read_text())
+    assert len(res["step_s"]) == 2 and res["median_step_s"] > 0
+    assert sum(res["median_split_s"].values()) <= res["median_step_s"] * 1.05
+    assert res["generation_tokens_per_s"] > 0 and res["train_flop_per_s"] > 1e6
+    assert res["peak_rss_mib"] > 50
