@@ -102,9 +102,10 @@ def time_ours(base: Path, reward: Path, prompts: Path, workdir: Path, steps: int
             trainer.rl_step = counting_rl_step
         rows.append({"step_s": r["time/step_s"], **{f"{k}_s": r[f"time/{k}_s"] for k in PHASES},
                      "generated_tokens": r["response/length"] * cfg.ppo.rollout_batch_size,
+                     "train_tokens": count["tokens"],  # rows x width over the epochs, per model
                      "train_flop_per_s": flops_per_token * count["tokens"] / r["time/train_s"]})
     return {"rows": rows[warmup:], "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "threads": torch.get_num_threads(), "torch": torch.__version__}
+            "train_flops_per_token": flops_per_token, "threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
 def summarise(res: dict) -> dict:
@@ -114,6 +115,7 @@ def summarise(res: dict) -> dict:
             "step_s": [round(r["step_s"], 4) for r in rows],
             "median_split_s": {k: statistics.median(r[f"{k}_s"] for r in rows) for k in PHASES},
             "generation_tokens_per_s": sum(r["generated_tokens"] for r in rows) / gen_s,
+            "median_train_tokens": statistics.median(r["train_tokens"] for r in rows),
             **({"train_flop_per_s": statistics.median(r["train_flop_per_s"] for r in rows)}
                if "train_flop_per_s" in rows[0] else {}),
             "peak_rss_mib": res["peak_rss_mib"]}

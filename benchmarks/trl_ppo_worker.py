@@ -80,6 +80,15 @@ def main() -> None:
     T.batch_generation = batch_generation
     T.get_reward = timed(T.get_reward, lambda args: "score" if args[0] is reward else "experience")
     T.forward = timed(T.forward, lambda args: "train" if torch.is_grad_enabled() else "experience")
+    train_tokens = [0]  # token positions the PPO epochs push through policy + value (padding included)
+    _forward = T.forward
+
+    def forward(model, query_responses, *args, **kw):
+        if torch.is_grad_enabled():
+            train_tokens[0] += query_responses.numel()
+        return _forward(model, query_responses, *args, **kw)
+
+    T.forward = forward
     rows: list[dict] = []
 
     class StepTimer(TrainerCallback):
@@ -93,8 +102,10 @@ def main() -> None:
             known = spent["generate"] + spent["score"] + spent["experience"]
             rows.append({"step_s": step, "generate_s": spent["generate"], "score_s": spent["score"],
                          "experience_s": spent["experience"], "train_s": step - known,
-                         "generated_tokens": generated.pop() if generated else 0})
+                         "generated_tokens": generated.pop() if generated else 0,
+                         "train_tokens": train_tokens[0]})
             spent.clear()
+            train_tokens[0] = 0
             self.t = now
 
     trainer = PPOTrainer(args=cfg, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
