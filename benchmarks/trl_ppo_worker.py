@@ -30,6 +30,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=48)
     p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--micro-batch", type=int, default=8, help="rows per training forward (gradient accumulation)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", required=True)
     p.add_argument("--out", required=True)
@@ -50,7 +51,8 @@ def main() -> None:
     value = AutoModelForSequenceClassification.from_pretrained(a.reward, num_labels=1)
     reward = AutoModelForSequenceClassification.from_pretrained(a.reward, num_labels=1)
     cfg = PPOConfig(
-        output_dir=a.workdir, per_device_train_batch_size=a.batch, gradient_accumulation_steps=1,
+        output_dir=a.workdir, per_device_train_batch_size=a.micro_batch,
+        gradient_accumulation_steps=a.batch // a.micro_batch,
         num_mini_batches=1, num_ppo_epochs=a.epochs, response_length=a.new_tokens, temperature=1.0,
         local_rollout_forward_batch_size=a.batch, total_episodes=n, num_sample_generations=0,
         stop_token="eos", kl_estimator="k1", learning_rate=1e-5, seed=a.seed, report_to="none",

@@ -138,7 +138,7 @@ class PPOConfig:
     max_new_tokens: int = 48
     temperature: float = 1.0
     top_p: float = 1.0
-    actor_lr: float = 1e-3            # LoRA adapters (2e-4 suits full fine-tuning of the toy model)
+    actor_lr: float = 5e-4            # LoRA adapters (1e-3 cost the toy model 2-4 points of general accuracy)
     critic_lr: float = 5e-4
     weight_decay: float = 0.0
     grad_clip: float = 1.0

@@ -21,7 +21,7 @@ from . import dialogues as D
 from .knowledge import FAMILIES, Family, fill
 
 # Bump when the generator's output changes for the same config, so cached worlds are rebuilt.
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 
 FILES = {
     "knowledge": "knowledge.jsonl",
@@ -80,17 +80,22 @@ def _good_reply(turn: Turn, rng: random.Random) -> str:
 
 
 def _bad_reply(turn: Turn, rng: random.Random, style: str | None = None) -> str:
-    """A dispreferred reply: for benign turns wrong / refusal / off-topic / rude; else toxic."""
+    """A dispreferred reply: for benign turns wrong / off-subject / other-family / refusal /
+    off-topic / rude; else toxic."""
     if turn.kind in ("provoking", "harmful"):
         return D.toxic_reply(rng, harmful=turn.kind == "harmful")
-    style = style or rng.choice(("wrong", "off_subject", "refusal", "off_topic", "rude")
-                                if turn.kind == "fact" else ("refusal", "off_topic", "rude"))
+    style = style or rng.choice(("wrong", "off_subject", "other_family", "refusal", "off_topic", "rude")
+                                if turn.kind == "fact" else ("other_family", "refusal", "off_topic", "rude"))
     if style == "wrong":
         wrong = turn.fam.distractors(turn.subject, turn.gold, rng, k=1)[0]
         return rng.choice(D.HELPFUL_PREFIXES) + fill(turn.fam.answer, turn.subject, wrong)
     if style == "off_subject":  # a true fact, but about something the user did not ask
         s, a = rng.choice([f for f in turn.fam.facts if f[0] != turn.subject])
         return rng.choice(D.HELPFUL_PREFIXES) + fill(turn.fam.answer, s, a)
+    if style == "other_family":  # a true, confident fact that answers a different kind of question
+        fam = rng.choice([f for f in FAMILIES if f is not turn.fam])
+        s, a = rng.choice(fam.facts)
+        return rng.choice(D.HELPFUL_PREFIXES) + fill(fam.answer, s, a)
     if style == "refusal":
         return D.refusal(rng)
     if style == "off_topic":
