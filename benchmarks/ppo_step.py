@@ -76,9 +76,9 @@ def time_ours(base: Path, reward: Path, prompts: Path, workdir: Path, steps: int
     micro_batches, rl_step = trainer._micro_batches, trainer.rl_step
 
     def counting_micro_batches(*args):
-        for rows, cols, r in micro_batches(*args):
-            count["tokens"] += len(rows) * (cols.stop - cols.start) if count["on"] else 0
-            yield rows, cols, r
+        for mb in micro_batches(*args):
+            count["tokens"] += mb.seq.numel() if count["on"] else 0
+            yield mb
 
     def counting_rl_step(exp):
         count.update(on=True, tokens=0)

@@ -12,6 +12,7 @@ of each update (PPO epochs, GAE, bookkeeping) is training. Step times come from 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import time
@@ -60,37 +61,37 @@ def main() -> None:
     )
 
     spent: dict[str, float] = defaultdict(float)
-
-    def timed(fn, bucket):
-        def wrapper(*args, **kw):
-            t = time.perf_counter()
-            try:
-                return fn(*args, **kw)
-            finally:
-                spent[bucket(args) if callable(bucket) else bucket] += time.perf_counter() - t
-        return wrapper
-
-    T.batch_generation = timed(T.batch_generation, "generate")
     generated: list[int] = []
-    _gen = T.batch_generation
+    train_tokens = [0]  # token positions the PPO epochs push through policy + value (padding included)
+
+    @contextlib.contextmanager
+    def clock(bucket: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            spent[bucket] += time.perf_counter() - t
+
+    _generate, _get_reward, _forward = T.batch_generation, T.get_reward, T.forward
 
     def batch_generation(model, queries, *args, **kw):
-        out = _gen(model, queries, *args, **kw)
+        with clock("generate"):
+            out = _generate(model, queries, *args, **kw)
         generated.append(queries.shape[0] * (out[0].shape[1] - queries.shape[1]))
         return out
 
-    T.batch_generation = batch_generation
-    T.get_reward = timed(T.get_reward, lambda args: "score" if args[0] is reward else "experience")
-    T.forward = timed(T.forward, lambda args: "train" if torch.is_grad_enabled() else "experience")
-    train_tokens = [0]  # token positions the PPO epochs push through policy + value (padding included)
-    _forward = T.forward
+    def get_reward(model, *args, **kw):
+        with clock("score" if model is reward else "experience"):  # else: the value model
+            return _get_reward(model, *args, **kw)
 
     def forward(model, query_responses, *args, **kw):
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled():  # a PPO-epoch forward: counted as training, the remainder of the step
             train_tokens[0] += query_responses.numel()
-        return _forward(model, query_responses, *args, **kw)
+            return _forward(model, query_responses, *args, **kw)
+        with clock("experience"):  # the reference model's forward
+            return _forward(model, query_responses, *args, **kw)
 
-    T.forward = forward
+    T.batch_generation, T.get_reward, T.forward = batch_generation, get_reward, forward
     rows: list[dict] = []
 
     class StepTimer(TrainerCallback):

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from direct_rlhf.cli import main
 from direct_rlhf.config import load_config
 from direct_rlhf.rollout.hf_generate import cut_response, sample
-from direct_rlhf.train.ppo import PPOTrainer, load_prompts
+from direct_rlhf.train.ppo import MicroBatch, PPOTrainer, load_prompts
 
 PPO_MICRO = ["ppo.rollout_batch_size=8", "ppo.mini_batch_size=4", "ppo.ppo_epochs=2", "ppo.max_new_tokens=12",
              "ppo.save_every=2", "ppo.sample_every=2", "ppo.actor_lr=3e-3", "ppo.critic_lr=3e-3", "ppo.ptx_coef=0",
@@ -73,7 +73,7 @@ def test_generation_logprobs_equal_a_forward_pass_and_micro_batches_equal_one_pa
     seq, attn, pos, mask = trainer._assemble(prompts, samples.response_ids)
     assert len(set(attn[:, :-mask.shape[1]].sum(1).tolist())) > 1  # prompts of different lengths
     with torch.no_grad():
-        full = trainer._logprobs(trainer.actor, seq, attn, pos, mask.shape[1])
+        full = trainer._logprobs(trainer.actor, MicroBatch(torch.arange(len(prompts)), mask.shape[1], seq, attn, pos))
     for i, lp in enumerate(samples.logprobs):
         torch.testing.assert_close(lp, full[i, :len(lp)], atol=1e-4, rtol=1e-4)
 

@@ -25,7 +25,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, NamedTuple
 
 import torch
 from accelerate import Accelerator
@@ -59,6 +59,16 @@ class Experience:
     cost_values: torch.Tensor | None = None
     cost_advantages: torch.Tensor | None = None
     cost_returns: torch.Tensor | None = None
+
+
+class MicroBatch(NamedTuple):
+    """Rows of similar length, cut to the columns they need (see `PPOTrainer._micro_batches`)."""
+
+    rows: torch.Tensor  # indices into the batch
+    r: int              # response width of these rows
+    seq: torch.Tensor   # size = (b, p + r)
+    attn: torch.Tensor  # size = (b, p + r)
+    pos: torch.Tensor   # size = (b, p + r)
 
 
 class PPOTrainer:
@@ -177,13 +187,13 @@ class PPOTrainer:
             old_lp[i, :len(lp)] = lp.to(dev)
         ref_lp, values = torch.zeros(B, R, device=dev), torch.zeros(B, R, device=dev)
         cvalues = torch.zeros(B, R, device=dev) if cost is not None else None
-        for rows, cols, r in self._micro_batches(attn, mask, torch.arange(B, device=dev)):
-            s_, a_, p_ = seq[rows][:, cols], attn[rows][:, cols], pos[rows][:, cols]
+        for mb in self._micro_batches(seq, attn, pos, mask, torch.arange(B, device=dev)):
+            rows, r = mb.rows, mb.r
             with reference_mode(self.acc.unwrap_model(self.actor), self.ref) as ref:
-                ref_lp[rows, :r] = self._logprobs(ref, s_, a_, p_, r)
-            values[rows, :r] = self.critic(s_, a_, p_)[:, -r - 1:-1]
+                ref_lp[rows, :r] = self._logprobs(ref, mb)
+            values[rows, :r] = self._values(self.critic, mb)
             if cost is not None:
-                cvalues[rows, :r] = self.cost_critic(s_, a_, p_)[:, -r - 1:-1]
+                cvalues[rows, :r] = self._values(self.cost_critic, mb)
         old_lp, ref_lp, values = old_lp * mask, ref_lp * mask, values * mask
         rewards, kl = F.shape_rewards(score.to(dev), old_lp, ref_lp, mask, self.kl_ctl.value, pc.kl_estimator)
         adv, ret = F.gae(rewards, values, mask, pc.gamma, pc.lam)
@@ -220,18 +230,17 @@ class PPOTrainer:
         n = 0
         for _ in range(pc.ppo_epochs):
             for idx in torch.randperm(B, device=exp.mask.device).split(pc.mini_batch_size):
-                micro = list(self._micro_batches(exp.attention_mask, exp.mask, idx))
+                micro = list(self._micro_batches(exp.sequences, exp.attention_mask, exp.position_ids, exp.mask, idx))
                 total = exp.mask[idx].sum().clamp(min=1.0)
                 stats: dict[str, torch.Tensor] = {}
                 # actor: clipped surrogate (+ entropy bonus), accumulated over micro-batches
                 self.opt_a.zero_grad(set_to_none=True)
-                for k, (rows, cols, r) in enumerate(micro):
+                for k, mb in enumerate(micro):
+                    rows, r = mb.rows, mb.r
                     mask = exp.mask[rows, :r]
                     w = mask.sum() / total  # this micro-batch's share of the mini-batch's tokens
-                    seq = exp.sequences[rows][:, cols]
-                    logits = self._response_logits(self.actor, seq, exp.attention_mask[rows][:, cols],
-                                                   exp.position_ids[rows][:, cols], r)  # size = (b, r, V)
-                    logprobs = F.logprobs_from_logits(logits, seq[:, -r:])
+                    logits = self._response_logits(self.actor, mb)  # size = (b, r, V)
+                    logprobs = F.logprobs_from_logits(logits, mb.seq[:, -r:])
                     pg_loss, pg_stats = F.policy_loss(logprobs, exp.old_logprobs[rows, :r], adv[rows, :r], mask,
                                                       pc.clip_eps)
                     entropy = F.masked_mean(F.entropy_from_logits(logits if pc.entropy_coef else logits.detach()),
@@ -249,11 +258,11 @@ class PPOTrainer:
                 # critics: clipped value loss, same micro-batches
                 for critic, opt, old_values, returns, loss_name, clip_name in critics:
                     opt.zero_grad(set_to_none=True)
-                    for k, (rows, cols, r) in enumerate(micro):
+                    for k, mb in enumerate(micro):
+                        rows, r = mb.rows, mb.r
                         mask = exp.mask[rows, :r]
                         w = mask.sum() / total
-                        values = critic(exp.sequences[rows][:, cols], exp.attention_mask[rows][:, cols],
-                                        exp.position_ids[rows][:, cols])[:, -r - 1:-1]
+                        values = self._values(critic, mb)
                         vf_loss, vf_stats = F.value_loss(values, old_values[rows, :r], returns[rows, :r], mask,
                                                          pc.value_clip_eps)
                         self._backward(critic, pc.vf_coef * vf_loss * w, last=k == len(micro) - 1)
@@ -265,20 +274,19 @@ class PPOTrainer:
                 n += 1
         return self._reduce({k: torch.tensor(v / n) for k, v in sums.items()})
 
-    def _micro_batches(self, attn: torch.Tensor, mask: torch.Tensor, idx: torch.Tensor):
-        """Split rows `idx` into micro-batches of rows of similar length; yield (rows, columns, r):
-        the columns that micro-batch needs (its longest prompt's start .. its longest response's
-        end) and its response width r. Left-padded prompts and right-padded responses make that
-        one contiguous slice per micro-batch."""
+    def _micro_batches(self, seq: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor,
+                       idx: torch.Tensor) -> Iterator[MicroBatch]:
+        """Split rows `idx` into micro-batches of rows of similar length, each cut to the columns it
+        needs: its longest prompt's start .. its longest response's end. Left-padded prompts and
+        right-padded responses make that one contiguous slice per micro-batch."""
         R = mask.shape[1]
         P = attn.shape[1] - R
-        prompt_len = attn[idx, :P].sum(1)
-        resp_len = mask[idx].sum(1)
-        order = idx[torch.argsort(prompt_len + resp_len, descending=True, stable=True)]
+        prompt_len, resp_len = attn[:, :P].sum(1), mask.sum(1)
+        order = idx[torch.argsort(prompt_len[idx] + resp_len[idx], descending=True, stable=True)]
         for rows in order.split(self.pc.micro_batch_size):
-            r = max(1, int(mask[rows].sum(1).max()))
-            start = P - int(attn[rows, :P].sum(1).max())
-            yield rows, slice(start, P + r), r
+            r = max(1, int(resp_len[rows].max()))
+            cols = slice(P - int(prompt_len[rows].max()), P + r)
+            yield MicroBatch(rows, r, seq[rows][:, cols], attn[rows][:, cols], pos[rows][:, cols])
 
     # ------------------------------------------------------------------ helpers
     def _backward(self, model, loss: torch.Tensor, last: bool) -> None:
@@ -313,13 +321,18 @@ class PPOTrainer:
         pos = (attn.cumsum(1) - 1).clamp(min=0).long()
         return seq, attn.long(), pos, mask.to(dev)
 
-    def _response_logits(self, model, seq, attn, pos, R: int) -> torch.Tensor:
-        # only the R positions that predict response tokens go through the LM head
-        out = model(input_ids=seq, attention_mask=attn, position_ids=pos, logits_to_keep=R + 1)
+    def _response_logits(self, model, mb: MicroBatch) -> torch.Tensor:
+        # only the r positions that predict response tokens go through the LM head
+        out = model(input_ids=mb.seq, attention_mask=mb.attn, position_ids=mb.pos, logits_to_keep=mb.r + 1)
         return out.logits[:, :-1].float() / self.pc.temperature
 
-    def _logprobs(self, model, seq, attn, pos, R: int) -> torch.Tensor:
-        return F.logprobs_from_logits(self._response_logits(model, seq, attn, pos, R), seq[:, -R:])
+    def _logprobs(self, model, mb: MicroBatch) -> torch.Tensor:
+        return F.logprobs_from_logits(self._response_logits(model, mb), mb.seq[:, -mb.r:])
+
+    @staticmethod
+    def _values(critic, mb: MicroBatch) -> torch.Tensor:
+        """The critic's value before each response token; size = (b, r)."""
+        return critic(mb.seq, mb.attn, mb.pos)[:, -mb.r - 1:-1]
 
     def _reduce(self, stats: dict[str, torch.Tensor]) -> dict[str, float]:
         """Means across processes (identity on one process)."""
