@@ -9,9 +9,11 @@ from pathlib import Path
 from conftest import SMALL_WORLD
 
 from direct_rlhf.data import chat_format
+from direct_rlhf.data.toyworld import dialogues as D
 from direct_rlhf.data.toyworld.generate import write_world
 from direct_rlhf.data.toyworld.knowledge import FAMILIES
 from direct_rlhf.io import read_jsonl
+from direct_rlhf.pipeline import ptx_texts
 
 
 def _digest(folder: Path) -> dict[str, str]:
@@ -57,13 +59,35 @@ def test_records_are_well_formed(small_world):
             assert r["choices"][r["answer"]] == dict(f.facts)[r["subject"]]
     pairs = read_jsonl(small_world / "pairs_train.jsonl")
     assert {r["subset"] for r in pairs} == {"helpful", "harmless"}
+    openings_checked = 0
     for r in pairs:
         assert r["chosen"] != r["rejected"]
         p_c, _ = chat_format.split_prompt_response(r["chosen"])
         p_r, _ = chat_format.split_prompt_response(r["rejected"])
         assert p_c == p_r  # same conversation, different final answer
+        # a confident-fact rejected reply opens like its chosen reply: the pair differs in content only
+        good = chat_format.split_prompt_response(r["chosen"])[1].lstrip()
+        bad = chat_format.split_prompt_response(r["rejected"])[1].lstrip()
+        opening = next((o for o in D.HELPFUL_PREFIXES if o and bad.startswith(o)), None)
+        if opening and good not in D.SMALL_TALK_REPLIES:
+            assert good.startswith(opening), (good, bad)
+            openings_checked += 1
+    assert openings_checked > 10
+    # a de-escalation given to a fact question is rejected (PPO found that hole); small talk keeps
+    # it out, so that "polite" never looks bad next to a turn that could be a provocation
+    deflections = set(D.POLITE_TO_HARM + D.POLITE_TO_PROVOCATION)
+    deflected = [chat_format.parse(r["chosen"])[-2].content for r in pairs if r["subset"] == "helpful"
+                 and chat_format.split_prompt_response(r["rejected"])[1].strip() in deflections]
+    assert deflected and not set(deflected) & set(D.SMALL_TALK)
     convo = read_jsonl(small_world / "eval/conversation.jsonl")
     facts = [r for r in convo if r["kind"] == "fact"]
     assert facts and all(r["gold"] for r in facts)
     assert all(r["prompt"].endswith(chat_format.ASSISTANT) for r in convo)
     assert {r["kind"] for r in read_jsonl(small_world / "eval/redteam.jsonl")} == {"provoking", "harmful"}
+
+
+def test_ptx_text_is_knowledge_not_dialogue(small_world):
+    texts = ptx_texts(None, small_world)
+    corpus = read_jsonl(small_world / "corpus.jsonl")
+    assert texts and len(texts) == sum(r["source"] != "dialogue" for r in corpus)
+    assert not any(chat_format.HUMAN in t for t in texts)

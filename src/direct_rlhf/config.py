@@ -158,7 +158,7 @@ class PPOConfig:
     no_end_penalty: float = -1.0      # added to the score of a response that never ends its turn
     ptx_coef: float = 1.0             # PPO-ptx: weight of the LM loss on pretraining text (0 = off)
     ptx_batch_size: int = 8
-    ptx_data: str | None = None       # JSONL with a 'text' field; null = the toy world's corpus
+    ptx_data: str | None = None       # JSONL with a 'text' field; null = the toy world's knowledge text
     lagrangian: bool = False          # PPO-Lagrangian with the cost model
     cost_threshold: float = 0.0
     lambda_init: float = 1.0

@@ -85,6 +85,19 @@ def _ensure_preference_model(cfg: Config, stage: str, progress: bool) -> str:
     return str(out)
 
 
+def ptx_texts(ptx_data: str | None, world: Path | None) -> list[str]:
+    """PPO-ptx text: the user's `ptx_data`, else the toy world's knowledge documents (not its
+    mixed-quality dialogues, which would pull the policy back towards rude and evasive answers)."""
+    from .io import read_jsonl
+
+    if ptx_data:
+        return [r["text"] for r in read_jsonl(ptx_data, required=("text",))]
+    from .data.toyworld.generate import PTX_SOURCES
+
+    return [r["text"] for r in read_jsonl(Path(world) / "corpus.jsonl", required=("text", "source"))
+            if r["source"] in PTX_SOURCES]
+
+
 def ensure_policy(cfg: Config, progress: bool = True, resume: bool = False, init: str | None = None,
                   name: str = "rlhf") -> str:
     """PPO from the base model (or from `init`, e.g. the SFT model for the conventional pipeline)
@@ -120,12 +133,7 @@ def ensure_policy(cfg: Config, progress: bool = True, resume: bool = False, init
     if is_fresh(out, key):
         log.info("%s policy: cached at %s", name, out)
         return str(out)
-    ptx = None
-    if pc.ptx_coef > 0:
-        from .io import read_jsonl
-
-        ptx_file = Path(pc.ptx_data) if pc.ptx_data else world / "corpus.jsonl"
-        ptx = [r["text"] for r in read_jsonl(ptx_file, required=("text",))]
+    ptx = ptx_texts(pc.ptx_data, world) if pc.ptx_coef > 0 else None
     log.info("%s policy: PPO from %s into %s", name, start, out)
     trainer = PPOTrainer(cfg, start, reward, prompts, work, cost_path=cost, ptx_texts=ptx, key=key,
                          progress=progress)

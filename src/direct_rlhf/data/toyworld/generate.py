@@ -21,7 +21,7 @@ from . import dialogues as D
 from .knowledge import FAMILIES, Family, fill
 
 # Bump when the generator's output changes for the same config, so cached worlds are rebuilt.
-GENERATOR_VERSION = 4
+GENERATOR_VERSION = 5
 
 FILES = {
     "knowledge": "knowledge.jsonl",
@@ -71,33 +71,55 @@ def _user_turn(kind: str, rng: random.Random, heldout: bool) -> Turn:
     raise ValueError(kind)
 
 
-def _good_reply(turn: Turn, rng: random.Random) -> str:
+def _good_reply(turn: Turn, rng: random.Random, prefix: str | None = None) -> str:
     if turn.kind == "fact":
-        return rng.choice(D.HELPFUL_PREFIXES) + fill(turn.fam.answer, turn.subject, turn.gold)
+        return _prefixed(rng, prefix) + fill(turn.fam.answer, turn.subject, turn.gold)
     if turn.kind == "small_talk":
         return rng.choice(D.SMALL_TALK_REPLIES)
     return D.polite_reply(rng, harmful=turn.kind == "harmful")
 
 
-def _bad_reply(turn: Turn, rng: random.Random, style: str | None = None) -> str:
+# What a preference pair may reject for a benign turn. Each style closes a way of scoring well with
+# the reward model without answering (PPO found "off_subject", "other_family" and "deflect" when
+# they were missing). "deflect" (the de-escalating reply to a provocation, given to an innocent
+# question) is rejected for fact questions only: rejected for small talk too, it taught the reward
+# model that politeness depends on the turn in a way it could not tell apart from held-out
+# provocations (harmless held-out accuracy fell from 1.00 to 0.80-0.84).
+BENIGN_REJECTED_STYLES = {
+    "fact": ("wrong", "off_subject", "other_family", "refusal", "deflect", "off_topic", "rude"),
+    "small_talk": ("other_family", "refusal", "off_topic", "rude"),
+}
+
+# Corpus sources that carry knowledge (prose and drills) rather than mixed-quality dialogue: the
+# text PPO-ptx keeps the policy close to, so that it keeps its knowledge without being pulled back
+# towards the rude, off-topic and refusing answers that web-like dialogue contains.
+PTX_SOURCES = ("facts", "qa")
+
+
+def _prefixed(rng: random.Random, prefix: str | None) -> str:
+    return rng.choice(D.HELPFUL_PREFIXES) if prefix is None else prefix
+
+
+def _bad_reply(turn: Turn, rng: random.Random, style: str | None = None, prefix: str | None = None) -> str:
     """A dispreferred reply: for benign turns wrong / off-subject / other-family / refusal /
-    off-topic / rude; else toxic."""
+    deflect / off-topic / rude; else toxic. Confident-fact styles open with `prefix` when given."""
     if turn.kind in ("provoking", "harmful"):
         return D.toxic_reply(rng, harmful=turn.kind == "harmful")
-    style = style or rng.choice(("wrong", "off_subject", "other_family", "refusal", "off_topic", "rude")
-                                if turn.kind == "fact" else ("other_family", "refusal", "off_topic", "rude"))
+    style = style or rng.choice(BENIGN_REJECTED_STYLES[turn.kind])
     if style == "wrong":
         wrong = turn.fam.distractors(turn.subject, turn.gold, rng, k=1)[0]
-        return rng.choice(D.HELPFUL_PREFIXES) + fill(turn.fam.answer, turn.subject, wrong)
+        return _prefixed(rng, prefix) + fill(turn.fam.answer, turn.subject, wrong)
     if style == "off_subject":  # a true fact, but about something the user did not ask
         s, a = rng.choice([f for f in turn.fam.facts if f[0] != turn.subject])
-        return rng.choice(D.HELPFUL_PREFIXES) + fill(turn.fam.answer, s, a)
+        return _prefixed(rng, prefix) + fill(turn.fam.answer, s, a)
     if style == "other_family":  # a true, confident fact that answers a different kind of question
         fam = rng.choice([f for f in FAMILIES if f is not turn.fam])
         s, a = rng.choice(fam.facts)
-        return rng.choice(D.HELPFUL_PREFIXES) + fill(fam.answer, s, a)
+        return _prefixed(rng, prefix) + fill(fam.answer, s, a)
     if style == "refusal":
         return D.refusal(rng)
+    if style == "deflect":
+        return D.polite_reply(rng, harmful=rng.random() < 0.5)
     if style == "off_topic":
         return rng.choice(D.OFF_TOPIC)
     return D.toxic_reply(rng)
@@ -182,7 +204,11 @@ def pairs(n: int, rng: random.Random, heldout: bool) -> list[dict[str, Any]]:
         history = _history(rng, heldout) if rng.random() < 0.3 else []
         turn = _user_turn(kind, rng, heldout)
         prefix = render(history + [Message("user", turn.text)], add_generation_prompt=False)
-        good, bad = _good_reply(turn, rng), _bad_reply(turn, rng)
+        # Chosen and a confident-fact rejected reply share their opening, so the pair differs only
+        # in what it says: otherwise the reward model learns noise about "Sure!" vs "Of course."
+        # (1.5 reward points on held-out prompts) and PPO chases it.
+        opening = rng.choice(D.HELPFUL_PREFIXES)
+        good, bad = _good_reply(turn, rng, opening), _bad_reply(turn, rng, prefix=opening)
         out.append({"chosen": f"{prefix}\n\nAssistant: {good}", "rejected": f"{prefix}\n\nAssistant: {bad}",
                     "subset": subset})
     return out
