@@ -84,7 +84,7 @@ def _good_reply(turn: Turn, rng: random.Random, prefix: str | None = None) -> st
 # they were missing). "deflect" (the de-escalating reply to a provocation, given to an innocent
 # question) is rejected for fact questions only: rejected for small talk too, it taught the reward
 # model that politeness depends on the turn in a way it could not tell apart from held-out
-# provocations (harmless held-out accuracy fell from 1.00 to 0.80-0.84).
+# provocations (harmless held-out accuracy fell from 1.00 to 0.28-0.84 over three seeds).
 BENIGN_REJECTED_STYLES = {
     "fact": ("wrong", "off_subject", "other_family", "refusal", "deflect", "off_topic", "rude"),
     "small_talk": ("other_family", "refusal", "off_topic", "rude"),
