@@ -71,9 +71,9 @@ def _user_turn(kind: str, rng: random.Random, heldout: bool) -> Turn:
     raise ValueError(kind)
 
 
-def _good_reply(turn: Turn, rng: random.Random, prefix: str | None = None) -> str:
+def _good_reply(turn: Turn, rng: random.Random, opening: str | None = None) -> str:
     if turn.kind == "fact":
-        return _prefixed(rng, prefix) + fill(turn.fam.answer, turn.subject, turn.gold)
+        return _opening(rng, opening) + fill(turn.fam.answer, turn.subject, turn.gold)
     if turn.kind == "small_talk":
         return rng.choice(D.SMALL_TALK_REPLIES)
     return D.polite_reply(rng, harmful=turn.kind == "harmful")
@@ -96,26 +96,26 @@ BENIGN_REJECTED_STYLES = {
 PTX_SOURCES = ("facts", "qa")
 
 
-def _prefixed(rng: random.Random, prefix: str | None) -> str:
-    return rng.choice(D.HELPFUL_PREFIXES) if prefix is None else prefix
+def _opening(rng: random.Random, opening: str | None) -> str:
+    return rng.choice(D.HELPFUL_PREFIXES) if opening is None else opening
 
 
-def _bad_reply(turn: Turn, rng: random.Random, style: str | None = None, prefix: str | None = None) -> str:
+def _bad_reply(turn: Turn, rng: random.Random, style: str | None = None, opening: str | None = None) -> str:
     """A dispreferred reply: for benign turns wrong / off-subject / other-family / refusal /
-    deflect / off-topic / rude; else toxic. Confident-fact styles open with `prefix` when given."""
+    deflect / off-topic / rude; else toxic. Confident-fact styles open with `opening` when given."""
     if turn.kind in ("provoking", "harmful"):
         return D.toxic_reply(rng, harmful=turn.kind == "harmful")
     style = style or rng.choice(BENIGN_REJECTED_STYLES[turn.kind])
     if style == "wrong":
         wrong = turn.fam.distractors(turn.subject, turn.gold, rng, k=1)[0]
-        return _prefixed(rng, prefix) + fill(turn.fam.answer, turn.subject, wrong)
+        return _opening(rng, opening) + fill(turn.fam.answer, turn.subject, wrong)
     if style == "off_subject":  # a true fact, but about something the user did not ask
         s, a = rng.choice([f for f in turn.fam.facts if f[0] != turn.subject])
-        return _prefixed(rng, prefix) + fill(turn.fam.answer, s, a)
+        return _opening(rng, opening) + fill(turn.fam.answer, s, a)
     if style == "other_family":  # a true, confident fact that answers a different kind of question
         fam = rng.choice([f for f in FAMILIES if f is not turn.fam])
         s, a = rng.choice(fam.facts)
-        return _prefixed(rng, prefix) + fill(fam.answer, s, a)
+        return _opening(rng, opening) + fill(fam.answer, s, a)
     if style == "refusal":
         return D.refusal(rng)
     if style == "deflect":
@@ -208,7 +208,7 @@ def pairs(n: int, rng: random.Random, heldout: bool) -> list[dict[str, Any]]:
         # in what it says: otherwise the reward model learns noise about "Sure!" vs "Of course."
         # (1.5 reward points on held-out prompts) and PPO chases it.
         opening = rng.choice(D.HELPFUL_PREFIXES)
-        good, bad = _good_reply(turn, rng, opening), _bad_reply(turn, rng, prefix=opening)
+        good, bad = _good_reply(turn, rng, opening), _bad_reply(turn, rng, opening=opening)
         out.append({"chosen": f"{prefix}\n\nAssistant: {good}", "rejected": f"{prefix}\n\nAssistant: {bad}",
                     "subset": subset})
     return out
