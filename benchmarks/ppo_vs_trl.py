@@ -7,7 +7,8 @@ model and one reward model from config (offline, random weights, the toy tokeniz
 into its own virtual env, `benchmarks/.venv-trl`, pinned to our torch/transformers/accelerate
 versions so only the PPO code differs) in alternating fresh processes: 32 prompts, 48 new tokens,
 temperature 1, 4 PPO epochs, 1 mini-batch of 32 rows run as 4 micro-batches of 8 (gradient
-accumulation, on both sides), full fine-tuning, fp32, separate reference, reward and value models. Each process warms up, then times its steps; peak RSS is the process's.
+accumulation, on both sides), full fine-tuning, fp32, separate reference, reward and value models.
+Each process warms up, then times its steps; peak RSS is the process's.
 
 Reported per size and side: median s/step, peak RSS, median time split (generate / score /
 experience / train), generation tokens/s; ratios ours/TRL (`time_ratio`, `memory_ratio`); our

@@ -62,12 +62,11 @@ def test_records_are_well_formed(small_world):
     openings_checked = 0
     for r in pairs:
         assert r["chosen"] != r["rejected"]
-        p_c, _ = chat_format.split_prompt_response(r["chosen"])
-        p_r, _ = chat_format.split_prompt_response(r["rejected"])
+        p_c, good = chat_format.split_prompt_response(r["chosen"])
+        p_r, bad = chat_format.split_prompt_response(r["rejected"])
         assert p_c == p_r  # same conversation, different final answer
         # a confident-fact rejected reply opens like its chosen reply: the pair differs in content only
-        good = chat_format.split_prompt_response(r["chosen"])[1].lstrip()
-        bad = chat_format.split_prompt_response(r["rejected"])[1].lstrip()
+        good, bad = good.lstrip(), bad.lstrip()
         opening = next((o for o in D.HELPFUL_PREFIXES if o and bad.startswith(o)), None)
         if opening and good not in D.SMALL_TALK_REPLIES:
             assert good.startswith(opening), (good, bad)

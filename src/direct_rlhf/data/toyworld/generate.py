@@ -101,8 +101,8 @@ def _opening(rng: random.Random, opening: str | None) -> str:
 
 
 def _bad_reply(turn: Turn, rng: random.Random, style: str | None = None, opening: str | None = None) -> str:
-    """A dispreferred reply: for benign turns wrong / off-subject / other-family / refusal /
-    deflect / off-topic / rude; else toxic. Confident-fact styles open with `opening` when given."""
+    """A dispreferred reply: for benign turns in `style` (default: one of BENIGN_REJECTED_STYLES),
+    else toxic. Confident-fact styles open with `opening` when given."""
     if turn.kind in ("provoking", "harmful"):
         return D.toxic_reply(rng, harmful=turn.kind == "harmful")
     style = style or rng.choice(BENIGN_REJECTED_STYLES[turn.kind])
