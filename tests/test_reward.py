@@ -23,6 +23,7 @@ from direct_rlhf.models.reward_model import (RewardScorer, build_reward_model, e
                                              rewards, score_ids)
 from direct_rlhf.models.tokenizer import train_tokenizer
 from direct_rlhf.tracking import seed_everything
+from direct_rlhf.train.pair_packing import can_pack, packed_len, packed_rewards
 from direct_rlhf.train.reward import (PreferenceData, cost_pairs, encode_pairs, pair_loss, pairwise_accuracy,
                                       train_preference_model)
 
@@ -196,17 +197,32 @@ def test_cli_bad_data_exit_2_one_line_nothing_written(tmp_path, capsys, tiny_bas
 # The model: loss path, padding, truncation, training, saving
 
 
-def test_bt_loss_through_the_trainer_path_equals_hand_computation(tiny_base):
+@pytest.mark.parametrize("packed", [False, True])
+def test_bt_loss_through_the_trainer_path_equals_hand_computation(tiny_base, packed):
     model, tok = build_reward_model(str(tiny_base), _cfg())
+    assert can_pack(model)
     pairs = [replace(EXPECTED[0], margin=0.5), replace(EXPECTED[1], margin=1.5)]
     batch, _ = encode_pairs(tok, pairs, max_len=256)
-    loss, stats = pair_loss(model, batch, tok.pad_token_id, torch.tensor([0.5, 1.5]), center_coef=0.1)
+    loss, stats = pair_loss(model, batch, tok.pad_token_id, torch.tensor([0.5, 1.5]), center_coef=0.1, packed=packed)
     with torch.no_grad():  # each sequence alone: no padding anywhere
         one = [[model(input_ids=torch.tensor([s])).logits.item() for s in pair] for pair in batch]
     terms = [-math.log(1 / (1 + math.exp(-(c - r - m)))) for (c, r), m in zip(one, (0.5, 1.5))]
     center = sum((c + r) ** 2 for c, r in one) / 2
     assert loss.item() == pytest.approx(sum(terms) / 2 + 0.1 * center, abs=1e-5)
     assert stats["margin"].item() == pytest.approx(sum(c - r for c, r in one) / 2, abs=1e-5)
+
+
+def test_packed_pairs_score_like_separate_sequences(tiny_base):
+    """Shared prefixes of every shape: none, rejected inside chosen, chosen inside rejected, a long one."""
+    model, tok = build_reward_model(str(tiny_base), _cfg())
+    model.eval()
+    batch = [([5, 6, 7, 8], [9, 10]), ([5, 6, 7, 8, 9], [5, 6, 7]), ([5, 6], [5, 6, 7, 8, 9, 10]),
+             ([11, 12, 13, 14, 15, 16], [11, 12, 13, 14, 15, 17, 18])]
+    assert [packed_len(p) for p in batch] == [6, 5, 6, 8]
+    with torch.no_grad():
+        chosen, rejected = packed_rewards(model, batch, tok.pad_token_id)
+        alone = [[model(input_ids=torch.tensor([s])).logits.item() for s in pair] for pair in batch]
+    assert torch.allclose(torch.stack([chosen, rejected], 1), torch.tensor(alone), atol=1e-5)
 
 
 def test_score_is_read_at_last_real_token_whatever_the_padding(tiny_base):
@@ -272,7 +288,7 @@ def test_lora_is_merged_into_a_plain_model_with_the_same_scores(tiny_base):
     assert any("lora_" in n for n, _ in model.named_parameters())
     batch, _ = encode_pairs(tok, EXPECTED, 256)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
-    pair_loss(model, batch, tok.pad_token_id)[0].backward()
+    pair_loss(model, batch, tok.pad_token_id, packed=True)[0].backward()
     opt.step()  # adapters (initialised as a no-op) and the score head now differ from the base
     seqs = [s for pair in batch for s in pair]
     model.eval()

@@ -92,7 +92,7 @@ class RewardConfig:
     subset: Literal["all", "helpful", "harmless"] = "all"
     init: str | None = None          # model to start from; null = the base model
     cost_model: bool = False         # also train a harmfulness (cost) model on the harmless pairs
-    epochs: int = 3
+    epochs: int = 5                  # held-out helpful accuracy still climbs after 3 (fact pairs are learnt last)
     batch_size: int = 32
     lr: float = 5e-4
     weight_decay: float = 0.0
@@ -103,7 +103,7 @@ class RewardConfig:
     min_lr_ratio: float = 0.1        # cosine schedule floor, as a fraction of lr
     grad_clip: float = 1.0
     stats_pairs: int = 1000          # training pairs scored for reward_stats.json (mean/std); 0 = all
-    eval_every: int = 50
+    eval_every: int = 100
     log_every: int = 10
     lora: LoraConfig = field(default_factory=LoraConfig)
 

@@ -29,8 +29,8 @@ from ..models.reward_model import STATS_FILE, build_reward_model, encode, pad_ri
 from ..tracking import MetricsLogger, seed_everything
 from . import checkpoint
 from .common import adamw, cosine_schedule, save_model_folder
+from .pair_packing import EncodedPair, can_pack, packed_len, packed_rewards, packed_scores
 
-EncodedPair = tuple[list[int], list[int]]  # (chosen ids, rejected ids)
 log = logging.getLogger("direct_rlhf")
 
 
@@ -102,14 +102,17 @@ def encode_pairs(tokenizer, pairs: Sequence[Pair], max_len: int) -> tuple[list[E
 
 
 def pair_loss(model: torch.nn.Module, batch: Sequence[EncodedPair], pad_id: int,
-              margins: torch.Tensor | None = None, center_coef: float = 0.0
+              margins: torch.Tensor | None = None, center_coef: float = 0.0, packed: bool = False
               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """BT loss of a batch of pairs. Chosen and rejected go through ONE forward pass, padded to the
-    batch's longest sequence: half the kernel launches, and both sides see identical numerics."""
+    """BT loss of a batch of pairs, all in ONE forward pass. `packed` (see train/pair_packing.py):
+    one row per pair, the shared prefix computed once; else 2B rows padded to the longest."""
     n = len(batch)
-    input_ids, mask = pad_right([c for c, _ in batch] + [r for _, r in batch], pad_id)  # size = (2B, T)
-    scores = rewards(model, input_ids, mask)  # size = (2B,)
-    r_chosen, r_rejected = scores[:n], scores[n:]  # size = (B,) each
+    if packed:
+        r_chosen, r_rejected = packed_rewards(model, batch, pad_id)  # size = (B,) each
+    else:
+        input_ids, mask = pad_right([c for c, _ in batch] + [r for _, r in batch], pad_id)  # size = (2B, T)
+        scores = rewards(model, input_ids, mask)  # size = (2B,)
+        r_chosen, r_rejected = scores[:n], scores[n:]  # size = (B,) each
     return bradley_terry_loss(r_chosen, r_rejected, margin=margins, center_coef=center_coef)
 
 
@@ -119,8 +122,11 @@ def pairwise_accuracy(model: torch.nn.Module, encoded: Sequence[EncodedPair], pa
     chosen then rejected."""
     was_training = model.training
     model.eval()
-    seqs = [c for c, _ in encoded] + [r for _, r in encoded]
-    scores = score_ids(model, seqs, pad_id, 2 * batch_size)  # size = (2N,)
+    if can_pack(model):
+        chosen, rejected = packed_scores(model, encoded, pad_id, batch_size)  # size = (N,) each
+        scores = torch.cat([chosen, rejected])  # size = (2N,)
+    else:
+        scores = score_ids(model, [c for c, _ in encoded] + [r for _, r in encoded], pad_id, 2 * batch_size)
     model.train(was_training)
     win = (scores[: len(encoded)] > scores[len(encoded):]).float()  # size = (N,)
     return accuracy_table(win, [p.subset for p in pairs]), scores
@@ -208,12 +214,13 @@ def train_preference_model(cfg: Config, init: str, data: PreferenceData, out: Pa
         bar.update(step)
         log.info("%s model: resumed after epoch %d (step %d)", stage, first_epoch, step)
     model.train()
-    lengths = [max(len(c), len(r)) for c, r in train_enc]
+    packed = can_pack(model)
+    lengths = [packed_len(p) if packed else max(map(len, p)) for p in train_enc]
     for epoch in range(first_epoch, rc.epochs):
         for idx in length_grouped_batches(lengths, rc.batch_size, gen):
             step += 1
             loss, stats = pair_loss(model, [train_enc[i] for i in idx], pad_id,
-                                    _margins([data.train[i] for i in idx], rc.margin), rc.center_coef)
+                                    _margins([data.train[i] for i in idx], rc.margin), rc.center_coef, packed)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), rc.grad_clip)

@@ -21,7 +21,7 @@ from . import dialogues as D
 from .knowledge import FAMILIES, Family, fill
 
 # Bump when the generator's output changes for the same config, so cached worlds are rebuilt.
-GENERATOR_VERSION = 5
+GENERATOR_VERSION = 6
 
 FILES = {
     "knowledge": "knowledge.jsonl",
@@ -86,8 +86,8 @@ def _good_reply(turn: Turn, rng: random.Random, opening: str | None = None) -> s
 # model that politeness depends on the turn in a way it could not tell apart from held-out
 # provocations (harmless held-out accuracy fell from 1.00 to 0.28-0.84 over three seeds).
 BENIGN_REJECTED_STYLES = {
-    "fact": ("wrong", "off_subject", "other_family", "refusal", "deflect", "off_topic", "rude"),
-    "small_talk": ("other_family", "refusal", "off_topic", "rude"),
+    "fact": {"wrong": 3, "off_subject": 2, "other_family": 1, "refusal": 1, "deflect": 2, "off_topic": 1, "rude": 1},
+    "small_talk": {"other_family": 1, "refusal": 1, "off_topic": 1, "rude": 1},
 }
 
 # Corpus sources that carry knowledge (prose and drills) rather than mixed-quality dialogue: the
@@ -105,7 +105,7 @@ def _bad_reply(turn: Turn, rng: random.Random, style: str | None = None, opening
     else toxic. Confident-fact styles open with `opening` when given."""
     if turn.kind in ("provoking", "harmful"):
         return D.toxic_reply(rng, harmful=turn.kind == "harmful")
-    style = style or rng.choice(BENIGN_REJECTED_STYLES[turn.kind])
+    style = style or _pick(rng, BENIGN_REJECTED_STYLES[turn.kind])
     if style == "wrong":
         wrong = turn.fam.distractors(turn.subject, turn.gold, rng, k=1)[0]
         return _opening(rng, opening) + fill(turn.fam.answer, turn.subject, wrong)
