@@ -200,7 +200,10 @@ def test_cli_bad_data_exit_2_one_line_nothing_written(tmp_path, capsys, tiny_bas
 @pytest.mark.parametrize("packed", [False, True])
 def test_bt_loss_through_the_trainer_path_equals_hand_computation(tiny_base, packed):
     model, tok = build_reward_model(str(tiny_base), _cfg())
-    assert can_pack(model)
+    assert can_pack(model, 256)
+    model.config.sliding_window = 128  # the packed mask does not apply a window: only where it covers a transcript
+    assert can_pack(model, 128) and not can_pack(model, 256)
+    model.config.sliding_window = None
     pairs = [replace(EXPECTED[0], margin=0.5), replace(EXPECTED[1], margin=1.5)]
     batch, _ = encode_pairs(tok, pairs, max_len=256)
     loss, stats = pair_loss(model, batch, tok.pad_token_id, torch.tensor([0.5, 1.5]), center_coef=0.1, packed=packed)

@@ -11,10 +11,11 @@ a row is ``chosen + rejected[p:]`` (p = the length of their common token prefix)
 
 Every token then attends to exactly the tokens it would attend to alone, so the scores are the
 unpacked scores (up to float summation order; tests/test_reward.py checks it). On the toy world's
-pairs this drops 30% of the tokens of a reward-model training step.
+pairs this drops 37% of the tokens of a reward-model training step (benchmarks/reward_packing.py).
 
 Needs a 4-D additive attention mask, which Hugging Face's eager and SDPA attention accept;
-`can_pack` says when a model qualifies (others, e.g. FlashAttention, use the unpacked path).
+`can_pack` says when a model qualifies (others, e.g. FlashAttention or a sliding window shorter than
+reward.max_len, use two rows per pair).
 """
 
 from __future__ import annotations
@@ -44,12 +45,14 @@ def _classifier(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def can_pack(model: torch.nn.Module) -> bool:
-    """True for a backbone + `score` head whose attention takes a custom 4-D mask."""
+def can_pack(model: torch.nn.Module, max_len: int) -> bool:
+    """True for a backbone + `score` head whose attention takes a custom 4-D mask, and whose
+    sliding window (if any) covers a whole transcript (the custom mask does not apply it)."""
     inner = _classifier(model)
     impl = getattr(inner.config, "_attn_implementation", None)
+    window = getattr(inner.config, "sliding_window", None)
     return hasattr(inner, "score") and hasattr(inner, getattr(inner, "base_model_prefix", "")) and \
-        impl in ("eager", "sdpa")
+        impl in ("eager", "sdpa") and (window is None or window >= max_len)
 
 
 def pack(batch: Sequence[EncodedPair], pad_id: int, dtype: torch.dtype = torch.float32):

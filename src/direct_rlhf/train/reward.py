@@ -117,12 +117,12 @@ def pair_loss(model: torch.nn.Module, batch: Sequence[EncodedPair], pad_id: int,
 
 
 def pairwise_accuracy(model: torch.nn.Module, encoded: Sequence[EncodedPair], pairs: Sequence[Pair], pad_id: int,
-                      batch_size: int) -> tuple[dict[str, float], torch.Tensor]:
+                      batch_size: int, packed: bool = False) -> tuple[dict[str, float], torch.Tensor]:
     """Accuracy overall and per subset (ties count as wrong), and all scores, size = (2N,):
     chosen then rejected."""
     was_training = model.training
     model.eval()
-    if can_pack(model):
+    if packed:
         chosen, rejected = packed_scores(model, encoded, pad_id, batch_size)  # size = (N,) each
         scores = torch.cat([chosen, rejected])  # size = (2N,)
     else:
@@ -214,7 +214,7 @@ def train_preference_model(cfg: Config, init: str, data: PreferenceData, out: Pa
         bar.update(step)
         log.info("%s model: resumed after epoch %d (step %d)", stage, first_epoch, step)
     model.train()
-    packed = can_pack(model)
+    packed = can_pack(model, rc.max_len)
     lengths = [packed_len(p) if packed else max(map(len, p)) for p in train_enc]
     for epoch in range(first_epoch, rc.epochs):
         for idx in length_grouped_batches(lengths, rc.batch_size, gen):
@@ -234,7 +234,7 @@ def train_preference_model(cfg: Config, init: str, data: PreferenceData, out: Pa
                 bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.2f}")
                 window = {k: [] for k in window}
             if step % rc.eval_every == 0 or step == total:
-                held, _ = pairwise_accuracy(model, eval_enc, data.eval, pad_id, rc.batch_size)
+                held, _ = pairwise_accuracy(model, eval_enc, data.eval, pad_id, rc.batch_size, packed)
                 logger.log(step, {f"eval/accuracy/{k}" if k != "all" else "eval/accuracy": v
                                   for k, v in held.items() if not k.startswith("n")})
             bar.update(1)
@@ -251,7 +251,7 @@ def train_preference_model(cfg: Config, init: str, data: PreferenceData, out: Pa
     # of) the training set; 1000 pairs pin mean and std to about 3% of std, at a fraction of a full pass.
     sample = sorted(torch.randperm(len(train_enc), generator=gen)[: rc.stats_pairs or None].tolist())
     train_acc, scores = pairwise_accuracy(model, [train_enc[i] for i in sample], [data.train[i] for i in sample],
-                                          pad_id, rc.batch_size)
+                                          pad_id, rc.batch_size, packed)
     reward_stats = {"mean": scores.mean().item(), "std": scores.std().item(), "n": scores.numel(),
                     "max_len": rc.max_len, "kind": stage,
                     "higher_is": "more harmful" if stage == "cost" else "more preferred"}
