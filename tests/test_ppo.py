@@ -120,6 +120,22 @@ def test_resume_reproduces_the_uninterrupted_run(micro_run, tmp_path):
                 assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-6), k
 
 
+def test_kl_runaway_stops_training_and_a_resume_stays_stopped(micro_run, tmp_path):
+    extra = ["ppo.steps=6", "ppo.kl_target=0.0001", "ppo.kl_stop=3", "ppo.kl_stop_window=2"]
+    trainer = _trainer(micro_run, tmp_path, extra)
+    assert trainer.train() is True  # finished: stopped, not crashed or interrupted
+    rows = _metrics(tmp_path)
+    stop = trainer.stopped_early
+    assert stop is not None and stop["step"] == len(rows) < 6
+    assert stop["mean_kl"] == pytest.approx(sum(r["kl/sequence"] for r in rows[-2:]) / 2, rel=1e-6)
+    assert stop["mean_kl"] > 3 * 0.0001
+    again = _trainer(micro_run, tmp_path, extra)
+    assert again.train(resume=True) is True and again.step_idx == stop["step"] and len(_metrics(tmp_path)) == len(rows)
+    off = _trainer(micro_run, tmp_path / "off", ["ppo.steps=3", "ppo.kl_target=0.0001", "ppo.kl_stop=0"])
+    off.train()
+    assert off.stopped_early is None and len(_metrics(tmp_path / "off")) == 3
+
+
 def test_ppo_cli_saves_a_plain_causal_lm_and_lora_reference_shares_weights(micro_run, tmp_path):
     args = ["-q", "ppo", "--out", str(tmp_path), *MICRO, *PPO_MICRO, "ppo.steps=2",
             f"model.base={micro_run / 'base'}", f"ppo.reward_model={micro_run / 'rm'}",

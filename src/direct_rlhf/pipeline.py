@@ -139,7 +139,7 @@ def ensure_policy(cfg: Config, progress: bool = True, resume: bool = False, init
                          progress=progress)
     trainer.train(resume=resume)
     trainer.save_policy(out, {"stage": "ppo", "key": key, "seed": cfg.seed, "init": start, "reward": reward,
-                              "config": cfg.section_dict("ppo")})
+                              "config": cfg.section_dict("ppo"), "stopped_early": trainer.stopped_early})
     trainer.acc.wait_for_everyone()
     return str(out)
 

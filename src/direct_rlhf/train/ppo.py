@@ -110,6 +110,8 @@ class PPOTrainer:
                        if self.pc.adaptive_kl else F.FixedKLController(self.pc.kl_coef))
         self.ptx_blocks = self._ptx_blocks(ptx_texts) if self.pc.ptx_coef > 0 else None
         self.step_idx = 0
+        self.recent_kl: list[float] = []              # sequence KL of the last kl_stop_window steps
+        self.stopped_early: dict[str, Any] | None = None
         self._perm: list[int] = []
         self._perm_epoch: int | None = None
 
@@ -359,6 +361,7 @@ class PPOTrainer:
             if self.lagrangian:
                 states["opt_cc"] = self.opt_cc.state_dict()
             trainer_state = {"step": self.step_idx, "key": self.key, "kl_ctl": self.kl_ctl.state_dict(), "rng": rngs,
+                             "recent_kl": self.recent_kl, "stopped_early": self.stopped_early,
                              "lambda": self.lam.state_dict() if self.lagrangian else None,
                              "config": asdict(self.pc)}
             checkpoint.save(self.out / "checkpoints", self.step_idx, self._models(), states, trainer_state,
@@ -382,6 +385,7 @@ class PPOTrainer:
             self.opt_cc.load_state_dict(states["opt_cc"])
             self.lam.load_state_dict(ts["lambda"])
         self.kl_ctl.load_state_dict(ts["kl_ctl"])
+        self.recent_kl, self.stopped_early = list(ts.get("recent_kl", [])), ts.get("stopped_early")
         checkpoint.set_rng_state(rngs[self.acc.process_index])
         self.step_idx = ts["step"]
         log.info("ppo: resumed from %s (step %d)", path, self.step_idx)
@@ -399,7 +403,8 @@ class PPOTrainer:
                    disable=not (self.progress and self.acc.is_main_process), dynamic_ncols=True)
         done = 0
         try:
-            while self.step_idx < self.pc.steps and (stop_after is None or done < stop_after):
+            while (self.step_idx < self.pc.steps and self.stopped_early is None
+                   and (stop_after is None or done < stop_after)):
                 stats = self.step()
                 done += 1
                 bar.update(1)
@@ -409,14 +414,32 @@ class PPOTrainer:
                     logger.log(self.step_idx, stats)
                     if self.step_idx % self.pc.sample_every == 0 or self.step_idx == 1:
                         self._log_samples(samples_log, bar)
-                if self.step_idx % self.pc.save_every == 0 or self.step_idx == self.pc.steps:
+                if self._kl_ran_away(stats["kl/sequence"]):
+                    log.warning("ppo: stopped early at step %d: %s", self.step_idx, self.stopped_early["reason"])
+                if (self.step_idx % self.pc.save_every == 0 or self.step_idx == self.pc.steps
+                        or self.stopped_early is not None):
                     self.save_checkpoint()
         finally:
             bar.close()
             if logger:
                 logger.close()
                 samples_log.close()
-        return self.step_idx >= self.pc.steps
+        return self.step_idx >= self.pc.steps or self.stopped_early is not None
+
+    def _kl_ran_away(self, kl: float) -> bool:
+        """Record this step's sequence KL; True (and `stopped_early` set) when the mean over the last
+        `kl_stop_window` steps exceeds `kl_stop` x the adaptive controller's target."""
+        pc = self.pc
+        if not (pc.adaptive_kl and pc.kl_stop > 0 and pc.kl_stop_window > 0):
+            return False
+        self.recent_kl = (self.recent_kl + [kl])[-pc.kl_stop_window:]
+        mean = sum(self.recent_kl) / len(self.recent_kl)
+        if len(self.recent_kl) < pc.kl_stop_window or mean <= pc.kl_stop * pc.kl_target:
+            return False
+        self.stopped_early = {"step": self.step_idx, "mean_kl": mean, "reason": (
+            f"sequence KL {mean:.2f} nats over the last {pc.kl_stop_window} steps > ppo.kl_stop={pc.kl_stop:g} x "
+            f"ppo.kl_target={pc.kl_target:g} (the policy is running away from the base; see ppo.kl_stop)")}
+        return True
 
     def _log_samples(self, fh, bar, k: int = 3) -> None:
         import json
