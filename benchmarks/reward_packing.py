@@ -33,10 +33,10 @@ def main() -> None:
     args = ap.parse_args()
 
     from direct_rlhf.config import WorldConfig, load_config
-    from direct_rlhf.data.toyworld.generate import pairs as toy_pairs, _rng
     from direct_rlhf.data.preferences import pairs_from_rows
+    from direct_rlhf.data.toyworld.generate import FILES, build as world_files
     from direct_rlhf.models.reward_model import build_reward_model
-    from direct_rlhf.train.pair_packing import packed_len
+    from direct_rlhf.train.pair_packing import packed_len, row_lengths
     from direct_rlhf.train.reward import encode_pairs, length_grouped_batches, pair_loss
 
     torch.manual_seed(0)
@@ -44,14 +44,13 @@ def main() -> None:
         base, _, _ = build(Path(tmp), 128, 4)
         cfg = load_config()
         model, tok = build_reward_model(str(base), cfg)
-    pairs, _ = pairs_from_rows(toy_pairs(4000, _rng(WorldConfig().seed, "pairs_train"), heldout=False), "toy")
+    pairs, _ = pairs_from_rows(world_files(WorldConfig(n_pairs=4000))[FILES["pairs_train"]](), "toy")
     enc, _ = encode_pairs(tok, pairs, 256)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     times: dict[str, list[float]] = {"packed": [], "two_rows": []}
     tokens = {"packed": 0, "two_rows": 0}
-    plans = {name: length_grouped_batches([packed_len(p) if name == "packed" else max(map(len, p)) for p in enc],
-                                          args.batch_size, torch.Generator().manual_seed(0))
-             for name in times}
+    plans = {name: length_grouped_batches(row_lengths(enc, name == "packed"), args.batch_size,
+                                          torch.Generator().manual_seed(0)) for name in times}
     for i in range(args.steps + 3):
         for name in (("packed", "two_rows") if i % 2 == 0 else ("two_rows", "packed")):
             batch = [enc[j] for j in plans[name][i]]

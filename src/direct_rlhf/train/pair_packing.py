@@ -24,6 +24,8 @@ from typing import Sequence
 
 import torch
 
+from ..models.reward_model import pad_right
+
 EncodedPair = tuple[list[int], list[int]]
 
 
@@ -38,6 +40,11 @@ def shared_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
 def packed_len(pair: EncodedPair) -> int:
     chosen, rejected = pair
     return len(chosen) + len(rejected) - shared_prefix_len(chosen, rejected)
+
+
+def row_lengths(pairs: Sequence[EncodedPair], packed: bool) -> list[int]:
+    """The width each pair takes in a batch: its packed row, or the longer of its two rows."""
+    return [packed_len(p) if packed else max(map(len, p)) for p in pairs]
 
 
 def _classifier(model: torch.nn.Module) -> torch.nn.Module:
@@ -71,15 +78,12 @@ def pack(batch: Sequence[EncodedPair], pad_id: int, dtype: torch.dtype = torch.f
         p_len.append(p)
         # a rejected transcript that is a prefix of the chosen one is read inside the chosen part
         r_at.append(len(rows[-1]) - 1 if len(rejected) > p else len(rejected) - 1)
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # size = (B, W)
-    position_ids = torch.zeros((len(rows), width), dtype=torch.long)  # size = (B, W)
-    for i, (r, q) in enumerate(zip(rows, pos)):
-        ids[i, : len(r)] = torch.tensor(r)
-        position_ids[i, : len(q)] = torch.tensor(q)
+    ids, real = pad_right(rows, pad_id)  # size = (B, W) each
+    position_ids, _ = pad_right(pos, 0)  # size = (B, W)
+    width = ids.shape[1]
     lc = torch.tensor(c_len)[:, None, None]  # size = (B, 1, 1)
     lp = torch.tensor(p_len)[:, None, None]
-    end = torch.tensor([len(r) for r in rows])[:, None, None]
+    end = real.sum(1)[:, None, None]  # size = (B, 1, 1): the row's real length
     q = torch.arange(width)[None, :, None]  # size = (1, W, 1): query index
     k = torch.arange(width)[None, None, :]  # size = (1, 1, W): key index
     causal = k <= q

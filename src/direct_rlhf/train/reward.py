@@ -29,7 +29,7 @@ from ..models.reward_model import STATS_FILE, build_reward_model, encode, pad_ri
 from ..tracking import MetricsLogger, seed_everything
 from . import checkpoint
 from .common import adamw, cosine_schedule, save_model_folder
-from .pair_packing import EncodedPair, can_pack, packed_len, packed_rewards, packed_scores
+from .pair_packing import EncodedPair, can_pack, packed_rewards, packed_scores, row_lengths
 
 log = logging.getLogger("direct_rlhf")
 
@@ -106,13 +106,12 @@ def pair_loss(model: torch.nn.Module, batch: Sequence[EncodedPair], pad_id: int,
               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """BT loss of a batch of pairs, all in ONE forward pass. `packed` (see train/pair_packing.py):
     one row per pair, the shared prefix computed once; else 2B rows padded to the longest."""
-    n = len(batch)
     if packed:
         r_chosen, r_rejected = packed_rewards(model, batch, pad_id)  # size = (B,) each
     else:
         input_ids, mask = pad_right([c for c, _ in batch] + [r for _, r in batch], pad_id)  # size = (2B, T)
         scores = rewards(model, input_ids, mask)  # size = (2B,)
-        r_chosen, r_rejected = scores[:n], scores[n:]  # size = (B,) each
+        r_chosen, r_rejected = scores[: len(batch)], scores[len(batch):]  # size = (B,) each
     return bradley_terry_loss(r_chosen, r_rejected, margin=margins, center_coef=center_coef)
 
 
@@ -215,7 +214,7 @@ def train_preference_model(cfg: Config, init: str, data: PreferenceData, out: Pa
         log.info("%s model: resumed after epoch %d (step %d)", stage, first_epoch, step)
     model.train()
     packed = can_pack(model, rc.max_len)
-    lengths = [packed_len(p) if packed else max(map(len, p)) for p in train_enc]
+    lengths = row_lengths(train_enc, packed)
     for epoch in range(first_epoch, rc.epochs):
         for idx in length_grouped_batches(lengths, rc.batch_size, gen):
             step += 1
