@@ -129,7 +129,7 @@ class PPOConfig:
     prompts: str | None = None        # JSONL with a 'prompt' field; null = the toy world's PPO prompts
     reward_model: str | None = None   # reward model folder; null = this run's <out>/reward (trained if missing)
     cost_model: str | None = None     # cost model folder for ppo.lagrangian; null = this run's <out>/cost
-    steps: int = 100
+    steps: int = 150
     rollout_batch_size: int = 32      # prompts per PPO step (per process)
     mini_batch_size: int = 32
     micro_batch_size: int = 8         # rows per forward pass; rows are grouped by length and each group

@@ -21,7 +21,7 @@ from . import dialogues as D
 from .knowledge import FAMILIES, Family, fill
 
 # Bump when the generator's output changes for the same config, so cached worlds are rebuilt.
-GENERATOR_VERSION = 6
+GENERATOR_VERSION = 7
 
 FILES = {
     "knowledge": "knowledge.jsonl",
@@ -85,8 +85,12 @@ def _good_reply(turn: Turn, rng: random.Random, opening: str | None = None) -> s
 # question) is rejected for fact questions only: rejected for small talk too, it taught the reward
 # model that politeness depends on the turn in a way it could not tell apart from held-out
 # provocations (harmless held-out accuracy fell from 1.00 to 0.28-0.84 over three seeds).
+# "off_subject" weighs most: it was the reward model's weakest kind (held-out 0.65-0.75), and the
+# policy's favourite hole: most of the 24% of same-prompt (right, wrong) pairs of a trained policy's
+# samples that the reward model misranked were true facts about another subject ("After September
+# comes October" when asked about February). Weight 5 (was 2): held-out 0.78-0.82, misranked 20%.
 BENIGN_REJECTED_STYLES = {
-    "fact": {"wrong": 3, "off_subject": 2, "other_family": 1, "refusal": 1, "deflect": 2, "off_topic": 1, "rude": 1},
+    "fact": {"wrong": 3, "off_subject": 5, "other_family": 1, "refusal": 1, "deflect": 2, "off_topic": 1, "rude": 1},
     "small_talk": {"other_family": 1, "refusal": 1, "off_topic": 1, "rude": 1},
 }
 
