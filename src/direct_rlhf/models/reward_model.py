@@ -177,13 +177,18 @@ class RewardScorer:
 
 
 @torch.no_grad()
+def length_sorted_chunks(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
+    """Indices in batches of `batch_size`, shortest first, so each batch wastes little on padding."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    for start in range(0, len(order), batch_size):
+        yield order[start:start + batch_size]
+
+
 def score_ids(model: torch.nn.Module, ids: Sequence[Sequence[int]], pad_id: int, batch_size: int,
               device: torch.device | str = "cpu") -> torch.Tensor:
-    """Batched no-grad scoring of token id lists; batches are length-sorted to waste little on padding."""
+    """Batched no-grad scoring of token id lists, in length-sorted batches."""
     out = torch.empty(len(ids), dtype=torch.float32)  # size = (N,)
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
+    for chunk in length_sorted_chunks([len(s) for s in ids], batch_size):
         input_ids, mask = pad_right([ids[i] for i in chunk], pad_id)  # size = (b, T)
         out[chunk] = rewards(model, input_ids.to(device), mask.to(device)).cpu()
     return out

@@ -24,7 +24,7 @@ from typing import Sequence
 
 import torch
 
-from ..models.reward_model import pad_right
+from ..models.reward_model import length_sorted_chunks, pad_right
 
 EncodedPair = tuple[list[int], list[int]]
 
@@ -112,12 +112,10 @@ def packed_rewards(model: torch.nn.Module, batch: Sequence[EncodedPair], pad_id:
 @torch.no_grad()
 def packed_scores(model: torch.nn.Module, pairs: Sequence[EncodedPair], pad_id: int, batch_size: int
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """No-grad (r_chosen, r_rejected) of many pairs, each size = (N,), on the CPU; batches are
-    sorted by packed length so they waste little on padding."""
+    """No-grad (r_chosen, r_rejected) of many pairs, each size = (N,), on the CPU, in batches
+    sorted by packed length."""
     chosen, rejected = torch.empty(len(pairs)), torch.empty(len(pairs))  # size = (N,) each
-    order = sorted(range(len(pairs)), key=lambda i: packed_len(pairs[i]))
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
+    for chunk in length_sorted_chunks(row_lengths(pairs, packed=True), batch_size):
         c, r = packed_rewards(model, [pairs[i] for i in chunk], pad_id)
         chosen[chunk], rejected[chunk] = c.cpu(), r.cpu()
     return chosen, rejected
