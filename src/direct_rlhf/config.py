@@ -129,12 +129,13 @@ class PPOConfig:
     prompts: str | None = None        # JSONL with a 'prompt' field; null = the toy world's PPO prompts
     reward_model: str | None = None   # reward model folder; null = this run's <out>/reward (trained if missing)
     cost_model: str | None = None     # cost model folder for ppo.lagrangian; null = this run's <out>/cost
-    steps: int = 150
+    steps: int = 300                  # 300 steps x 2 epochs: the training compute of 150 x 4, twice the samples
     rollout_batch_size: int = 32      # prompts per PPO step (per process)
     mini_batch_size: int = 32
     micro_batch_size: int = 8         # rows per forward pass; rows are grouped by length and each group
                                       # cut to its own width (no compute on padding), gradients accumulated
-    ppo_epochs: int = 4
+    ppo_epochs: int = 2               # (toy world, seeds 0/2, 8 samples a held-out prompt: gold +3.4 points,
+                                      # win-rate +0.02 over 150 x 4, in the same PPO time)
     max_new_tokens: int = 48
     temperature: float = 1.0
     top_p: float = 1.0
