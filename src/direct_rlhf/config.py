@@ -135,7 +135,7 @@ class PPOConfig:
     micro_batch_size: int = 8         # rows per forward pass; rows are grouped by length and each group
                                       # cut to its own width (no compute on padding), gradients accumulated
     ppo_epochs: int = 2               # (toy world, seeds 0/2, 8 samples a held-out prompt: gold +3.4 points,
-                                      # win-rate +0.02 over 150 x 4, in the same PPO time)
+                                      # win-rate +0.02 over 150 x 4; the same PPO time on one thread)
     max_new_tokens: int = 48
     temperature: float = 1.0
     top_p: float = 1.0
