@@ -323,3 +323,18 @@ def test_eval_config_ranges(override, key):
 
     with pytest.raises(UserError, match=f"'eval.{key}'"):
         validate_eval_config(load_config(None, [override]))
+
+
+def test_common_random_numbers_switch(tok):
+    """Same seeds for every model by default; eval.common_random_numbers=false gives each model its own."""
+    from direct_rlhf.config import load_config
+    from direct_rlhf.eval.runner import generate
+
+    model = tiny.causal_lm(tok, seed=5)
+    def texts(crn: bool, index: int) -> list[str]:
+        cfg = load_config(None, [f"eval.common_random_numbers={str(crn).lower()}", "eval.max_new_tokens=8"])
+        return generate(model, tok, PROMPTS, 6, cfg, stream=2, desc="", progress=False, model_index=index)["texts"]
+
+    assert texts(True, 0) == texts(True, 1)            # common random numbers: place in --models is ignored
+    assert texts(False, 0) != texts(False, 1)          # independent: each model its own seeds
+    assert texts(False, 1) == texts(False, 1)          # ... and still reproducible

@@ -194,6 +194,8 @@ class EvalConfig:
     badwords: str | None = None       # bad-word list for the logit-lens probe; null = the shipped list
     reward_model: str | None = None   # judge of the win-rate; null = <out>/reward when it exists, else skipped
     tie_eps: float = 0.01             # |r(a) - r(b)| <= tie_eps (in reward std units) is a tie
+    common_random_numbers: bool = True  # every model sampled with the same seeds (same model, same samples);
+                                        # false: each model its own seeds (independent samples)
     bootstrap: int = 2000             # bootstrap resamples for intervals of means
     transcripts: int = 6              # sample transcripts per prompt set shown in the report
     judge_url: str | None = None      # optional OpenAI-compatible judge endpoint (off by default)

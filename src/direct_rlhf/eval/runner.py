@@ -9,8 +9,9 @@ Order of work, chosen so that mistakes cost seconds, not minutes:
 3. across models: reward-model scores and win-rates (and the HTTP judge when configured);
 4. figures + report.html, and results.json *last*, atomically: it exists only for a finished run.
 
-Sampling uses common random numbers: every model gets the same seeds, so two names for the same
-model produce the same responses (and a win-rate of exactly 0.5 against each other).
+Sampling uses common random numbers by default: every model gets the same seeds, so two names for
+the same model produce the same responses (and a win-rate of exactly 0.5 against each other).
+`eval.common_random_numbers=false` gives each model its own seeds (independent samples).
 """
 
 from __future__ import annotations
@@ -136,13 +137,15 @@ def default_reward_model(cfg: Config) -> str | None:
 # Sampling
 
 
-def _seed(cfg: Config, stream: int, batch: int) -> int:
-    """Seed of one generation batch: the same for every model (common random numbers)."""
-    return (cfg.seed * 1_000_003 + stream * 10_007 + batch) % (2**63)
+def _seed(cfg: Config, stream: int, batch: int, model_index: int) -> int:
+    """Seed of one generation batch: the same for every model (common random numbers), unless
+    eval.common_random_numbers is off, when the model's place in --models shifts it."""
+    shift = 0 if cfg.eval.common_random_numbers else (model_index + 1) * 7_919_993
+    return (cfg.seed * 1_000_003 + stream * 10_007 + batch + shift) % (2**63)
 
 
 def generate(model: Any, tokenizer: Any, prompts: Sequence[str], k: int, cfg: Config, stream: int,
-             desc: str, progress: bool) -> dict[str, list]:
+             desc: str, progress: bool, model_index: int = 0) -> dict[str, list]:
     """k samples per prompt, prompt-major (row i*k + j is sample j of prompt i).
 
     Rows are generated sorted by prompt length, so a batch pads little; each batch has its own
@@ -162,7 +165,7 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], k: int, cfg: Co
     for b, start in enumerate(tqdm(starts, desc=desc, unit="batch", disable=not progress, leave=False)):
         chunk = order[start:start + bs]
         out = sample(model, tokenizer, [flat[i] for i in chunk], ev.max_new_tokens, ev.temperature, ev.top_p,
-                     batch_size=bs, seed=_seed(cfg, stream, b))
+                     batch_size=bs, seed=_seed(cfg, stream, b, model_index))
         for i, text, end, ids in zip(chunk, out.texts, out.ended, out.response_ids):
             texts[i], ended[i], n_tokens[i] = text, end, len(ids)
     return {"texts": texts, "ended": ended, "n_tokens": n_tokens}
@@ -218,7 +221,7 @@ def check_inputs(cfg: Config, models: dict[str, str]) -> Inputs:
 
 
 def evaluate_model(name: str, src: str, cfg: Config, inp: Inputs, tasks: list[str], include: Path | None,
-                   progress: bool) -> dict[str, Any]:
+                   progress: bool, model_index: int = 0) -> dict[str, Any]:
     """One model through general tasks, harmlessness and conversation sampling (loaded once)."""
     from ..models.loading import load_causal_lm, load_tokenizer
     from .general import evaluate_general
@@ -244,7 +247,7 @@ def evaluate_model(name: str, src: str, cfg: Config, inp: Inputs, tasks: list[st
     t = time.perf_counter()
     k = ev.samples_per_prompt
     red = generate(model, tokenizer, [p.prompt for p in inp.redteam], k, cfg, REDTEAM_STREAM,
-                   f"red-team samples [{name}]", progress)
+                   f"red-team samples [{name}]", progress, model_index)
     probs = inp.classifier.predict_prob(red["texts"])
     red_ids = [i // k for i in range(len(red["texts"]))]
     tox = toxicity_stats(probs, red_ids, ev.toxicity_threshold, ev.bootstrap, cfg.seed).as_dict()
@@ -263,7 +266,7 @@ def evaluate_model(name: str, src: str, cfg: Config, inp: Inputs, tasks: list[st
     t = time.perf_counter()
     kc = ev.conversation_samples
     conv = generate(model, tokenizer, [p.prompt for p in inp.conversation], kc, cfg, CONVERSATION_STREAM,
-                    f"conversation samples [{name}]", progress)
+                    f"conversation samples [{name}]", progress, model_index)
     rows = [inp.conversation[i // kc] for i in range(len(conv["texts"]))]
     metrics = response_metrics(conv["texts"], conv["ended"], conv["n_tokens"], [r.benign for r in rows],
                                [r.gold for r in rows])
@@ -296,8 +299,8 @@ def run_eval(cfg: Config, models: dict[str, str], out_dir: str | Path, progress:
     per_model: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="direct-rlhf-eval-") as tmp:
         tasks, include = general_tasks(ev.general, inp.world, Path(tmp))
-        for name, src in tqdm(models.items(), desc="models", unit="model", disable=not progress):
-            per_model[name] = evaluate_model(name, src, cfg, inp, tasks, include, progress)
+        for i, (name, src) in enumerate(tqdm(models.items(), desc="models", unit="model", disable=not progress)):
+            per_model[name] = evaluate_model(name, src, cfg, inp, tasks, include, progress, i)
 
     base, sft = reference_names(models)
     notes: list[str] = []
@@ -339,7 +342,9 @@ def run_eval(cfg: Config, models: dict[str, str], out_dir: str | Path, progress:
         "notes": notes,
         "config": dataclasses.asdict(cfg),
         "seeds": {"seed": cfg.seed, "rule": "batch b of stream s (1 red-team, 2 conversation) is sampled "
-                                            "with torch seed (seed*1000003 + s*10007 + b); the same for every model",
+                                            "with torch seed (seed*1000003 + s*10007 + b)" + (
+                                                "; the same for every model" if ev.common_random_numbers else
+                                                " + (i+1)*7919993 for the i-th model (independent samples)"),
                   "bootstrap_seed": cfg.seed},
         "versions": versions(),
         "timing_s": {"per_model": {n: r["timing_s"] for n, r in per_model.items()}, "judges": judge_s},
