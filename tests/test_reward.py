@@ -375,3 +375,10 @@ def test_a_run_killed_after_an_epoch_resumes_to_the_same_model(tmp_path, tiny_ba
     a, b = load_file(str(full / "model.safetensors")), load_file(str(part / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert not (tmp_path / "lp" / "checkpoints").exists()  # cleaned up once the model is saved
+
+
+def test_score_ids_keeps_no_graph_of_a_trainable_model(tiny_base):
+    model, tok = build_reward_model(str(tiny_base), _cfg())
+    batch, _ = encode_pairs(tok, EXPECTED, 256)
+    scores = score_ids(model, [s for pair in batch for s in pair], tok.pad_token_id, batch_size=2)
+    assert not scores.requires_grad  # no autograd graph kept across batches (memory) when scoring

@@ -176,7 +176,6 @@ class RewardScorer:
         return (scores - self.mean) / max(self.std, 1e-6)
 
 
-@torch.no_grad()
 def length_sorted_chunks(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
     """Indices in batches of `batch_size`, shortest first, so each batch wastes little on padding."""
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
@@ -184,6 +183,7 @@ def length_sorted_chunks(lengths: Sequence[int], batch_size: int) -> Iterator[li
         yield order[start:start + batch_size]
 
 
+@torch.no_grad()
 def score_ids(model: torch.nn.Module, ids: Sequence[Sequence[int]], pad_id: int, batch_size: int,
               device: torch.device | str = "cpu") -> torch.Tensor:
     """Batched no-grad scoring of token id lists, in length-sorted batches."""
