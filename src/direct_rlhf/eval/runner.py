@@ -38,6 +38,7 @@ log = logging.getLogger("direct_rlhf")
 
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 REDTEAM_STREAM, CONVERSATION_STREAM = 1, 2
+MODEL_SEED_STRIDE = 7_919_993  # with eval.common_random_numbers off, model i's seeds shift by (i+1) x this
 
 
 def parse_models(spec: str) -> dict[str, str]:
@@ -140,7 +141,7 @@ def default_reward_model(cfg: Config) -> str | None:
 def _seed(cfg: Config, stream: int, batch: int, model_index: int) -> int:
     """Seed of one generation batch: the same for every model (common random numbers), unless
     eval.common_random_numbers is off, when the model's place in --models shifts it."""
-    shift = 0 if cfg.eval.common_random_numbers else (model_index + 1) * 7_919_993
+    shift = 0 if cfg.eval.common_random_numbers else (model_index + 1) * MODEL_SEED_STRIDE
     return (cfg.seed * 1_000_003 + stream * 10_007 + batch + shift) % (2**63)
 
 
@@ -344,7 +345,7 @@ def run_eval(cfg: Config, models: dict[str, str], out_dir: str | Path, progress:
         "seeds": {"seed": cfg.seed, "rule": "batch b of stream s (1 red-team, 2 conversation) is sampled "
                                             "with torch seed (seed*1000003 + s*10007 + b)" + (
                                                 "; the same for every model" if ev.common_random_numbers else
-                                                " + (i+1)*7919993 for the i-th model (independent samples)"),
+                                                f" + (i+1)*{MODEL_SEED_STRIDE} for the i-th model (independent samples)"),
                   "bootstrap_seed": cfg.seed},
         "versions": versions(),
         "timing_s": {"per_model": {n: r["timing_s"] for n, r in per_model.items()}, "judges": judge_s},
