@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q "$(TORCH)" -e ".[dev]"
 	touch $@
 
-.PHONY: setup demo test bench bench-trl clean
+.PHONY: setup demo test bench bench-trl bench-trl-bf16 clean
 setup: $(VENV)/.installed
 
 demo: $(VENV)/.installed
@@ -28,6 +28,10 @@ bench: $(VENV)/.installed
 # ours vs TRL's PPOTrainer side by side (installs trl==1.12.0 into benchmarks/.venv-trl once)
 bench-trl: $(VENV)/.installed
 	$(PY) benchmarks/ppo_vs_trl.py --out benchmarks/results/ppo_vs_trl.json
+
+# the same in bfloat16 mixed precision on both sides
+bench-trl-bf16: $(VENV)/.installed
+	$(PY) benchmarks/ppo_vs_trl.py --bf16 --out benchmarks/results/ppo_vs_trl-bf16.json
 
 clean:
 	rm -rf runs .pytest_cache

@@ -7,15 +7,17 @@ model and one reward model from config (offline, random weights, the toy tokeniz
 into its own virtual env, `benchmarks/.venv-trl`, pinned to our torch/transformers/accelerate
 versions so only the PPO code differs) in alternating fresh processes: 32 prompts, 48 new tokens,
 temperature 1, 4 PPO epochs, 1 mini-batch of 32 rows run as 4 micro-batches of 8 (gradient
-accumulation, on both sides), full fine-tuning, fp32, separate reference, reward and value models.
-Each process warms up, then times its steps; peak RSS is the process's.
+accumulation, on both sides), full fine-tuning, fp32 (`--bf16`: bfloat16 mixed precision on both
+sides: our `ppo.bf16`, TRL under `accelerate launch --mixed_precision bf16`'s setting), separate
+reference, reward and value models. Each process warms up, then times its steps; peak RSS is the
+process's.
 
 Reported per size and side: median s/step, peak RSS, median time split (generate / score /
 experience / train), generation tokens/s; ratios ours/TRL (`time_ratio`, `memory_ratio`); our
-training phase's FLOP/s (torch's FLOP counter) against this machine's fp32 matrix-product peak,
-measured here with 2048x2048 products.
+training phase's FLOP/s (torch's FLOP counter) against this machine's matrix-product peak in the
+run's precision, measured here with 2048x2048 products.
 
-    .venv/bin/python benchmarks/ppo_vs_trl.py [--out results.json] [--rounds 2 --steps 3 --warmup 1]
+    .venv/bin/python benchmarks/ppo_vs_trl.py [--out results.json] [--rounds 2 --steps 3 --warmup 1] [--bf16]
 """
 
 from __future__ import annotations
@@ -68,10 +70,10 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def matmul_peak_gflops(n: int = 2048, reps: int = 10) -> float:
-    """The machine's fp32 matrix-product rate: the best of `reps` n x n products (a peak, so the
+def matmul_peak_gflops(n: int = 2048, reps: int = 10, dtype: torch.dtype = torch.float32) -> float:
+    """The machine's matrix-product rate: the best of `reps` n x n products (a peak, so the
     best, not the median: a shared machine only ever slows a product down)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     for _ in range(3):
         a @ b
     best = float("inf")
@@ -82,15 +84,15 @@ def matmul_peak_gflops(n: int = 2048, reps: int = 10) -> float:
     return 2 * n ** 3 / best / 1e9
 
 
-def run_side(side: str, models: Path, steps: int, warmup: int, trl_py: Path) -> dict:
+def run_side(side: str, models: Path, steps: int, warmup: int, trl_py: Path, bf16: bool) -> dict:
     out = models / f"{side}-{time.monotonic_ns()}.json"
     if side == "ours":
         cmd = [sys.executable, str(HERE / "ppo_step.py"), "--models", str(models),
-               "--set", f"ppo.micro_batch_size={MICRO_BATCH}"]
+               "--set", f"ppo.micro_batch_size={MICRO_BATCH}", f"ppo.bf16={str(bf16).lower()}"]
     else:
         cmd = [str(trl_py), str(HERE / "trl_ppo_worker.py"), "--base", str(models / "base"),
                "--reward", str(models / "reward"), "--prompts", str(models / "world" / "ppo_prompts.jsonl"),
-               "--workdir", tempfile.mkdtemp(), "--micro-batch", str(MICRO_BATCH)]
+               "--workdir", tempfile.mkdtemp(), "--micro-batch", str(MICRO_BATCH), *(["--bf16"] if bf16 else [])]
     proc = subprocess.run(cmd + ["--steps", str(steps), "--warmup", str(warmup), "--out", str(out)],
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if proc.returncode:
@@ -98,7 +100,8 @@ def run_side(side: str, models: Path, steps: int, warmup: int, trl_py: Path) -> 
     return json.loads(out.read_text())
 
 
-def bench_size(hidden: int, layers: int, rounds: int, steps: int, warmup: int, trl_py: Path, tmp: Path) -> dict:
+def bench_size(hidden: int, layers: int, rounds: int, steps: int, warmup: int, trl_py: Path, tmp: Path,
+               bf16: bool) -> dict:
     models = tmp / f"h{hidden}-l{layers}"
     models.mkdir()
     build(models, hidden, layers)
@@ -107,7 +110,7 @@ def bench_size(hidden: int, layers: int, rounds: int, steps: int, warmup: int, t
         order = ("ours", "trl") if r % 2 == 0 else ("trl", "ours")  # alternate who runs first
         for side in order:
             print(f"  hidden {hidden} x {layers} layers, round {r + 1}/{rounds}: {side} ...", flush=True)
-            raw[side].append(run_side(side, models, steps, warmup, trl_py))
+            raw[side].append(run_side(side, models, steps, warmup, trl_py, bf16))
     res = {}
     for side, runs in raw.items():
         merged = {"rows": [row for run in runs for row in run["rows"]],
@@ -126,7 +129,8 @@ def bench_size(hidden: int, layers: int, rounds: int, steps: int, warmup: int, t
 
 def print_table(result: dict) -> None:
     peak = result["matmul_peak_gflop_per_s"]
-    print(f"\nPPO step, ours vs TRL {TRL_VERSION} (32 prompts x 48 tokens, 4 epochs, 1 mini-batch, fp32, "
+    print(f"\nPPO step, ours vs TRL {TRL_VERSION} (32 prompts x 48 tokens, 4 epochs, 1 mini-batch, "
+          f"{result['precision']}, "
           f"{result['threads']} threads); matmul peak {peak:.0f} GFLOP/s")
     print(f"{'size':<12}{'side':<6}{'s/step':>8}{'RSS MiB':>9}  {'gen / score / exp / train (s)':<32}{'gen tok/s':>10}")
     for s in result["sizes"]:
@@ -149,20 +153,23 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3, help="timed steps per run (after warm-up)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--trl-venv", type=Path, default=TRL_VENV)
+    p.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision on both sides")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
     trl_py = trl_python(args.trl_venv)
     t0 = time.perf_counter()
     result = {"date": time.strftime("%Y-%m-%d"), "machine": platform.platform(), "cpu": cpu_name(),
               "threads": torch.get_num_threads(), "torch": torch.__version__, "trl": TRL_VERSION,
-              "sizes": []}
-    peak_before = matmul_peak_gflops()
+              "precision": "bf16 mixed" if args.bf16 else "fp32", "sizes": []}
+    peak_before = matmul_peak_gflops(dtype=dtype)
     with tempfile.TemporaryDirectory() as d:
         for size in args.sizes.split(","):
             hidden, layers = (int(x) for x in size.lower().split("x"))
-            result["sizes"].append(bench_size(hidden, layers, args.rounds, args.steps, args.warmup, trl_py, Path(d)))
+            result["sizes"].append(bench_size(hidden, layers, args.rounds, args.steps, args.warmup, trl_py, Path(d),
+                                             args.bf16))
     # measured before and after the runs; the higher is the peak
-    result["matmul_gflop_per_s_before_after"] = [peak_before, matmul_peak_gflops()]
+    result["matmul_gflop_per_s_before_after"] = [peak_before, matmul_peak_gflops(dtype=dtype)]
     result["matmul_peak_gflop_per_s"] = max(result["matmul_gflop_per_s_before_after"])
     result["wall_s"] = time.perf_counter() - t0
     print_table(result)

@@ -6,7 +6,7 @@ calls: `batch_generation` (generation), `get_reward` on the reward model (scorin
 the value model and `forward` under no_grad (experience: reference log-probs and values); the rest
 of each update (PPO epochs, GAE, bookkeeping) is training. Step times come from `on_step_end`.
 
-    python trl_ppo_worker.py --base DIR --reward DIR --prompts FILE --steps 3 --warmup 1 --out FILE
+    python trl_ppo_worker.py --base DIR --reward DIR --prompts FILE --steps 3 --warmup 1 --out FILE [--bf16]
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import resource
 import time
 from collections import defaultdict
@@ -33,9 +34,13 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--micro-batch", type=int, default=8, help="rows per training forward (gradient accumulation)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision (TrainingArguments.bf16)")
     p.add_argument("--workdir", required=True)
     p.add_argument("--out", required=True)
     a = p.parse_args()
+    if a.bf16:  # TRL's PPOTrainer builds its own Accelerator, which takes mixed precision from the
+        # environment (`accelerate launch --mixed_precision bf16`), not from PPOConfig.bf16
+        os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16"
 
     from datasets import Dataset
     from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
@@ -58,6 +63,7 @@ def main() -> None:
         local_rollout_forward_batch_size=a.batch, total_episodes=n, num_sample_generations=0,
         stop_token="eos", kl_estimator="k1", learning_rate=1e-5, seed=a.seed, report_to="none",
         save_strategy="no", logging_steps=10_000, disable_tqdm=True, use_cpu=True, dataloader_num_workers=0,
+        bf16=a.bf16,
     )
 
     spent: dict[str, float] = defaultdict(float)
@@ -117,7 +123,8 @@ def main() -> None:
     trainer.train()
     timed_rows = rows[a.warmup:]
     json.dump({"rows": timed_rows, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-               "threads": torch.get_num_threads(), "torch": torch.__version__},
+               "threads": torch.get_num_threads(), "torch": torch.__version__,
+               "mixed_precision": trainer.accelerator.mixed_precision},
               open(a.out, "w"), indent=2)
 
 

@@ -88,6 +88,30 @@ def test_generation_logprobs_equal_a_forward_pass_and_micro_batches_equal_one_pa
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
 
 
+def test_bf16_autocast_runs_every_model_in_bfloat16_and_keeps_float32_weights(micro_run, tmp_path):
+    """ppo.bf16: generation, scoring, experience and the PPO epochs all multiply in bfloat16
+    (actor with its LoRA adapters, critic, reward model); weights and optimiser stay float32, and
+    generation's log-probs still match a forward pass (to bfloat16 precision)."""
+    trainer = _trainer(micro_run, tmp_path, ["ppo.bf16=true", "ppo.lora.enabled=true"])
+    seen: dict[str, set] = {"actor": set(), "critic": set(), "reward": set()}
+    for name, model in (("actor", trainer.actor), ("critic", trainer.critic), ("reward", trainer.reward.model)):
+        lin = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+        lin.register_forward_hook(lambda m, i, o, name=name: seen[name].add(o.dtype))
+    prompts = trainer.next_prompts()
+    with trainer._autocast(), torch.no_grad():
+        samples = sample(trainer.actor, trainer.tokenizer, prompts, 12, 1.0, batch_size=8, logprobs=True)
+        seq, attn, pos, mask = trainer._assemble(prompts, samples.response_ids)
+        full = trainer._logprobs(trainer.actor, MicroBatch(torch.arange(len(prompts)), mask.shape[1], seq, attn, pos))
+    for i, lp in enumerate(samples.logprobs):
+        torch.testing.assert_close(lp, full[i, :len(lp)], atol=0.05, rtol=0.02)
+    seen["actor"].clear()
+    stats = trainer.step()
+    assert seen == {"actor": {torch.bfloat16}, "critic": {torch.bfloat16}, "reward": {torch.bfloat16}}
+    trainable = [p for m in (trainer.actor, trainer.critic) for p in m.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 and p.grad is not None for p in trainable)
+    assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
+
+
 def test_reward_rises_on_a_synthetic_reward(micro_run, tmp_path):
     # reward: short answers that end their turn; the micro base rambles, so there is room to learn
     def reward_fn(prompts, texts):

@@ -169,6 +169,8 @@ class PPOConfig:
     lambda_lr: float = 0.05
     save_every: int = 20
     sample_every: int = 10
+    bf16: bool = False                # mixed precision: every forward pass (generation, scoring, experience,
+                                      # PPO epochs) under bfloat16 autocast; weights, optimiser and loss math stay float32
     lora: LoraConfig = field(default_factory=lambda: LoraConfig(enabled=True, r=16, alpha=32))
 
 

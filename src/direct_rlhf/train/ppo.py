@@ -146,15 +146,17 @@ class PPOTrainer:
         pc, t0 = self.pc, time.perf_counter()
         prompts = self.next_prompts()
         policy = self.acc.unwrap_model(self.actor)
-        samples = sample(policy, self.tokenizer, prompts, pc.max_new_tokens, pc.temperature, pc.top_p,
-                         batch_size=len(prompts), logprobs=True)
-        t_gen = time.perf_counter()
-        raw = self.reward_fn(prompts, samples.texts)  # size = (B,)
+        with self._autocast():
+            samples = sample(policy, self.tokenizer, prompts, pc.max_new_tokens, pc.temperature, pc.top_p,
+                             batch_size=len(prompts), logprobs=True)
+            t_gen = time.perf_counter()
+            raw = self.reward_fn(prompts, samples.texts)  # size = (B,)
         ended = torch.tensor(samples.ended, dtype=torch.float32)
         score = self.reward.normalise(raw).clamp(-pc.reward_clip, pc.reward_clip) + pc.no_end_penalty * (1 - ended)
-        cost = self.cost.score(prompts, samples.texts) if self.lagrangian else None
-        t_score = time.perf_counter()
-        exp, stats = self.make_experience(prompts, samples, score, cost)
+        with self._autocast():
+            cost = self.cost.score(prompts, samples.texts) if self.lagrangian else None
+            t_score = time.perf_counter()
+            exp, stats = self.make_experience(prompts, samples, score, cost)
         t_exp = time.perf_counter()
         stats.update(self.rl_step(exp))
         t_train = time.perf_counter()
@@ -241,7 +243,8 @@ class PPOTrainer:
                     rows, r = mb.rows, mb.r
                     mask = exp.mask[rows, :r]
                     w = mask.sum() / total  # this micro-batch's share of the mini-batch's tokens
-                    logits = self._response_logits(self.actor, mb)  # size = (b, r, V)
+                    with self._autocast():
+                        logits = self._response_logits(self.actor, mb)  # size = (b, r, V)
                     logprobs = F.logprobs_from_logits(logits, mb.seq[:, -r:])
                     pg_loss, pg_stats = F.policy_loss(logprobs, exp.old_logprobs[rows, :r], adv[rows, :r], mask,
                                                       pc.clip_eps)
@@ -253,7 +256,8 @@ class PPOTrainer:
                                     "policy/clipfrac": pg_stats["clipfrac"], "policy/approx_kl": pg_stats["approx_kl"]}.items():
                         stats[name] = stats.get(name, 0.0) + w * v.detach()
                 if self.ptx_blocks is not None:
-                    ptx_loss = self._ptx_loss()
+                    with self._autocast():
+                        ptx_loss = self._ptx_loss()
                     self._backward(self.actor, pc.ptx_coef * ptx_loss, last=True)
                     stats["loss/ptx"] = ptx_loss.detach()
                 self._step(self.actor, self.opt_a)
@@ -264,7 +268,8 @@ class PPOTrainer:
                         rows, r = mb.rows, mb.r
                         mask = exp.mask[rows, :r]
                         w = mask.sum() / total
-                        values = self._values(critic, mb)
+                        with self._autocast():
+                            values = self._values(critic, mb)
                         vf_loss, vf_stats = F.value_loss(values, old_values[rows, :r], returns[rows, :r], mask,
                                                          pc.value_clip_eps)
                         self._backward(critic, pc.vf_coef * vf_loss * w, last=k == len(micro) - 1)
@@ -291,6 +296,10 @@ class PPOTrainer:
             yield MicroBatch(rows, r, seq[rows][:, cols], attn[rows][:, cols], pos[rows][:, cols])
 
     # ------------------------------------------------------------------ helpers
+    def _autocast(self):
+        """bfloat16 autocast for forward passes when ppo.bf16 (backward passes run outside it)."""
+        return torch.autocast(self.acc.device.type, dtype=torch.bfloat16, enabled=self.pc.bf16)
+
     def _backward(self, model, loss: torch.Tensor, last: bool) -> None:
         """Accumulate gradients; across processes they are synchronised on the last backward only."""
         with contextlib.nullcontext() if last else self.acc.no_sync(model):
