@@ -7,7 +7,9 @@ chat model, so PPO can give credit for ending the turn — but the response *tex
 
 With `logprobs=True` it also returns each kept token's log-probability under the sampling model
 (raw logits / temperature, no top-p), taken from the logits generation computed anyway: PPO's
-"old" log-probs then cost no extra forward pass.
+"old" log-probs then cost no extra forward pass. They are gathered step by step as generation
+runs (`TokenLogprobs`), so only one (rows, vocabulary) row of logits is held at a time, not one
+per generated token (`output_logits` would hold 64 rows x 256 tokens x 128k vocabulary = 8 GiB).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from ..data.chat_format import END_OF_TURN, truncate_at_end_of_turn
 
@@ -42,15 +45,16 @@ def sample(model, tokenizer, prompts: list[str], max_new_tokens: int, temperatur
         for i in range(0, len(prompts), batch_size):
             chunk = prompts[i:i + batch_size]
             enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            recorder = TokenLogprobs(temperature) if logprobs else None
             gen = model.generate(
                 **enc, max_new_tokens=max_new_tokens, do_sample=not greedy,
                 temperature=temperature if not greedy else None, top_p=top_p if not greedy else None,
                 top_k=0 if not greedy else None, stop_strings=list(END_OF_TURN), tokenizer=tokenizer,
                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True,
-                return_dict_in_generate=True, output_logits=logprobs,
+                logits_processor=LogitsProcessorList([recorder]) if recorder else None,
             )
-            new = gen.sequences[:, enc["input_ids"].shape[1]:]  # size = (b, S)
-            lp = _token_logprobs(gen.logits, new, temperature) if logprobs else None
+            new = gen[:, enc["input_ids"].shape[1]:]  # size = (b, S)
+            lp = recorder.finish(new) if recorder else None
             for i, row in enumerate(new.tolist()):
                 ids, text, ended = cut_response(tokenizer, row)
                 out.response_ids.append(ids)
@@ -64,13 +68,39 @@ def sample(model, tokenizer, prompts: list[str], max_new_tokens: int, temperatur
     return out
 
 
-def _token_logprobs(logits: tuple[torch.Tensor, ...], tokens: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log softmax(logits_t / T)[token_t] for each generated step; size = (b, S)."""
-    out = torch.empty(tokens.shape, dtype=torch.float32, device=tokens.device)
-    for t, step_logits in enumerate(logits):  # one (b, V) tensor per step: never a (b, S, V) copy
-        scaled = step_logits.float() / temperature
-        out[:, t] = scaled.gather(1, tokens[:, t:t + 1]).squeeze(1) - torch.logsumexp(scaled, dim=-1)
-    return out
+class TokenLogprobs(LogitsProcessor):
+    """Records log softmax(logits_t / T)[token_t] for each generated step while `generate` runs.
+
+    Custom processors run before generation's own temperature and top-p warpers, so each call sees
+    the raw logits of step t; the token sampled from them is known at the next call (the last
+    column of its input ids), or, for the last step, from the finished sequences (`finish`)."""
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+        self.steps: list[torch.Tensor] = []   # per finished step, size = (b,)
+        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # latest step's logits / T, size = (b, V),
+                                                                      # and their logsumexp, size = (b,)
+
+    def _take(self, tokens: torch.Tensor) -> None:
+        if self.pending is not None:
+            scaled, lse = self.pending
+            self.steps.append(scaled.gather(1, tokens[:, None]).squeeze(1) - lse)
+            self.pending = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self._take(input_ids[:, -1])
+        scaled = scores.float() / self.temperature
+        self.pending = (scaled, torch.logsumexp(scaled, dim=-1))
+        return scores
+
+    def finish(self, new_tokens: torch.Tensor) -> torch.Tensor:
+        """Per-step log-probs of the generated tokens; size = (b, S)."""
+        self._take(new_tokens[:, -1])
+        if len(self.steps) != new_tokens.shape[1]:
+            raise RuntimeError(f"recorded {len(self.steps)} steps for {new_tokens.shape[1]} generated tokens")
+        if not self.steps:
+            return torch.zeros(new_tokens.shape, dtype=torch.float32, device=new_tokens.device)
+        return torch.stack(self.steps, dim=1)
 
 
 def cut_response(tokenizer, ids: list[int]) -> tuple[list[int], str, bool]:
