@@ -17,6 +17,7 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -24,7 +25,7 @@ import torch
 def child(mode: str, vocab: int, rows: int, tokens: int) -> dict:
     from transformers import LogitsProcessorList, MistralConfig, MistralForCausalLM
 
-    sys.path.insert(0, "src")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     from direct_rlhf.rollout.hf_generate import TokenLogprobs
 
     torch.manual_seed(0)

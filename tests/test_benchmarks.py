@@ -29,3 +29,12 @@ def test_reward_packing_benchmark_runs_both_paths(tmp_path):
     res = json.loads(out.read_text())
     assert res["median_s"]["packed"] > 0 and res["median_s"]["two_rows"] > 0
     assert res["real_tokens_per_step"]["packed"] < res["real_tokens_per_step"]["two_rows"]
+
+
+def test_logprob_memory_benchmark_runs_both_ways(tmp_path):
+    out = tmp_path / "bench.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "logprob_memory.py"), "--vocab", "500", "--rows", "2",
+                    "--tokens", "4", "--out", str(out)], check=True, capture_output=True)
+    res = json.loads(out.read_text())
+    assert [r["mode"] for r in res["runs"]] == ["step_by_step", "output_logits"]
+    assert all(r["shape"] == [2, 4] and r["peak_rss_mib"] >= r["rss_before_generate_mib"] for r in res["runs"])
