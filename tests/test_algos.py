@@ -328,3 +328,35 @@ def test_lagrangian_advantages():
     close(lagrangian_advantages(ar, ac, 1.0), [0.5, -2.0])
     # lambda 3 as a tensor: ([2 - 3, -1 - 9]) / 4 = [-0.25, -2.5]
     close(lagrangian_advantages(ar, ac, torch.tensor(3.0, dtype=torch.float64)), [-0.25, -2.5])
+
+
+def _whiten_on_two_processes(rank: int, port: int, x, mask, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+
+    def all_sum(v):
+        v = v.clone()
+        dist.all_reduce(v)
+        return v
+
+    rows = slice(0, 1) if rank == 0 else slice(1, 3)  # uneven split, unequal token counts
+    torch.save(masked_whiten(x[rows], mask[rows], all_sum=all_sum), f"{out_dir}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_masked_whiten_over_processes_equals_whitening_the_whole_batch(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    x = t([1.0, 2.0, 0.0], [3.0, 4.0, 5.0], [10.0, 0.0, 0.0])
+    mask = t([1, 1, 0], [1, 1, 1], [1, 0, 0])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_whiten_on_two_processes, args=(port, x, mask, str(tmp_path)), nprocs=2)
+    parts = torch.cat([torch.load(tmp_path / "0.pt"), torch.load(tmp_path / "1.pt")])
+    close(parts, masked_whiten(x, mask), atol=1e-6)
+    # each process's own statistics would give something else
+    assert not torch.allclose(masked_whiten(x[:1], mask[:1]), parts[:1], atol=1e-3)

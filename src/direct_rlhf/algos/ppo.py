@@ -9,7 +9,7 @@ Conventions (all functions):
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 
@@ -41,15 +41,24 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
 
 
 def masked_whiten(
-    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
+    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+    all_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Normalise to unit (unbiased) variance using statistics of the masked entries only.
 
     ``shift_mean=False`` rescales but keeps the mean: used for rewards, where the sign of the
     mean carries information (advantages, in contrast, are fully centred).
     Padding positions are set to 0 so they cannot leak large values into later reductions.
+    ``all_sum`` (data parallel) sums a tensor over processes: every process then whitens with the
+    statistics of the whole batch, so an update does not depend on how rows were split.
     """
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    if all_sum is None:
+        mean, var = masked_mean(x, mask), masked_var(x, mask)
+    else:
+        m = mask.to(x.dtype)
+        n = all_sum(m.sum())
+        mean = all_sum((x * m).sum()) / n.clamp_min(1e-8)
+        var = all_sum(((x - mean) ** 2 * m).sum()) / torch.where(n > 1, n - 1, torch.ones_like(n))
     whitened = (x - mean) * torch.rsqrt(var + eps)  # size = x.shape
     if not shift_mean:
         whitened = whitened + mean

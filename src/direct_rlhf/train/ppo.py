@@ -209,10 +209,11 @@ class PPOTrainer:
             crewards[torch.arange(len(cost)), last] = cost.to(dev) * (mask.sum(1) > 0)
             exp.cost_values = cvalues
             exp.cost_advantages, exp.cost_returns = F.gae(crewards, cvalues, mask, pc.gamma, pc.lam)
-        if pc.whiten_advantages:
-            exp.advantages = F.masked_whiten(exp.advantages, mask)
+        if pc.whiten_advantages:  # with the whole batch's statistics, over all processes
+            all_sum = self._all_sum if self.acc.num_processes > 1 else None
+            exp.advantages = F.masked_whiten(exp.advantages, mask, all_sum=all_sum)
             if exp.cost_advantages is not None:
-                exp.cost_advantages = F.masked_whiten(exp.cost_advantages, mask)
+                exp.cost_advantages = F.masked_whiten(exp.cost_advantages, mask, all_sum=all_sum)
         stats = self._reduce({
             "kl/sequence": (kl * mask).sum(1).mean(), "kl/token": F.masked_mean(kl, mask),
             "values/mean": F.masked_mean(values, mask), "returns/mean": F.masked_mean(ret, mask),
@@ -344,6 +345,9 @@ class PPOTrainer:
     def _values(critic, mb: MicroBatch) -> torch.Tensor:
         """The critic's value before each response token; size = (b, r)."""
         return critic(mb.seq, mb.attn, mb.pos)[:, -mb.r - 1:-1]
+
+    def _all_sum(self, x: torch.Tensor) -> torch.Tensor:
+        return self.acc.reduce(x, reduction="sum")
 
     def _reduce(self, stats: dict[str, torch.Tensor]) -> dict[str, float]:
         """Means across processes (identity on one process)."""
