@@ -18,6 +18,7 @@ training phase's FLOP/s (torch's FLOP counter) against this machine's matrix-pro
 run's precision, measured here with 2048x2048 products.
 
     .venv/bin/python benchmarks/ppo_vs_trl.py [--out results.json] [--rounds 2 --steps 3 --warmup 1] [--bf16]
+                                              [--attn eager]
 """
 
 from __future__ import annotations
@@ -84,15 +85,17 @@ def matmul_peak_gflops(n: int = 2048, reps: int = 10, dtype: torch.dtype = torch
     return 2 * n ** 3 / best / 1e9
 
 
-def run_side(side: str, models: Path, steps: int, warmup: int, trl_py: Path, bf16: bool) -> dict:
+def run_side(side: str, models: Path, steps: int, warmup: int, trl_py: Path, bf16: bool, attn: str | None) -> dict:
     out = models / f"{side}-{time.monotonic_ns()}.json"
     if side == "ours":
         cmd = [sys.executable, str(HERE / "ppo_step.py"), "--models", str(models),
-               "--set", f"ppo.micro_batch_size={MICRO_BATCH}", f"ppo.bf16={str(bf16).lower()}"]
+               "--set", f"ppo.micro_batch_size={MICRO_BATCH}", f"ppo.bf16={str(bf16).lower()}",
+               *([f"ppo.attn_implementation={attn}"] if attn else [])]
     else:
         cmd = [str(trl_py), str(HERE / "trl_ppo_worker.py"), "--base", str(models / "base"),
                "--reward", str(models / "reward"), "--prompts", str(models / "world" / "ppo_prompts.jsonl"),
-               "--workdir", tempfile.mkdtemp(), "--micro-batch", str(MICRO_BATCH), *(["--bf16"] if bf16 else [])]
+               "--workdir", tempfile.mkdtemp(), "--micro-batch", str(MICRO_BATCH), *(["--bf16"] if bf16 else []),
+               *(["--attn", attn] if attn else [])]
     proc = subprocess.run(cmd + ["--steps", str(steps), "--warmup", str(warmup), "--out", str(out)],
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if proc.returncode:
@@ -101,7 +104,7 @@ def run_side(side: str, models: Path, steps: int, warmup: int, trl_py: Path, bf1
 
 
 def bench_size(hidden: int, layers: int, rounds: int, steps: int, warmup: int, trl_py: Path, tmp: Path,
-               bf16: bool) -> dict:
+               bf16: bool, attn: str | None) -> dict:
     models = tmp / f"h{hidden}-l{layers}"
     models.mkdir()
     build(models, hidden, layers)
@@ -110,7 +113,7 @@ def bench_size(hidden: int, layers: int, rounds: int, steps: int, warmup: int, t
         order = ("ours", "trl") if r % 2 == 0 else ("trl", "ours")  # alternate who runs first
         for side in order:
             print(f"  hidden {hidden} x {layers} layers, round {r + 1}/{rounds}: {side} ...", flush=True)
-            raw[side].append(run_side(side, models, steps, warmup, trl_py, bf16))
+            raw[side].append(run_side(side, models, steps, warmup, trl_py, bf16, attn))
     res = {}
     for side, runs in raw.items():
         merged = {"rows": [row for run in runs for row in run["rows"]],
@@ -130,7 +133,7 @@ def bench_size(hidden: int, layers: int, rounds: int, steps: int, warmup: int, t
 def print_table(result: dict) -> None:
     peak = result["matmul_peak_gflop_per_s"]
     print(f"\nPPO step, ours vs TRL {TRL_VERSION} (32 prompts x 48 tokens, 4 epochs, 1 mini-batch, "
-          f"{result['precision']}, "
+          f"{result['precision']}, attention {result['attn_implementation'] or 'default'}, "
           f"{result['threads']} threads); matmul peak {peak:.0f} GFLOP/s")
     print(f"{'size':<12}{'side':<6}{'s/step':>8}{'RSS MiB':>9}  {'gen / score / exp / train (s)':<32}{'gen tok/s':>10}")
     for s in result["sizes"]:
@@ -154,6 +157,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--trl-venv", type=Path, default=TRL_VENV)
     p.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision on both sides")
+    p.add_argument("--attn", choices=("eager", "sdpa"), help="attention implementation on both sides "
+                   "(default: transformers' own, sdpa)")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     dtype = torch.bfloat16 if args.bf16 else torch.float32
@@ -161,13 +166,14 @@ def main() -> None:
     t0 = time.perf_counter()
     result = {"date": time.strftime("%Y-%m-%d"), "machine": platform.platform(), "cpu": cpu_name(),
               "threads": torch.get_num_threads(), "torch": torch.__version__, "trl": TRL_VERSION,
-              "precision": "bf16 mixed" if args.bf16 else "fp32", "sizes": []}
+              "precision": "bf16 mixed" if args.bf16 else "fp32",
+              "attn_implementation": args.attn, "sizes": []}
     peak_before = matmul_peak_gflops(dtype=dtype)
     with tempfile.TemporaryDirectory() as d:
         for size in args.sizes.split(","):
             hidden, layers = (int(x) for x in size.lower().split("x"))
             result["sizes"].append(bench_size(hidden, layers, args.rounds, args.steps, args.warmup, trl_py, Path(d),
-                                             args.bf16))
+                                             args.bf16, args.attn))
     # measured before and after the runs; the higher is the peak
     result["matmul_gflop_per_s_before_after"] = [peak_before, matmul_peak_gflops(dtype=dtype)]
     result["matmul_peak_gflop_per_s"] = max(result["matmul_gflop_per_s_before_after"])

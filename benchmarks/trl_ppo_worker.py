@@ -6,7 +6,8 @@ calls: `batch_generation` (generation), `get_reward` on the reward model (scorin
 the value model and `forward` under no_grad (experience: reference log-probs and values); the rest
 of each update (PPO epochs, GAE, bookkeeping) is training. Step times come from `on_step_end`.
 
-    python trl_ppo_worker.py --base DIR --reward DIR --prompts FILE --steps 3 --warmup 1 --out FILE [--bf16]
+    python trl_ppo_worker.py --base DIR --reward DIR --prompts FILE --steps 3 --warmup 1 --out FILE
+                             [--bf16] [--attn eager]
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ def main() -> None:
     p.add_argument("--micro-batch", type=int, default=8, help="rows per training forward (gradient accumulation)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision (TrainingArguments.bf16)")
+    p.add_argument("--attn", default=None, help="attn_implementation of all four models (default: transformers')")
     p.add_argument("--workdir", required=True)
     p.add_argument("--out", required=True)
     a = p.parse_args()
@@ -52,10 +54,11 @@ def main() -> None:
     n = a.batch * (a.steps + a.warmup)
     prompts = [json.loads(line)["prompt"] for line in open(a.prompts, encoding="utf-8")][:n]
     ds = Dataset.from_dict({"input_ids": [tok(t, add_special_tokens=False)["input_ids"] for t in prompts]})
-    policy = AutoModelForCausalLM.from_pretrained(a.base)
-    ref = AutoModelForCausalLM.from_pretrained(a.base)
-    value = AutoModelForSequenceClassification.from_pretrained(a.reward, num_labels=1)
-    reward = AutoModelForSequenceClassification.from_pretrained(a.reward, num_labels=1)
+    attn = {"attn_implementation": a.attn} if a.attn else {}
+    policy = AutoModelForCausalLM.from_pretrained(a.base, **attn)
+    ref = AutoModelForCausalLM.from_pretrained(a.base, **attn)
+    value = AutoModelForSequenceClassification.from_pretrained(a.reward, num_labels=1, **attn)
+    reward = AutoModelForSequenceClassification.from_pretrained(a.reward, num_labels=1, **attn)
     cfg = PPOConfig(
         output_dir=a.workdir, per_device_train_batch_size=a.micro_batch,
         gradient_accumulation_steps=a.batch // a.micro_batch,
@@ -124,7 +127,8 @@ def main() -> None:
     timed_rows = rows[a.warmup:]
     json.dump({"rows": timed_rows, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                "threads": torch.get_num_threads(), "torch": torch.__version__,
-               "mixed_precision": trainer.accelerator.mixed_precision},
+               "mixed_precision": trainer.accelerator.mixed_precision,
+               "attn_implementation": policy.config._attn_implementation},
               open(a.out, "w"), indent=2)
 
 

@@ -112,6 +112,13 @@ def test_bf16_autocast_runs_every_model_in_bfloat16_and_keeps_float32_weights(mi
     assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
 
 
+def test_attn_implementation_reaches_every_role(micro_run, tmp_path):
+    for lora in ("true", "false"):
+        trainer = _trainer(micro_run, tmp_path / lora, ["ppo.attn_implementation=eager", f"ppo.lora.enabled={lora}"])
+        models = [trainer.actor, trainer.critic.backbone, trainer.reward.model] + ([trainer.ref] if trainer.ref else [])
+        assert [m.config._attn_implementation for m in models] == ["eager"] * len(models)
+
+
 def test_reward_rises_on_a_synthetic_reward(micro_run, tmp_path):
     # reward: short answers that end their turn; the micro base rambles, so there is room to learn
     def reward_fn(prompts, texts):

@@ -169,8 +169,12 @@ class PPOConfig:
     lambda_lr: float = 0.05
     save_every: int = 20
     sample_every: int = 10
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None  # attention kernel of
+                                      # actor, reference, critic and reward model; null = transformers' default
+                                      # (sdpa). On a CPU with short sequences eager is faster (Performance)
     bf16: bool = False                # mixed precision: every forward pass (generation, scoring, experience,
-                                      # PPO epochs) under bfloat16 autocast; weights, optimiser and loss math stay float32
+                                      # PPO epochs) under bfloat16 autocast; weights, optimiser and loss math
+                                      # stay float32
     lora: LoraConfig = field(default_factory=lambda: LoraConfig(enabled=True, r=16, alpha=32))
 
 

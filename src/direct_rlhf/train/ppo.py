@@ -94,6 +94,10 @@ class PPOTrainer:
         opt_a = torch.optim.AdamW([p for p in actor.parameters() if p.requires_grad],
                                   lr=self.pc.actor_lr, weight_decay=self.pc.weight_decay)
         opt_c = torch.optim.AdamW(critic.parameters(), lr=self.pc.critic_lr, weight_decay=self.pc.weight_decay)
+        if self.pc.attn_implementation:
+            for model in (actor, critic.backbone, self.ref, self.reward.model):
+                if model is not None:
+                    model.set_attn_implementation(self.pc.attn_implementation)
         self.actor, self.critic, self.opt_a, self.opt_c = self.acc.prepare(actor, critic, opt_a, opt_c)
         if self.ref is not None:
             self.ref.to(self.acc.device)
