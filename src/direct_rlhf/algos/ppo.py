@@ -52,7 +52,7 @@ def masked_whiten(
     ``all_sum`` (data parallel) sums a tensor over processes: every process then whitens with the
     statistics of the whole batch, so an update does not depend on how rows were split.
     """
-    if all_sum is None:
+    if all_sum is None:  # one process: the same statistics as masked_mean / masked_var, bit for bit
         mean, var = masked_mean(x, mask), masked_var(x, mask)
     else:
         m = mask.to(x.dtype)

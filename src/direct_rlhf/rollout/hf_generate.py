@@ -96,10 +96,8 @@ class TokenLogprobs(LogitsProcessor):
     def finish(self, new_tokens: torch.Tensor) -> torch.Tensor:
         """Per-step log-probs of the generated tokens; size = (b, S)."""
         self._take(new_tokens[:, -1])
-        if len(self.steps) != new_tokens.shape[1]:
+        if len(self.steps) != new_tokens.shape[1]:  # generate always makes at least one token
             raise RuntimeError(f"recorded {len(self.steps)} steps for {new_tokens.shape[1]} generated tokens")
-        if not self.steps:
-            return torch.zeros(new_tokens.shape, dtype=torch.float32, device=new_tokens.device)
         return torch.stack(self.steps, dim=1)
 
 

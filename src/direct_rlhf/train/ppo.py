@@ -94,10 +94,7 @@ class PPOTrainer:
         opt_a = torch.optim.AdamW([p for p in actor.parameters() if p.requires_grad],
                                   lr=self.pc.actor_lr, weight_decay=self.pc.weight_decay)
         opt_c = torch.optim.AdamW(critic.parameters(), lr=self.pc.critic_lr, weight_decay=self.pc.weight_decay)
-        if self.pc.attn_implementation:
-            for model in (actor, critic.backbone, self.ref, self.reward.model):
-                if model is not None:
-                    model.set_attn_implementation(self.pc.attn_implementation)
+        self._use_attn_implementation(actor, critic.backbone, self.ref, self.reward.model)
         self.actor, self.critic, self.opt_a, self.opt_c = self.acc.prepare(actor, critic, opt_a, opt_c)
         if self.ref is not None:
             self.ref.to(self.acc.device)
@@ -107,6 +104,7 @@ class PPOTrainer:
                 raise UserError("ppo.lagrangian needs a cost model (train one with `direct-rlhf reward --cost`)")
             self.cost = RewardScorer(cost_path, device=str(self.acc.device))
             cost_critic = ValueModel.from_reward_model(cost_path, dtype)
+            self._use_attn_implementation(self.cost.model, cost_critic.backbone)
             opt_cc = torch.optim.AdamW(cost_critic.parameters(), lr=self.pc.critic_lr)
             self.cost_critic, self.opt_cc = self.acc.prepare(cost_critic, opt_cc)
             self.lam = F.LagrangeMultiplier(self.pc.lambda_init, self.pc.lambda_lr)
@@ -150,17 +148,16 @@ class PPOTrainer:
         pc, t0 = self.pc, time.perf_counter()
         prompts = self.next_prompts()
         policy = self.acc.unwrap_model(self.actor)
-        with self._autocast():
+        with self._autocast():  # generation and the scorers (the trainer's own forwards autocast below)
             samples = sample(policy, self.tokenizer, prompts, pc.max_new_tokens, pc.temperature, pc.top_p,
                              batch_size=len(prompts), logprobs=True)
             t_gen = time.perf_counter()
             raw = self.reward_fn(prompts, samples.texts)  # size = (B,)
+            cost = self.cost.score(prompts, samples.texts) if self.lagrangian else None
         ended = torch.tensor(samples.ended, dtype=torch.float32)
         score = self.reward.normalise(raw).clamp(-pc.reward_clip, pc.reward_clip) + pc.no_end_penalty * (1 - ended)
-        with self._autocast():
-            cost = self.cost.score(prompts, samples.texts) if self.lagrangian else None
-            t_score = time.perf_counter()
-            exp, stats = self.make_experience(prompts, samples, score, cost)
+        t_score = time.perf_counter()
+        exp, stats = self.make_experience(prompts, samples, score, cost)
         t_exp = time.perf_counter()
         stats.update(self.rl_step(exp))
         t_train = time.perf_counter()
@@ -248,8 +245,7 @@ class PPOTrainer:
                     rows, r = mb.rows, mb.r
                     mask = exp.mask[rows, :r]
                     w = mask.sum() / total  # this micro-batch's share of the mini-batch's tokens
-                    with self._autocast():
-                        logits = self._response_logits(self.actor, mb)  # size = (b, r, V)
+                    logits = self._response_logits(self.actor, mb)  # size = (b, r, V)
                     logprobs = F.logprobs_from_logits(logits, mb.seq[:, -r:])
                     pg_loss, pg_stats = F.policy_loss(logprobs, exp.old_logprobs[rows, :r], adv[rows, :r], mask,
                                                       pc.clip_eps)
@@ -261,8 +257,7 @@ class PPOTrainer:
                                     "policy/clipfrac": pg_stats["clipfrac"], "policy/approx_kl": pg_stats["approx_kl"]}.items():
                         stats[name] = stats.get(name, 0.0) + w * v.detach()
                 if self.ptx_blocks is not None:
-                    with self._autocast():
-                        ptx_loss = self._ptx_loss()
+                    ptx_loss = self._ptx_loss()
                     self._backward(self.actor, pc.ptx_coef * ptx_loss, last=True)
                     stats["loss/ptx"] = ptx_loss.detach()
                 self._step(self.actor, self.opt_a)
@@ -273,8 +268,7 @@ class PPOTrainer:
                         rows, r = mb.rows, mb.r
                         mask = exp.mask[rows, :r]
                         w = mask.sum() / total
-                        with self._autocast():
-                            values = self._values(critic, mb)
+                        values = self._values(critic, mb)
                         vf_loss, vf_stats = F.value_loss(values, old_values[rows, :r], returns[rows, :r], mask,
                                                          pc.value_clip_eps)
                         self._backward(critic, pc.vf_coef * vf_loss * w, last=k == len(micro) - 1)
@@ -305,6 +299,12 @@ class PPOTrainer:
         """bfloat16 autocast for forward passes when ppo.bf16 (backward passes run outside it)."""
         return torch.autocast(self.acc.device.type, dtype=torch.bfloat16, enabled=self.pc.bf16)
 
+    def _use_attn_implementation(self, *models) -> None:
+        if self.pc.attn_implementation:
+            for model in models:
+                if model is not None:
+                    model.set_attn_implementation(self.pc.attn_implementation)
+
     def _backward(self, model, loss: torch.Tensor, last: bool) -> None:
         """Accumulate gradients; across processes they are synchronised on the last backward only."""
         with contextlib.nullcontext() if last else self.acc.no_sync(model):
@@ -317,7 +317,8 @@ class PPOTrainer:
     def _ptx_loss(self) -> torch.Tensor:
         idx = torch.randint(len(self.ptx_blocks), (self.pc.ptx_batch_size,))
         batch = self.ptx_blocks[idx].to(self.acc.device)
-        return self.actor(input_ids=batch, labels=batch).loss
+        with self._autocast():
+            return self.actor(input_ids=batch, labels=batch).loss
 
     def _assemble(self, prompts: list[str], responses: list[list[int]]):
         """[left-padded prompt | right-padded response] with explicit positions, so that the
@@ -339,16 +340,17 @@ class PPOTrainer:
 
     def _response_logits(self, model, mb: MicroBatch) -> torch.Tensor:
         # only the r positions that predict response tokens go through the LM head
-        out = model(input_ids=mb.seq, attention_mask=mb.attn, position_ids=mb.pos, logits_to_keep=mb.r + 1)
+        with self._autocast():
+            out = model(input_ids=mb.seq, attention_mask=mb.attn, position_ids=mb.pos, logits_to_keep=mb.r + 1)
         return out.logits[:, :-1].float() / self.pc.temperature
 
     def _logprobs(self, model, mb: MicroBatch) -> torch.Tensor:
         return F.logprobs_from_logits(self._response_logits(model, mb), mb.seq[:, -mb.r:])
 
-    @staticmethod
-    def _values(critic, mb: MicroBatch) -> torch.Tensor:
+    def _values(self, critic, mb: MicroBatch) -> torch.Tensor:
         """The critic's value before each response token; size = (b, r)."""
-        return critic(mb.seq, mb.attn, mb.pos)[:, -mb.r - 1:-1]
+        with self._autocast():
+            return critic(mb.seq, mb.attn, mb.pos)[:, -mb.r - 1:-1]
 
     def _all_sum(self, x: torch.Tensor) -> torch.Tensor:
         return self.acc.reduce(x, reduction="sum")
