@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -21,6 +22,7 @@ def _cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
     (["world.seed=abc"], "config key 'world.seed' must be int"),
     (["model.dtype=float64"], "must be one of"),
     (["--config", "does-not-exist.yaml"], "config file not found: does-not-exist.yaml"),
+    (["pretrain.log_every=0"], "config key 'pretrain.log_every' must be >= 1, got 0"),
 ])
 def test_bad_config_is_one_line_and_exit_2(tmp_path, args, needle):
     res = _cli("toyworld", "--out", str(tmp_path / "w"), *args)
@@ -36,6 +38,34 @@ def test_unknown_key_in_a_recipe_file_names_the_file(tmp_path):
     recipe.write_text("pretrain:\n  stepz: 3\n")
     with pytest.raises(UserError, match=r"r\.yaml.*'pretrain\.stepz'"):
         load_config(recipe)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("reward.eval_every=0", "'reward.eval_every' must be >= 1, got 0"),
+    ("ppo.grad_clip=0", "'ppo.grad_clip' must be > 0, got 0.0"),
+    ("ppo.top_p=1.5", "'ppo.top_p' must be in (0, 1], got 1.5"),
+    ("ppo.gamma=-0.1", "'ppo.gamma' must be in [0, 1], got -0.1"),
+    ("ppo.lora.dropout=1", "'ppo.lora.dropout' must be in [0, 1), got 1.0"),
+    ("reward.eval_fraction=1", "'reward.eval_fraction' must be in (0, 1), got 1.0"),
+    ("eval.samples_per_prompt=0", "'eval.samples_per_prompt' must be >= 1, got 0"),
+    ("eval.toxicity_threshold=1.5", "'eval.toxicity_threshold' must be in [0, 1], got 1.5"),
+    ("model.num_heads=3", "the heads must divide the hidden size"),
+])
+def test_out_of_range_values_name_the_key(override, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_config(None, [override])
+
+
+def test_head_counts_are_checked_only_for_the_tiny_model_we_build():
+    assert load_config(None, ["model.num_heads=3", "model.base=some/model"]).model.num_heads == 3
+
+
+def test_every_shipped_recipe_is_in_range():
+    from direct_rlhf.config import recipe_path
+
+    for name in ("toy.yaml", "quick.yaml", "mistral-7b.yaml"):
+        load_config(recipe_path(name))
+    assert load_config(None, ["ppo.entropy_coef=-0.02", "ppo.no_end_penalty=-2"]).ppo.entropy_coef == -0.02
 
 
 def test_overrides_are_typed():

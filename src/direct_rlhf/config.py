@@ -18,6 +18,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from .config_ranges import check_ranges
 from .errors import UserError
 
 
@@ -99,6 +100,8 @@ class RewardConfig:
     warmup_steps: int = 10
     max_len: int = 256
     margin: bool = True              # use a per-pair 'margin' field when the data has one
+    skip_invalid: bool = False       # drop (and count) records that break a per-record rule instead of
+                                     # stopping; for public datasets with a few broken transcripts
     center_coef: float = 0.01
     min_lr_ratio: float = 0.1        # cosine schedule floor, as a fraction of lr
     grad_clip: float = 1.0
@@ -113,6 +116,7 @@ class SFTConfig:
     """The conventional pipeline's first stage, for comparison: fine-tune on chosen responses."""
 
     data: str | None = None
+    skip_invalid: bool = False       # as reward.skip_invalid, for sft.data
     epochs: int = 1
     batch_size: int = 32
     lr: float = 5e-4
@@ -252,7 +256,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for item in overrides or []:
         _apply_override(raw, item)
     label = f"{src} (with overrides {' '.join(overrides)})" if overrides else str(src)
-    return _build(Config, raw, label, prefix="")
+    cfg = _build(Config, raw, label, prefix="")
+    check_ranges(cfg, label)
+    return cfg
 
 
 def _apply_override(raw: dict, item: str) -> None:
