@@ -4,6 +4,7 @@ a folder plain transformers can load, and one-line errors for bad input."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import replace
 
@@ -180,6 +181,47 @@ def test_non_utf8_and_empty_subset_and_unknown_hf_dataset(tmp_path):
         load_pairs(tmp_path / "q.jsonl", subset="harmless")
     with pytest.raises(UserError, match=r"no-such-org/no-such-set\[train\]: cannot load dataset"):
         load_pairs("no-such-org/no-such-set")
+
+
+BROKEN = [json.dumps({"chosen": "\n\nHuman: a\n\nAssistant: x\n\nHuman: more?",  # ends in a Human turn
+                      "rejected": "\n\nHuman: a\n\nAssistant: y"}),
+          json.dumps({"chosen": "\n\nHuman: a\n\nAssistant: x", "rejected": "\n\nHuman: b\n\nAssistant: y"})]
+
+
+def test_skip_invalid_drops_and_counts_broken_records_and_the_error_says_how(tmp_path, caplog):
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join([GOOD, BROKEN[0], GOOD.replace("yes", "sure"), BROKEN[1]]) + "\n")
+    with pytest.raises(UserError, match=r"p\.jsonl:2: field 'chosen' does not end with an Assistant turn "
+                                        r"\(reward\.skip_invalid=true"):
+        load_pairs(path)
+    logging.getLogger("direct_rlhf").addHandler(caplog.handler)
+    try:
+        pairs, stats = load_pairs(path, skip_invalid=True)
+    finally:
+        logging.getLogger("direct_rlhf").removeHandler(caplog.handler)
+    assert [p.chosen for p in pairs] == [" yes", " sure"]
+    assert (stats.rows, stats.kept, stats.skipped_invalid) == (4, 2, 2)
+    assert stats.first_invalid.startswith(f"{path}:2: field 'chosen' does not end")
+    assert f"{path}: skipped 2 of 4 records as invalid" in caplog.text
+    (tmp_path / "q.jsonl").write_text(BROKEN[1] + "\n")  # nothing left: still an error, saying why
+    with pytest.raises(UserError, match=r"q\.jsonl: no preference pairs \(1 skipped as invalid, the first: .*"
+                                        r"q\.jsonl:1: 'chosen' and 'rejected' have different prompts"):
+        load_pairs(tmp_path / "q.jsonl", skip_invalid=True)
+    (tmp_path / "r.jsonl").write_text(GOOD + "\n{oops\n")  # a broken file is not a broken record
+    with pytest.raises(UserError, match=r"r\.jsonl:2: not valid JSON"):
+        load_pairs(tmp_path / "r.jsonl", skip_invalid=True)
+
+
+def test_cli_reward_with_skip_invalid_trains_and_records_what_it_skipped(tmp_path, tiny_base):
+    rows = [json.dumps(r) for r in _rows("hh")] * 8 + BROKEN
+    (tmp_path / "p.jsonl").write_text("\n".join(rows) + "\n")
+    run = tmp_path / "run"
+    args = ["-q", "reward", "--out", str(run), *MICRO, f"model.base={tiny_base}", f"reward.data={tmp_path / 'p.jsonl'}",
+            "reward.epochs=1", "reward.batch_size=4"]
+    assert main(args) == 2 and not run.exists()
+    assert main([*args, "reward.skip_invalid=true"]) == 0
+    load = json.loads((run / "reward" / "run_info.json").read_text())["data"]["train_load"]
+    assert (load["rows"], load["skipped_invalid"]) == (18, 2) and "p.jsonl:17: " in load["first_invalid"]
 
 
 @pytest.mark.parametrize("name", ["malformed_json", "no_assistant_turn", "empty_file"])

@@ -96,7 +96,8 @@ def cmd_reward(args: argparse.Namespace) -> None:
 
         if not args.model or not args.data:
             raise UserError("--eval-only needs --model DIR and --data FILE")
-        print(format_accuracy(evaluate_folder(args.model, args.data, cfg.reward.subset, cfg.reward.eval_split)))
+        print(format_accuracy(evaluate_folder(args.model, args.data, cfg.reward.subset, cfg.reward.eval_split,
+                                              cfg.reward.skip_invalid)))
         return
     from .pipeline import ensure_cost, ensure_reward
 

@@ -121,7 +121,8 @@ def ensure_policy(cfg: Config, progress: bool = True, resume: bool = False, init
         if from_pairs:  # user data without a prompt file: the preference data's prompts
             from .data.preferences import load_pairs
 
-            prompts = list(dict.fromkeys(p.prompt for p in load_pairs(cfg.reward.data, split=cfg.reward.split)[0]))
+            prompts = list(dict.fromkeys(p.prompt for p in load_pairs(cfg.reward.data, split=cfg.reward.split,
+                                                                    skip_invalid=cfg.reward.skip_invalid)[0]))
         else:
             prompts = load_prompts(pc.prompts or world / "ppo_prompts.jsonl")
         start = init or ensure_base(cfg, progress)
@@ -151,7 +152,7 @@ def ensure_sft(cfg: Config, progress: bool = True) -> str:
 
     world = ensure_world(cfg) if cfg.sft.data is None else None
     source = cfg.sft.data or str(world / "pairs_train.jsonl")
-    pairs, _ = load_pairs(source)
+    pairs, _ = load_pairs(source, skip_invalid=cfg.sft.skip_invalid)
     base = ensure_base(cfg, progress)
     out = run_dir(cfg) / "sft"
     key = cache_key("sft", read_key(base) or base, read_key(world) if world else source, cfg.seed,

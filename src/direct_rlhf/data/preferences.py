@@ -21,11 +21,17 @@ Rules for bad input (one `UserError` naming file, line and problem): malformed J
 ``chosen``/``rejected``, a transcript with no final Assistant turn, chosen and rejected that do not
 share a prompt, a non-UTF-8 file, and no pairs at all after filtering. Pairs whose chosen equals
 rejected carry no preference and are dropped (counted in `PairStats.dropped_identical`).
+
+Public datasets are not always clean, and a long job should not die on one bad record among a
+hundred thousand: with `skip_invalid` a record that breaks a per-record rule (no final Assistant
+turn, different prompts, a bad field) is dropped instead, counted in `PairStats.skipped_invalid`
+with the first reason kept, and logged. A malformed file (bad JSON or encoding) still stops the run.
 Truncation to a token budget happens at tokenisation (see `models.reward_model.encode`).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from dataclasses import dataclass, field
@@ -37,6 +43,7 @@ from ..io import read_jsonl
 from .chat_format import Message, parse, render, split_prompt_response
 
 Subset = Literal["all", "helpful", "harmless"]
+log = logging.getLogger("direct_rlhf")
 
 
 @dataclass(frozen=True)
@@ -59,19 +66,26 @@ class PairStats:
     kept: int = 0
     dropped_identical: int = 0
     filtered_subset: int = 0
+    skipped_invalid: int = 0               # only with skip_invalid
+    first_invalid: str | None = None       # the first skipped record's problem (file:line: ...)
     by_subset: dict[str, int] = field(default_factory=dict)
 
 
-def load_pairs(source: str | Path, subset: Subset = "all", split: str = "train") -> tuple[list[Pair], PairStats]:
+SKIP_HINT = "reward.skip_invalid=true (sft.skip_invalid=true for sft.data) drops such records and counts them"
+
+
+def load_pairs(source: str | Path, subset: Subset = "all", split: str = "train",
+               skip_invalid: bool = False) -> tuple[list[Pair], PairStats]:
     """Load preference pairs from a local JSONL file, a `save_to_disk` folder or a HF dataset name.
 
     `split` is used only for Hugging Face datasets. Raises `UserError` for anything the user must fix.
     """
     rows, label = _read_rows(source, split)
-    return pairs_from_rows(rows, label, subset)
+    return pairs_from_rows(rows, label, subset, skip_invalid)
 
 
-def pairs_from_rows(rows: Sequence[dict[str, Any]], label: str, subset: Subset = "all") -> tuple[list[Pair], PairStats]:
+def pairs_from_rows(rows: Sequence[dict[str, Any]], label: str, subset: Subset = "all",
+                    skip_invalid: bool = False) -> tuple[list[Pair], PairStats]:
     """Normalise raw records (each may carry `_line`, its 1-based position) into pairs."""
     stats = PairStats(source=label, rows=len(rows))
     if subset not in ("all", "helpful", "harmless"):
@@ -79,7 +93,14 @@ def pairs_from_rows(rows: Sequence[dict[str, Any]], label: str, subset: Subset =
     out: list[Pair] = []
     for i, row in enumerate(rows, 1):
         at = f"{label}:{row.get('_line', i)}"
-        pair = _to_pair(row, at)
+        try:
+            pair = _to_pair(row, at)
+        except UserError as err:
+            if not skip_invalid:
+                raise UserError(f"{err} ({SKIP_HINT})") from None
+            stats.skipped_invalid += 1
+            stats.first_invalid = stats.first_invalid or str(err)
+            continue
         if subset != "all":
             if pair.subset is None:
                 raise UserError(f"{at}: no 'subset' field, so the {subset} pairs cannot be selected (label each "
@@ -97,7 +118,12 @@ def pairs_from_rows(rows: Sequence[dict[str, Any]], label: str, subset: Subset =
     if not out:
         why = f" after keeping subset={subset}" if subset != "all" else ""
         why += f" ({stats.dropped_identical} dropped with chosen == rejected)" if stats.dropped_identical else ""
+        why += f" ({stats.skipped_invalid} skipped as invalid, the first: {stats.first_invalid})" \
+            if stats.skipped_invalid else ""
         raise UserError(f"{label}: no preference pairs{why}")
+    if stats.skipped_invalid:
+        log.warning("%s: skipped %d of %d records as invalid (skip_invalid); the first: %s",
+                    label, stats.skipped_invalid, stats.rows, stats.first_invalid)
     return out, stats
 
 

@@ -61,11 +61,11 @@ def preference_data(cfg: Config, world: Path | None, cost: bool = False) -> Pref
     if rc.data is None and world is None:
         raise ValueError("the toy world is needed when reward.data is null")
     train_src = rc.data if rc.data is not None else str(Path(world) / "pairs_train.jsonl")
-    train, train_stats = load_pairs(train_src, subset, rc.split)
+    train, train_stats = load_pairs(train_src, subset, rc.split, rc.skip_invalid)
     held_stats: PairStats | None = None
     if rc.eval_data is not None or rc.data is None or has_splits(rc.data):
         eval_src = rc.eval_data or (rc.data if rc.data is not None else str(Path(world) / "pairs_eval.jsonl"))
-        held, held_stats = load_pairs(eval_src, subset, rc.eval_split)
+        held, held_stats = load_pairs(eval_src, subset, rc.eval_split, rc.skip_invalid)
         eval_src = held_stats.source
     else:  # a local file and no eval file: hold out a seeded fraction
         train, held = split_holdout(train, rc.eval_fraction, cfg.seed)
@@ -269,11 +269,12 @@ def train_preference_model(cfg: Config, init: str, data: PreferenceData, out: Pa
 # Evaluating a saved folder (direct-rlhf reward --eval-only)
 
 
-def evaluate_folder(model_dir: str | Path, data: str, subset: str = "all", split: str = "test") -> dict[str, float]:
+def evaluate_folder(model_dir: str | Path, data: str, subset: str = "all", split: str = "test",
+                    skip_invalid: bool = False) -> dict[str, float]:
     """Pairwise accuracy of a saved reward model on a pair file, overall and per subset."""
     from ..models.reward_model import RewardScorer
 
-    pairs, _ = load_pairs(data, subset, split)  # type: ignore[arg-type]
+    pairs, _ = load_pairs(data, subset, split, skip_invalid)  # type: ignore[arg-type]
     scorer = RewardScorer(model_dir)
     prompts = [p.prompt for p in pairs]
     chosen = scorer.score(prompts, [p.chosen for p in pairs])  # size = (N,)
