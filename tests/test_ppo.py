@@ -160,11 +160,32 @@ def test_kl_runaway_stops_training_and_a_resume_stays_stopped(micro_run, tmp_pat
     assert stop is not None and stop["step"] == len(rows) < 6
     assert stop["mean_kl"] == pytest.approx(sum(r["kl/sequence"] for r in rows[-2:]) / 2, rel=1e-6)
     assert stop["mean_kl"] > 3 * 0.0001
+    assert stop["rolled_back_to"] is None and "no checkpoint from step 0 or earlier" in stop["reason"]
     again = _trainer(micro_run, tmp_path, extra)
     assert again.train(resume=True) is True and again.step_idx == stop["step"] and len(_metrics(tmp_path)) == len(rows)
     off = _trainer(micro_run, tmp_path / "off", ["ppo.steps=3", "ppo.kl_target=0.0001", "ppo.kl_stop=0"])
     off.train()
     assert off.stopped_early is None and len(_metrics(tmp_path / "off")) == 3
+
+
+def test_kl_runaway_rolls_the_policy_back_to_the_newest_checkpoint_before_the_window(micro_run, tmp_path):
+    from safetensors.torch import load_file
+
+    trainer = _trainer(micro_run, tmp_path, ["ppo.steps=8", "ppo.kl_stop=1000", "ppo.kl_stop_window=2"])
+    trainer.train(stop_after=4)  # healthy so far: checkpoints at steps 2 and 4
+    step2, step4 = (load_file(str(tmp_path / "checkpoints" / f"step-00000{k}" / "actor.safetensors")) for k in (2, 4))
+    trainer.pc.kl_stop = 1e-9    # now any KL is a runaway: it trips at step 5, whose window is steps 4-5
+    assert trainer.train() is True
+    stop = trainer.stopped_early
+    assert (stop["step"], stop["rolled_back_to"]) == (5, 2) and "the policy is step 2's" in stop["reason"]
+    actor = dict(trainer.acc.unwrap_model(trainer.actor).named_parameters())
+    assert all(torch.equal(actor[n], w) for n, w in step2.items())
+    assert any(not torch.equal(actor[n], w) for n, w in step4.items())
+    # the stop's own checkpoint holds the rolled-back policy, so a resume saves the same one
+    again = _trainer(micro_run, tmp_path, ["ppo.steps=8", "ppo.kl_stop=1000", "ppo.kl_stop_window=2"])
+    assert again.train(resume=True) is True and again.stopped_early["rolled_back_to"] == 2
+    resumed = dict(again.acc.unwrap_model(again.actor).named_parameters())
+    assert all(torch.equal(resumed[n], w) for n, w in step2.items())
 
 
 def test_ppo_cli_saves_a_plain_causal_lm_and_lora_reference_shares_weights(micro_run, tmp_path):

@@ -154,7 +154,8 @@ class PPOConfig:
     kl_horizon: int = 500
     kl_stop: float = 2.0              # with adaptive_kl: stop early when the sequence KL, averaged over the last
     kl_stop_window: int = 10          # kl_stop_window steps, exceeds kl_stop x kl_target (a policy running away
-                                      # from the base to game the reward; the controller is too slow); 0 = never
+                                      # from the base to game the reward; the controller is too slow), and roll
+                                      # the policy back to the newest checkpoint from before that window; 0 = never
     gamma: float = 1.0
     lam: float = 0.95
     clip_eps: float = 0.2

@@ -63,9 +63,18 @@ def save(root: Path, step: int, models: dict[str, torch.nn.Module], states: dict
     return out
 
 
+def completed(root: Path) -> list[Path]:
+    """The complete checkpoints under `root`, oldest first."""
+    return sorted(p for p in root.glob("step-*") if (p / STAMP).is_file())
+
+
 def latest(root: Path) -> Path | None:
-    done = sorted(p for p in root.glob("step-*") if (p / STAMP).is_file())
+    done = completed(root)
     return done[-1] if done else None
+
+
+def step_of(path: Path) -> int:
+    return int(path.name.removeprefix("step-"))
 
 
 def trainer_state(path: Path) -> dict[str, Any]:
@@ -74,6 +83,14 @@ def trainer_state(path: Path) -> dict[str, Any]:
 
 def load(path: Path, models: dict[str, torch.nn.Module]) -> tuple[dict[str, Any], dict[str, Any], list]:
     """Load weights into `models` in place; returns (optimiser states, trainer state, rng states)."""
+    load_weights(path, models)
+    states = torch.load(path / "optim.pt", weights_only=True)
+    rng = torch.load(path / "rng.pt", weights_only=True)
+    return states, json.loads((path / "trainer_state.json").read_text()), rng
+
+
+def load_weights(path: Path, models: dict[str, torch.nn.Module]) -> None:
+    """Load the saved trainable weights of each named model into it, in place."""
     for name, model in models.items():
         weights = load_file(str(path / f"{name}.safetensors"))
         missing = set(weights) - {n for n, _ in model.named_parameters()}
@@ -83,6 +100,3 @@ def load(path: Path, models: dict[str, torch.nn.Module]) -> tuple[dict[str, Any]
         with torch.no_grad():
             for n, w in weights.items():
                 params[n].copy_(w)
-    states = torch.load(path / "optim.pt", weights_only=True)
-    rng = torch.load(path / "rng.pt", weights_only=True)
-    return states, json.loads((path / "trainer_state.json").read_text()), rng

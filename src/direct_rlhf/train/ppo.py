@@ -434,6 +434,7 @@ class PPOTrainer:
                     if self.step_idx % self.pc.sample_every == 0 or self.step_idx == 1:
                         self._log_samples(samples_log, bar)
                 if self._kl_ran_away(stats["kl/sequence"]):
+                    self._roll_back()
                     log.warning("ppo: stopped early at step %d: %s", self.step_idx, self.stopped_early["reason"])
                 if (self.step_idx % self.pc.save_every == 0 or self.step_idx == self.pc.steps
                         or self.stopped_early is not None):
@@ -459,6 +460,22 @@ class PPOTrainer:
             f"sequence KL {mean:.2f} nats over the last {pc.kl_stop_window} steps > ppo.kl_stop={pc.kl_stop:g} x "
             f"ppo.kl_target={pc.kl_target:g} (the policy is running away from the base; see ppo.kl_stop)")}
         return True
+
+    def _roll_back(self) -> None:
+        """After a KL runaway, put back the actor of the newest checkpoint saved before the window
+        that tripped the stop (its own window had passed the check); the critic is not needed for
+        the policy. Without one (ppo.save_every too large, or too early), keep the last step's."""
+        limit = self.step_idx - self.pc.kl_stop_window
+        before = [p for p in checkpoint.completed(self.out / "checkpoints") if checkpoint.step_of(p) <= limit]
+        if not before:
+            self.stopped_early["rolled_back_to"] = None
+            self.stopped_early["reason"] += f"; no checkpoint from step {limit} or earlier, so the policy is step " \
+                                            f"{self.step_idx}'s"
+            return
+        checkpoint.load_weights(before[-1], {"actor": self.acc.unwrap_model(self.actor)})
+        step = checkpoint.step_of(before[-1])
+        self.stopped_early["rolled_back_to"] = step
+        self.stopped_early["reason"] += f"; the policy is step {step}'s, the newest checkpoint before the runaway"
 
     def _log_samples(self, fh, bar, k: int = 3) -> None:
         import json
