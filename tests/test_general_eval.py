@@ -112,6 +112,17 @@ def test_evaluate_general_in_process(world, tmp_path, monkeypatch):
     assert limited["toy_capitals"]["n"] == 3
 
 
+def test_progress_false_silences_lm_evals_own_bars(world, capfd):
+    evaluate_general(world["model"], world["tok"], ["toy_capitals"], world["tasks"], batch_size=8, limit=3)
+    assert "it/s]" in capfd.readouterr().err  # lm-eval's bars, drawn by default
+    evaluate_general(world["model"], world["tok"], ["toy_capitals"], world["tasks"], batch_size=8, limit=3,
+                     progress=False)
+    assert "it/s]" not in capfd.readouterr().err
+    import lm_eval.api.task
+    from tqdm import tqdm
+    assert lm_eval.api.task.tqdm is tqdm  # put back afterwards
+
+
 def test_matches_lm_eval_command_line(world, tmp_path):
     res = evaluate_general(world["model"], world["tok"], ["toy_capitals", "toy_addition"], world["tasks"], batch_size=8)
     out = tmp_path / "cli"

@@ -9,6 +9,8 @@ directory. The toy world's held-out multiple-choice files become lm-eval tasks t
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -106,6 +108,30 @@ def _quiet_lm_eval() -> None:
     logging.getLogger("lm_eval.models.huggingface").setLevel(logging.ERROR)
 
 
+@contextlib.contextmanager
+def _lm_eval_bars(show: bool):
+    """lm-eval draws its own tqdm bars and has no switch for some of them (building a task's
+    requests), so when progress is off, its modules' `tqdm` is a disabled one while it runs."""
+    if show:
+        yield
+        return
+    from tqdm import tqdm
+
+    mods = [importlib.import_module(m) for m in ("lm_eval.api.task", "lm_eval.api.model", "lm_eval.models.huggingface")]
+    mods = [m for m in mods if getattr(m, "tqdm", None) is tqdm]
+
+    def quiet(*args, **kwargs):  # a call's own disable= must not switch it back on
+        return tqdm(*args, **{**kwargs, "disable": True})
+
+    for m in mods:
+        m.tqdm = quiet
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.tqdm = tqdm
+
+
 def _pick(res: dict[str, Any], metric: str) -> tuple[float | None, float | None]:
     """(value, stderr) of `metric` under its first filter ("acc,none", "exact_match,strict-match")."""
     for key, val in res.items():
@@ -116,7 +142,8 @@ def _pick(res: dict[str, Any], metric: str) -> tuple[float | None, float | None]
 
 
 def evaluate_general(model: Any, tokenizer: Any, tasks: list[str], include_path: Path | None,
-                     batch_size: int = 32, limit: int | None = None, device: str = "cpu") -> dict:
+                     batch_size: int = 32, limit: int | None = None, device: str = "cpu",
+                     progress: bool = True) -> dict:
     """Score an in-memory HF causal LM on lm-eval tasks; return plain floats per task + `_mean`.
 
     `acc` is the task's accuracy (`exact_match` for generative tasks such as gsm8k); metrics a
@@ -167,13 +194,14 @@ def evaluate_general(model: Any, tokenizer: Any, tasks: list[str], include_path:
     if move:
         model.to(target)
     try:
-        out = lm_eval.simple_evaluate(
-            model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size),
-            tasks=run, task_manager=tm, limit=limit, batch_size=batch_size,
-            use_cache=None, cache_requests=False, write_out=False, log_samples=False,
-            # None: leave the caller's global RNGs alone (lm-eval would reseed random/numpy/torch).
-            random_seed=None, numpy_random_seed=None, torch_random_seed=None,
-        )
+        with _lm_eval_bars(progress):
+            out = lm_eval.simple_evaluate(
+                model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size),
+                tasks=run, task_manager=tm, limit=limit, batch_size=batch_size,
+                use_cache=None, cache_requests=False, write_out=False, log_samples=False,
+                # None: leave the caller's global RNGs alone (lm-eval would reseed random/numpy/torch).
+                random_seed=None, numpy_random_seed=None, torch_random_seed=None,
+            )
     finally:
         if move:
             model.to(old_device)

@@ -221,7 +221,7 @@ def evaluate_model(name: str, src: str, cfg: Config, inp: Inputs, tasks: list[st
     if tasks:
         log.info("[%s] general tasks: %s", name, ", ".join(tasks))
         out["general"] = evaluate_general(model, tokenizer, tasks, include, batch_size=ev.batch_size,
-                                          limit=ev.general_limit, device=ev.device)
+                                          limit=ev.general_limit, device=ev.device, progress=progress)
     timing["general"] = time.perf_counter() - t
 
     t = time.perf_counter()
