@@ -177,6 +177,9 @@ class PPOConfig:
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None  # attention kernel of
                                       # actor, reference, critic and reward model; null = transformers' default
                                       # (sdpa). On a CPU with short sequences eager is faster (Performance)
+    rollout_backend: Literal["hf", "vllm"] = "hf"   # generation: Hugging Face generate, or vLLM colocated on
+                                      # the trainer's GPU (needs CUDA and `pip install vllm`)
+    vllm_gpu_memory_utilization: float = 0.3  # the GPU memory fraction vLLM takes (weights + KV cache)
     bf16: bool = False                # mixed precision: every forward pass (generation, scoring, experience,
                                       # PPO epochs) under bfloat16 autocast; weights, optimiser and loss math
                                       # stay float32

@@ -3,7 +3,8 @@
 One `step()` reads top to bottom like the algorithm:
 
     rollout      sample responses from the actor (KV cache, stop at end of turn); the actor's
-                 log-probs of its tokens come from generation's own logits
+                 log-probs of its tokens come from generation's own logits (with
+                 ppo.rollout_backend=vllm: vLLM samples, the experience pass recomputes them)
     score        reward model on (prompt, response); normalise; penalise unfinished turns
     experience   log-probs of the reference, values of the critic: one forward pass each
     advantages   KL to the base folded into per-token rewards; GAE; whitening
@@ -85,6 +86,12 @@ class PPOTrainer:
         self.prompts = prompts
         self.tokenizer = load_tokenizer(base, cfg.model.trust_remote_code)
         dtype = cfg.model.dtype
+        self.vllm = None
+        if self.pc.rollout_backend == "vllm":  # first: vLLM sizes its share from the GPU's free memory
+            from ..rollout.vllm_generate import VLLMSampler
+
+            self.vllm = VLLMSampler(base, self.tokenizer, dtype, self.pc.vllm_gpu_memory_utilization,
+                                    cfg.seed + self.acc.process_index, self.acc.num_processes)
         actor = load_actor(base, dtype, self.pc.lora, cfg.model.trust_remote_code, cfg.model.gradient_checkpointing)
         self.ref = load_reference(base, dtype, self.pc.lora, cfg.model.trust_remote_code)
         critic = ValueModel.from_reward_model(reward_path, dtype)
@@ -148,9 +155,13 @@ class PPOTrainer:
         pc, t0 = self.pc, time.perf_counter()
         prompts = self.next_prompts()
         policy = self.acc.unwrap_model(self.actor)
+        if self.vllm is not None:  # outside autocast: vLLM runs its own kernels in its own dtype
+            self.vllm.load_weights(policy)
+            samples = self.vllm.sample(prompts, pc.max_new_tokens, pc.temperature, pc.top_p)
         with self._autocast():  # generation and the scorers (the trainer's own forwards autocast below)
-            samples = sample(policy, self.tokenizer, prompts, pc.max_new_tokens, pc.temperature, pc.top_p,
-                             batch_size=len(prompts), logprobs=True)
+            if self.vllm is None:
+                samples = sample(policy, self.tokenizer, prompts, pc.max_new_tokens, pc.temperature, pc.top_p,
+                                 batch_size=len(prompts), logprobs=True)
             t_gen = time.perf_counter()
             raw = self.reward_fn(prompts, samples.texts)  # size = (B,)
             cost = self.cost.score(prompts, samples.texts) if self.lagrangian else None
@@ -188,12 +199,14 @@ class PPOTrainer:
         seq, attn, pos, mask = self._assemble(prompts, samples.response_ids)
         B, R = mask.shape
         old_lp = torch.zeros(B, R, device=dev)                                      # size = (B, R)
-        for i, lp in enumerate(samples.logprobs):
+        for i, lp in enumerate(samples.logprobs or []):  # None from vLLM: recomputed below
             old_lp[i, :len(lp)] = lp.to(dev)
         ref_lp, values = torch.zeros(B, R, device=dev), torch.zeros(B, R, device=dev)
         cvalues = torch.zeros(B, R, device=dev) if cost is not None else None
         for mb in self._micro_batches(seq, attn, pos, mask, torch.arange(B, device=dev)):
             rows, r = mb.rows, mb.r
+            if samples.logprobs is None:
+                old_lp[rows, :r] = self._logprobs(self.acc.unwrap_model(self.actor), mb)
             with reference_mode(self.acc.unwrap_model(self.actor), self.ref) as ref:
                 ref_lp[rows, :r] = self._logprobs(ref, mb)
             values[rows, :r] = self._values(self.critic, mb)
