@@ -19,46 +19,51 @@ KLEstimator = Literal["k1", "k3"]
 # ----------------------------------------------------------------------------- masked statistics
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+AllSum = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None,
+                all_sum: AllSum | None = None) -> torch.Tensor:
     """Mean over entries where mask is 1, so padding never dilutes token-level averages.
 
     An all-zero mask gives 0 rather than NaN (an empty batch should not poison the loss).
+    ``all_sum`` (data parallel, whole-tensor means only) sums over processes, so every process
+    gets the statistic of the whole batch, however its rows were split.
     """
     mask = mask.to(x.dtype)
     if dim is None:
-        return (x * mask).sum() / mask.sum().clamp_min(1e-8)
+        s = all_sum or _local
+        return s((x * mask).sum()) / s(mask.sum()).clamp_min(1e-8)
     return (x * mask).sum(dim) / mask.sum(dim).clamp_min(1e-8)
 
 
-def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True,
+               all_sum: AllSum | None = None) -> torch.Tensor:
     """Variance over masked entries (Bessel-corrected if ``unbiased`` and more than one entry)."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+    mean = masked_mean(x, mask, all_sum=all_sum)
+    var = masked_mean((x - mean) ** 2, mask, all_sum=all_sum)
     if unbiased:
-        n = mask.to(x.dtype).sum()
+        n = (all_sum or _local)(mask.to(x.dtype).sum())
         var = var * torch.where(n > 1, n / (n - 1).clamp_min(1e-8), torch.ones_like(n))
     return var
 
 
 def masked_whiten(
     x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
-    all_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    all_sum: AllSum | None = None,
 ) -> torch.Tensor:
     """Normalise to unit (unbiased) variance using statistics of the masked entries only.
 
     ``shift_mean=False`` rescales but keeps the mean: used for rewards, where the sign of the
     mean carries information (advantages, in contrast, are fully centred).
     Padding positions are set to 0 so they cannot leak large values into later reductions.
-    ``all_sum`` (data parallel) sums a tensor over processes: every process then whitens with the
-    statistics of the whole batch, so an update does not depend on how rows were split.
+    ``all_sum`` (data parallel): whiten with the whole batch's statistics (see `masked_mean`).
     """
-    if all_sum is None:  # one process: the same statistics as masked_mean / masked_var, bit for bit
-        mean, var = masked_mean(x, mask), masked_var(x, mask)
-    else:
-        m = mask.to(x.dtype)
-        n = all_sum(m.sum())
-        mean = all_sum((x * m).sum()) / n.clamp_min(1e-8)
-        var = all_sum(((x - mean) ** 2 * m).sum()) / torch.where(n > 1, n - 1, torch.ones_like(n))
+    mean, var = masked_mean(x, mask, all_sum=all_sum), masked_var(x, mask, all_sum=all_sum)
     whitened = (x - mean) * torch.rsqrt(var + eps)  # size = x.shape
     if not shift_mean:
         whitened = whitened + mean

@@ -30,6 +30,14 @@ class Samples:
     ended: list[bool]                # stopped by itself (EOS or end-of-turn), not by the length limit
     logprobs: list[torch.Tensor] | None = None  # per row, size = (len(response_ids[i]),)
 
+    def add(self, tokenizer, row: list[int]) -> int:
+        """Cut one generated row at its end of turn (`cut_response`), append it; returns the kept length."""
+        ids, text, ended = cut_response(tokenizer, row)
+        self.response_ids.append(ids)
+        self.texts.append(text)
+        self.ended.append(ended)
+        return len(ids)
+
 
 @torch.no_grad()
 def sample(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float = 1.0,
@@ -56,12 +64,9 @@ def sample(model, tokenizer, prompts: list[str], max_new_tokens: int, temperatur
             new = gen[:, enc["input_ids"].shape[1]:]  # size = (b, S)
             lp = recorder.finish(new) if recorder else None
             for i, row in enumerate(new.tolist()):
-                ids, text, ended = cut_response(tokenizer, row)
-                out.response_ids.append(ids)
-                out.texts.append(text)
-                out.ended.append(ended)
+                kept = out.add(tokenizer, row)
                 if lp is not None:
-                    out.logprobs.append(lp[i, :len(ids)].cpu())
+                    out.logprobs.append(lp[i, :kept].cpu())
     finally:
         tokenizer.padding_side = padding_side
         model.train(was_training)

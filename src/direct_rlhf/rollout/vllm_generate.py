@@ -23,7 +23,7 @@ import torch
 
 from ..data.chat_format import END_OF_TURN
 from ..errors import UserError
-from .hf_generate import Samples, cut_response
+from .hf_generate import Samples
 
 EXTENSION = f"{__name__}.WeightLoader"
 
@@ -93,7 +93,7 @@ class VLLMSampler:
         params = SamplingParams(n=1, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
                                 stop=list(END_OF_TURN), include_stop_str_in_output=True,
                                 stop_token_ids=[tok.eos_token_id], skip_special_tokens=False)
-        ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        ids = tok(prompts, add_special_tokens=False)["input_ids"]
         outs = self.llm.generate([{"prompt_token_ids": x} for x in ids], params, use_tqdm=False)
         return samples_from_outputs(tok, prompts, outs)
 
@@ -106,8 +106,5 @@ def samples_from_outputs(tokenizer, prompts: list[str], outs: list[Any]) -> Samp
         row = list(c.token_ids)
         if c.finish_reason == "stop" and c.stop_reason is None and row[-1:] != [tokenizer.eos_token_id]:
             row.append(tokenizer.eos_token_id)  # stopped at EOS without returning it: keep it, as generate does
-        ids, text, ended = cut_response(tokenizer, row)
-        out.response_ids.append(ids)
-        out.texts.append(text)
-        out.ended.append(ended)
+        out.add(tokenizer, row)
     return out

@@ -154,15 +154,9 @@ class PPOTrainer:
     def step(self) -> dict[str, Any]:
         pc, t0 = self.pc, time.perf_counter()
         prompts = self.next_prompts()
-        policy = self.acc.unwrap_model(self.actor)
-        if self.vllm is not None:  # outside autocast: vLLM runs its own kernels in its own dtype
-            self.vllm.load_weights(policy)
-            samples = self.vllm.sample(prompts, pc.max_new_tokens, pc.temperature, pc.top_p)
-        with self._autocast():  # generation and the scorers (the trainer's own forwards autocast below)
-            if self.vllm is None:
-                samples = sample(policy, self.tokenizer, prompts, pc.max_new_tokens, pc.temperature, pc.top_p,
-                                 batch_size=len(prompts), logprobs=True)
-            t_gen = time.perf_counter()
+        samples = self._rollout(prompts)
+        t_gen = time.perf_counter()
+        with self._autocast():  # the scorers (the trainer's own forwards autocast in their helpers)
             raw = self.reward_fn(prompts, samples.texts)  # size = (B,)
             cost = self.cost.score(prompts, samples.texts) if self.lagrangian else None
         ended = torch.tensor(samples.ended, dtype=torch.float32)
@@ -192,6 +186,15 @@ class PPOTrainer:
         self.last_samples = samples
         return stats
 
+    def _rollout(self, prompts: list[str]) -> Samples:
+        pc, policy = self.pc, self.acc.unwrap_model(self.actor)
+        if self.vllm is not None:  # outside autocast: vLLM runs its own kernels in its own dtype
+            self.vllm.load_weights(policy)
+            return self.vllm.sample(prompts, pc.max_new_tokens, pc.temperature, pc.top_p)
+        with self._autocast():
+            return sample(policy, self.tokenizer, prompts, pc.max_new_tokens, pc.temperature, pc.top_p,
+                          batch_size=len(prompts), logprobs=True)
+
     @torch.no_grad()
     def make_experience(self, prompts: list[str], samples: Samples, score: torch.Tensor,
                         cost: torch.Tensor | None) -> tuple[Experience, dict[str, float]]:
@@ -203,11 +206,12 @@ class PPOTrainer:
             old_lp[i, :len(lp)] = lp.to(dev)
         ref_lp, values = torch.zeros(B, R, device=dev), torch.zeros(B, R, device=dev)
         cvalues = torch.zeros(B, R, device=dev) if cost is not None else None
+        actor = self.acc.unwrap_model(self.actor)
         for mb in self._micro_batches(seq, attn, pos, mask, torch.arange(B, device=dev)):
             rows, r = mb.rows, mb.r
             if samples.logprobs is None:
-                old_lp[rows, :r] = self._logprobs(self.acc.unwrap_model(self.actor), mb)
-            with reference_mode(self.acc.unwrap_model(self.actor), self.ref) as ref:
+                old_lp[rows, :r] = self._logprobs(actor, mb)
+            with reference_mode(actor, self.ref) as ref:
                 ref_lp[rows, :r] = self._logprobs(ref, mb)
             values[rows, :r] = self._values(self.critic, mb)
             if cost is not None:
