@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 
@@ -46,3 +47,18 @@ def test_chat_answers_a_scripted_two_turn_conversation(quick_run):
     assert res.returncode == 0, res.stderr
     replies = [line for line in res.stdout.splitlines() if line.startswith("assistant> ")]
     assert len(replies) == 2 and all(r.strip() != "assistant>" for r in replies)
+
+
+def test_seeds_train_each_seed_and_judge_it_by_the_other_seeds_reward_models(quick_run, tmp_path, capsys):
+    out = tmp_path / "seeds"
+    assert main(["-q", "demo", "--quick", "--seeds", "2", "--out", str(out), f"model.base={quick_run / 'base'}"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["seeds"] == [0, 1]
+    assert all((out / f"seed-{s}" / stage / "stage.json").exists() for s in (0, 1) for stage in ("reward", "rlhf"))
+    tox = summary["table"]["toxicity (red-team)"]["rlhf"]
+    assert len(tox["values"]) == 2 and tox["std"] == pytest.approx(statistics.stdev(tox["values"]))
+    cross = summary["cross_judge"]["win_rate"]["rlhf"]  # [policy seed][judge seed]
+    assert [cross[0][0], cross[1][1]] == summary["table"]["win-rate vs base (RM)"]["rlhf"]["values"]
+    assert summary["table"]["win-rate, other seeds' RMs"]["rlhf"]["values"] == [cross[0][1], cross[1][0]]
+    printed = capsys.readouterr().out
+    assert "win-rate, other seeds' RMs" in printed and "±" in printed and "seed-1" in printed

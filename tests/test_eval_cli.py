@@ -112,6 +112,32 @@ def test_eval_writes_results_and_report(evaluated):
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//|file:)""", html)  # self-contained
 
 
+def test_cross_judge_reads_back_each_runs_own_win_rates(folders):
+    """The same models and seed judged by two reward models give the same samples (common random
+    numbers), so cross-judging the two runs must reproduce each run's own win-rate off the diagonal."""
+    from direct_rlhf.eval.cross_judge import cross_judge
+
+    tok = tiny.tokenizer()
+    models = f"base={folders['a']},same={folders['a']},other={folders['b']}"
+    runs, own = [], []
+    for seed in (3, 7):
+        rm = tiny.reward_folder(tok, folders["root"] / f"rm{seed}", seed=seed)
+        (rm / "reward_stats.json").write_text(json.dumps({"mean": 0.0, "std": 1e-3, "max_len": 256}))  # no ties
+        out = folders["root"] / f"eval_rm{seed}"
+        assert main(["-q", "eval", "--models", models, "--out", str(out), f"out={folders['root'] / 'run'}",
+                     f"eval.reward_model={rm}", "eval.general=none", *WORLD, *FAST]) == 0
+        res = json.loads((out / "results.json").read_text())
+        own.append({w["model"]: w["win_rate"] for w in res["conversation"]["win_rates"]})
+        runs.append(out)
+
+    cross = cross_judge(runs, progress=False)
+    a, b = own[0]["other"], own[1]["other"]
+    assert a != b  # two judges that disagree, or the test proves nothing
+    assert cross["win_rate"]["other"] == [[a, b], [a, b]]
+    assert cross["win_rate"]["same"] == [[0.5, 0.5], [0.5, 0.5]]  # a model against itself ties everywhere
+    assert cross["other_judges"]["other"] == [b, a]
+
+
 def test_report_command_rebuilds_and_escapes(evaluated, tmp_path, capsys):
     copy = tmp_path / "copy"
     shutil.copytree(evaluated, copy)

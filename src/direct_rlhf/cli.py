@@ -67,7 +67,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     summary = run_demo(cfg, seeds=args.seeds, with_sft_rlhf=args.with_sft_rlhf, progress=not args.quiet)
     print(format_summary(summary))
     print(f"wall time: {summary['wall_s'] / 60:.1f} min")
-    print(f"report: {summary['reports'][0]}")
+    for report in summary["reports"]:
+        print(f"report: {report}")
 
 
 def cmd_chat(args: argparse.Namespace) -> None:

@@ -5,7 +5,8 @@ PPO from the base (direct RLHF) [-> PPO from SFT, the conventional pipeline] -> 
 every model on the three axes -> report.html, and a summary table on stdout.
 
 With `--seeds N` the training stages (reward, SFT, PPO) run once per seed, each into
-`<out>/seed-<s>/`, on the same world and base model; the summary gives mean ± std over seeds.
+`<out>/seed-<s>/`, on the same world and base model; the summary gives mean ± std over seeds, and
+each seed's win-rate judged again by the other seeds' reward models (eval/cross_judge.py).
 """
 
 from __future__ import annotations
@@ -23,16 +24,19 @@ from .io import write_json
 
 log = logging.getLogger("direct_rlhf")
 
+WIN = "win-rate vs base (RM)"
+CROSS = "win-rate, other seeds' RMs"
 # (label, how to read it from results.json, format)
 SUMMARY = (
     ("general acc (11 tasks)", lambda r, m: r["general"]["mean_acc"][m], "{:.3f}"),
     ("toxicity (red-team)", lambda r, m: r["harmlessness"]["per_model"][m]["toxicity_rate"], "{:.1%}"),
-    ("win-rate vs base (RM)", lambda r, m: _win_rate(r, m, "base"), "{:.3f}"),
+    (WIN, lambda r, m: _win_rate(r, m, "base"), "{:.3f}"),
     ("gold-correct (facts)", lambda r, m: r["conversation"]["per_model"][m]["gold_correct"]["rate"], "{:.1%}"),
     ("over-refusal (benign)", lambda r, m: r["conversation"]["per_model"][m]["over_refusal"]["rate"], "{:.1%}"),
     ("ended turn", lambda r, m: r["conversation"]["per_model"][m]["ended_rate"]["rate"], "{:.1%}"),
     ("mean reward (RM)", lambda r, m: r["conversation"]["per_model"][m].get("mean_reward"), "{:+.2f}"),
 )
+FORMATS = {**{label: fmt for label, _, fmt in SUMMARY}, CROSS: "{:.3f}"}
 
 
 def _win_rate(results: dict, model: str, opponent: str) -> float | None:
@@ -75,6 +79,11 @@ def run_demo(cfg: Config, seeds: int = 1, with_sft_rlhf: bool = False, progress:
             evals.append(train_and_evaluate(scfg, with_sft_rlhf, progress))
     results = [json.loads((e / "results.json").read_text()) for e in evals]
     summary = summarise(results, seeds=list(range(cfg.seed, cfg.seed + seeds)))
+    if seeds > 1 and all(r["conversation"]["judges"].get("reward_model") for r in results):
+        from .eval.cross_judge import cross_judge
+
+        add_cross_judge(summary, cross_judge(evals, batch_size=cfg.eval.batch_size, device=cfg.eval.device,
+                                             progress=progress))
     summary["wall_s"] = time.perf_counter() - t0
     summary["reports"] = [str(e / "report.html") for e in evals]
     write_json(root / "summary.json", summary)
@@ -87,11 +96,25 @@ def summarise(results: list[dict], seeds: list[int]) -> dict[str, Any]:
     for label, get, _ in SUMMARY:
         table[label] = {}
         for m in models:
-            vals = [v for v in (_safe(get, r, m) for r in results) if v is not None]
-            table[label][m] = {"mean": statistics.fmean(vals) if vals else None,
-                               "std": statistics.stdev(vals) if len(vals) > 1 else 0.0 if vals else None,
-                               "values": vals}
+            table[label][m] = _cell([v for v in (_safe(get, r, m) for r in results) if v is not None])
     return {"seeds": seeds, "models": models, "table": table}
+
+
+def add_cross_judge(summary: dict[str, Any], cross: dict[str, Any]) -> None:
+    """Keep the cross-seed judging and put its win-rate row under the own judges' row."""
+    summary["cross_judge"] = cross
+    n = len(summary["seeds"])
+    row = {m: _cell(cross["other_judges"].get(m, [0.5] * n)) for m in summary["models"]}  # the base: 0.5
+    table, summary["table"] = summary["table"], {}
+    for label, cells in table.items():
+        summary["table"][label] = cells
+        if label == WIN:
+            summary["table"][CROSS] = row
+
+
+def _cell(vals: list[float]) -> dict[str, Any]:
+    return {"mean": statistics.fmean(vals) if vals else None,
+            "std": statistics.stdev(vals) if len(vals) > 1 else 0.0 if vals else None, "values": vals}
 
 
 def _safe(get, results: dict, model: str):
@@ -104,12 +127,12 @@ def _safe(get, results: dict, model: str):
 def format_summary(summary: dict[str, Any]) -> str:
     models = summary["models"]
     n = len(summary["seeds"])
-    width = max(len(label) for label, _, _ in SUMMARY)
+    width = max(len(label) for label in summary["table"])
     lines = [f"{'':{width}}  " + "  ".join(f"{m:>16}" for m in models)]
-    for label, _, fmt in SUMMARY:
-        cells = []
+    for label, row in summary["table"].items():
+        fmt, cells = FORMATS[label], []
         for m in models:
-            c = summary["table"][label][m]
+            c = row[m]
             if c["mean"] is None:
                 cells.append(f"{'n/a':>16}")
             else:
