@@ -78,38 +78,31 @@ def run_demo(cfg: Config, seeds: int = 1, with_sft_rlhf: bool = False, progress:
                                        model=dataclasses.replace(cfg.model, base=base))
             evals.append(train_and_evaluate(scfg, with_sft_rlhf, progress))
     results = [json.loads((e / "results.json").read_text()) for e in evals]
-    summary = summarise(results, seeds=list(range(cfg.seed, cfg.seed + seeds)))
+    cross = None
     if seeds > 1 and all(r["conversation"]["judges"].get("reward_model") for r in results):
         from .eval.cross_judge import cross_judge
 
-        add_cross_judge(summary, cross_judge(evals, batch_size=cfg.eval.batch_size, device=cfg.eval.device,
-                                             progress=progress))
+        cross = cross_judge(evals, batch_size=cfg.eval.batch_size, device=cfg.eval.device, progress=progress)
+    summary = summarise(results, seeds=list(range(cfg.seed, cfg.seed + seeds)), cross=cross)
     summary["wall_s"] = time.perf_counter() - t0
     summary["reports"] = [str(e / "report.html") for e in evals]
     write_json(root / "summary.json", summary)
     return summary
 
 
-def summarise(results: list[dict], seeds: list[int]) -> dict[str, Any]:
+def summarise(results: list[dict], seeds: list[int], cross: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Mean ± std over seeds of each SUMMARY row; with `cross` (eval/cross_judge.py), its win-rate
+    row goes under the own judges' row and the whole matrix into the summary."""
     models = list(results[0]["models"])
     table: dict[str, dict[str, Any]] = {}
     for label, get, _ in SUMMARY:
-        table[label] = {}
-        for m in models:
-            table[label][m] = _cell([v for v in (_safe(get, r, m) for r in results) if v is not None])
-    return {"seeds": seeds, "models": models, "table": table}
-
-
-def add_cross_judge(summary: dict[str, Any], cross: dict[str, Any]) -> None:
-    """Keep the cross-seed judging and put its win-rate row under the own judges' row."""
-    summary["cross_judge"] = cross
-    n = len(summary["seeds"])
-    row = {m: _cell(cross["other_judges"].get(m, [0.5] * n)) for m in summary["models"]}  # the base: 0.5
-    table, summary["table"] = summary["table"], {}
-    for label, cells in table.items():
-        summary["table"][label] = cells
-        if label == WIN:
-            summary["table"][CROSS] = row
+        table[label] = {m: _cell([v for v in (_safe(get, r, m) for r in results) if v is not None]) for m in models}
+        if label == WIN and cross is not None:  # the reference (base) has no row of its own: 0.5
+            table[CROSS] = {m: _cell(cross["other_judges"].get(m, [0.5] * len(seeds))) for m in models}
+    summary = {"seeds": seeds, "models": models, "table": table}
+    if cross is not None:
+        summary["cross_judge"] = cross
+    return summary
 
 
 def _cell(vals: list[float]) -> dict[str, Any]:

@@ -86,7 +86,7 @@ def load(path: Path, models: dict[str, torch.nn.Module]) -> tuple[dict[str, Any]
     load_weights(path, models)
     states = torch.load(path / "optim.pt", weights_only=True)
     rng = torch.load(path / "rng.pt", weights_only=True)
-    return states, json.loads((path / "trainer_state.json").read_text()), rng
+    return states, trainer_state(path), rng
 
 
 def load_weights(path: Path, models: dict[str, torch.nn.Module]) -> None:
