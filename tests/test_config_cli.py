@@ -68,6 +68,14 @@ def test_every_shipped_recipe_is_in_range():
     assert load_config(None, ["ppo.entropy_coef=-0.02", "ppo.no_end_penalty=-2"]).ppo.entropy_coef == -0.02
 
 
+def test_overrides_may_follow_an_option_and_anything_else_is_refused(tmp_path):
+    res = _cli("toyworld", "world.seed=1", "--out", str(tmp_path / "w"), "world.sed=1")
+    assert res.returncode == 2 and "unknown config key 'world.sed'" in res.stderr  # read, not ignored
+    res = _cli("toyworld", "--out", str(tmp_path / "w"), "world.seed=1", "--nope")
+    assert res.returncode == 2 and "unrecognized arguments: --nope" in res.stderr
+    assert not (tmp_path / "w").exists()
+
+
 def test_overrides_are_typed():
     cfg = load_config(None, ["pretrain.lr=1e-3", "pretrain.steps=7", "model.base=null"])
     assert cfg.pretrain.lr == 1e-3 and cfg.pretrain.steps == 7 and cfg.model.base is None

@@ -179,9 +179,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """parse_args, but KEY=VALUE overrides may also follow an option (`ppo --resume ppo.steps=450`),
+    which argparse alone refuses once an option has ended the positional list."""
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        args = _parse(build_parser(), argv)
         logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                             format="%(message)s", stream=sys.stderr)
         if args.quiet:  # libraries' own progress bars too
