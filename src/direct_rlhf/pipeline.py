@@ -18,6 +18,9 @@ from .errors import UserError
 log = logging.getLogger("direct_rlhf")
 
 
+RESUMABLE_PPO_SETTINGS = ("steps", "save_every", "sample_every")
+
+
 def run_dir(cfg: Config) -> Path:
     return Path(cfg.out)
 
@@ -129,15 +132,22 @@ def ensure_policy(cfg: Config, progress: bool = True, resume: bool = False, init
         reward = pc.reward_model or ensure_reward(cfg, progress)
         cost = (pc.cost_model or ensure_cost(cfg, progress)) if pc.lagrangian else None
     out, work = run_dir(cfg) / name, run_dir(cfg) / f"{name}-work"
-    key = cache_key("ppo", read_key(start) or start, read_key(reward) or reward,
-                    (read_key(cost) or cost) if cost else None, cfg.seed, cfg.section_dict("ppo", "model"))
+    inputs = (read_key(start) or start, read_key(reward) or reward, (read_key(cost) or cost) if cost else None,
+              cfg.seed)
+    settings = cfg.section_dict("ppo", "model")
+    key = cache_key("ppo", *inputs, settings)
+    # a checkpoint may be continued by a longer run (`--resume ppo.steps=N`): its key leaves out
+    # the settings that do not change the steps already taken
+    for name in RESUMABLE_PPO_SETTINGS:
+        settings["ppo"].pop(name)
+    resume_key = cache_key("ppo-resume", *inputs, settings)
     if is_fresh(out, key):
         log.info("%s policy: cached at %s", name, out)
         return str(out)
     ptx = ptx_texts(pc.ptx_data, world) if pc.ptx_coef > 0 else None
     log.info("%s policy: PPO from %s into %s", name, start, out)
     trainer = PPOTrainer(cfg, start, reward, prompts, work, cost_path=cost, ptx_texts=ptx, key=key,
-                         progress=progress)
+                         progress=progress, resume_key=resume_key)
     trainer.train(resume=resume)
     trainer.save_policy(out, {"stage": "ppo", "key": key, "seed": cfg.seed, "init": start, "reward": reward,
                               "config": cfg.section_dict("ppo"), "stopped_early": trainer.stopped_early})

@@ -75,10 +75,13 @@ class MicroBatch(NamedTuple):
 class PPOTrainer:
     def __init__(self, cfg: Config, base: str, reward_path: str, prompts: list[str], out: Path,
                  cost_path: str | None = None, ptx_texts: list[str] | None = None, key: str = "",
-                 progress: bool = True, reward_fn=None):
+                 progress: bool = True, reward_fn=None, resume_key: str | None = None):
+        """`key` names the finished run's inputs; `resume_key` those a checkpoint must share to be
+        continued (the same, except the run's length: see pipeline.ensure_policy)."""
         from ..models.reward_model import RewardScorer
 
         self.cfg, self.pc, self.out, self.progress, self.key = cfg, cfg.ppo, Path(out), progress, key
+        self.resume_key = resume_key or key
         self.acc = Accelerator(cpu=not torch.cuda.is_available())
         seed_everything(cfg.seed + self.acc.process_index)
         if not prompts:
@@ -396,7 +399,8 @@ class PPOTrainer:
             states = {"opt_a": self.opt_a.state_dict(), "opt_c": self.opt_c.state_dict()}
             if self.lagrangian:
                 states["opt_cc"] = self.opt_cc.state_dict()
-            trainer_state = {"step": self.step_idx, "key": self.key, "kl_ctl": self.kl_ctl.state_dict(), "rng": rngs,
+            trainer_state = {"step": self.step_idx, "key": self.key, "resume_key": self.resume_key,
+                             "kl_ctl": self.kl_ctl.state_dict(), "rng": rngs,
                              "recent_kl": self.recent_kl, "stopped_early": self.stopped_early,
                              "lambda": self.lam.state_dict() if self.lagrangian else None,
                              "config": asdict(self.pc)}
@@ -409,9 +413,13 @@ class PPOTrainer:
         if path is None:
             return False
         ts = checkpoint.trainer_state(path)
-        if ts.get("key") != self.key:
-            raise UserError(f"{path}: checkpoint was made with another config or inputs; "
-                            f"remove {path.parent} or run without --resume")
+        same = ts["resume_key"] == self.resume_key if "resume_key" in ts else ts.get("key") == self.key
+        if not same:
+            raise UserError(f"{path}: checkpoint was made with another config or inputs (only ppo.steps, "
+                            f"ppo.save_every and ppo.sample_every may change); remove {path.parent} "
+                            f"or run without --resume")
+        if ts["step"] > self.pc.steps:
+            raise UserError(f"{path}: checkpoint is at step {ts['step']}, past ppo.steps={self.pc.steps}")
         states, ts, rngs = checkpoint.load(path, self._models())
         if len(rngs) != self.acc.num_processes:
             raise UserError(f"{path}: saved with {len(rngs)} processes, resuming with {self.acc.num_processes}")
