@@ -40,13 +40,16 @@ def test_second_run_reuses_every_training_stage(quick_run):
     assert before == after
 
 
-def test_chat_answers_a_scripted_two_turn_conversation(quick_run):
+def test_chat_answers_a_scripted_two_turn_conversation(quick_run, capsys):
     res = subprocess.run([sys.executable, "-m", "direct_rlhf", "chat", str(quick_run / "rlhf"), "--temperature", "0"],
                          input="What is the capital of France?\nAnd of Spain?\n", capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stderr
     replies = [line for line in res.stdout.splitlines() if line.startswith("assistant> ")]
     assert len(replies) == 2 and all(r.strip() != "assistant>" for r in replies)
+    # a mistyped folder: one plain line, not a hub-id validation error
+    assert main(["chat", str(quick_run / "rlfh")]) == 2
+    assert capsys.readouterr().err.strip() == f"direct-rlhf: error: {quick_run / 'rlfh'}: model folder not found"
 
 
 def test_seeds_train_each_seed_and_judge_it_by_the_other_seeds_reward_models(quick_run, tmp_path, capsys):
