@@ -438,8 +438,8 @@ class PPOTrainer:
     # ------------------------------------------------------------------ the loop
     def train(self, resume: bool = False, stop_after: int | None = None) -> bool:
         """Run to `ppo.steps` (or stop after `stop_after` steps, for tests); True when finished."""
-        if resume:
-            self.resume()
+        if resume and not self.resume():
+            log.info("ppo: no checkpoint in %s yet; starting from step 0", self.out / "checkpoints")
         logger = MetricsLogger(self.out / "logs", append=resume) if self.acc.is_main_process else None
         samples_log = (self.out / "logs" / "samples.jsonl").open("a" if resume else "w") \
             if self.acc.is_main_process else None
