@@ -112,9 +112,12 @@ def test_evaluate_general_in_process(world, tmp_path, monkeypatch):
     assert limited["toy_capitals"]["n"] == 3
 
 
-def test_progress_false_silences_lm_evals_own_bars(world, capfd):
+def test_progress_false_silences_lm_evals_own_bars(world, capfd, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # outside any git repository
     evaluate_general(world["model"], world["tok"], ["toy_capitals"], world["tasks"], batch_size=8, limit=3)
-    assert "it/s]" in capfd.readouterr().err  # lm-eval's bars, drawn by default
+    err = capfd.readouterr().err
+    assert "it/s]" in err  # lm-eval's bars, drawn by default
+    assert "not a git repository" not in err  # lm-eval's commit probe is kept off the terminal
     evaluate_general(world["model"], world["tok"], ["toy_capitals"], world["tasks"], batch_size=8, limit=3,
                      progress=False)
     assert "it/s]" not in capfd.readouterr().err

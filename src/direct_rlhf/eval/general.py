@@ -109,6 +109,23 @@ def _quiet_lm_eval() -> None:
 
 
 @contextlib.contextmanager
+def _no_git_probe():
+    """lm-eval records the current directory's commit by running `git describe`, whose "fatal: not
+    a git repository" reaches the terminal whenever we run outside one; we never use that field."""
+    import lm_eval.evaluator
+
+    probe = getattr(lm_eval.evaluator, "get_git_commit_hash", None)
+    if probe is None:  # a later lm-eval without it
+        yield
+        return
+    lm_eval.evaluator.get_git_commit_hash = lambda: None
+    try:
+        yield
+    finally:
+        lm_eval.evaluator.get_git_commit_hash = probe
+
+
+@contextlib.contextmanager
 def _lm_eval_bars(show: bool):
     """lm-eval draws its own tqdm bars and has no switch for some of them (building a task's
     requests), so when progress is off, its modules' `tqdm` is a disabled one while it runs."""
@@ -194,7 +211,7 @@ def evaluate_general(model: Any, tokenizer: Any, tasks: list[str], include_path:
     if move:
         model.to(target)
     try:
-        with _lm_eval_bars(progress):
+        with _lm_eval_bars(progress), _no_git_probe():
             out = lm_eval.simple_evaluate(
                 model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size),
                 tasks=run, task_manager=tm, limit=limit, batch_size=batch_size,
