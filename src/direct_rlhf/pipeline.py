@@ -138,8 +138,8 @@ def ensure_policy(cfg: Config, progress: bool = True, resume: bool = False, init
     key = cache_key("ppo", *inputs, settings)
     # a checkpoint may be continued by a longer run (`--resume ppo.steps=N`): its key leaves out
     # the settings that do not change the steps already taken
-    for name in RESUMABLE_PPO_SETTINGS:
-        settings["ppo"].pop(name)
+    for setting in RESUMABLE_PPO_SETTINGS:
+        settings["ppo"].pop(setting)
     resume_key = cache_key("ppo-resume", *inputs, settings)
     if is_fresh(out, key):
         log.info("%s policy: cached at %s", name, out)
