@@ -21,6 +21,16 @@ log = logging.getLogger("direct_rlhf")
 RESUMABLE_PPO_SETTINGS = ("steps", "save_every", "sample_every")
 
 
+_said_cached: set[tuple[str, str]] = set()
+
+
+def _log_cached(what: str, out: str | Path) -> None:
+    """Once per artifact and process: every later stage asks for the world and the base again."""
+    if (what, str(out)) not in _said_cached:
+        _said_cached.add((what, str(out)))
+        log.info("%s: cached at %s", what, out)
+
+
 def run_dir(cfg: Config) -> Path:
     return Path(cfg.out)
 
@@ -34,7 +44,7 @@ def ensure_world(cfg: Config) -> Path:
     out = run_dir(cfg) / "world"
     key = cache_key("world", GENERATOR_VERSION, asdict(cfg.world))
     if is_fresh(out, key):
-        log.info("toy world: cached at %s", out)
+        _log_cached("toy world", out)
         return out
     write_world(cfg.world, out)
     stamp(out, key, stage="world")
@@ -53,7 +63,7 @@ def ensure_base(cfg: Config, progress: bool = True) -> str:
     # keyed by the corpus itself: changing preference pairs or prompts does not retrain the base
     key = cache_key("base", file_digest(world / "corpus.jsonl"), cfg.seed, cfg.section_dict("model", "pretrain"))
     if is_fresh(out, key):
-        log.info("base model: cached at %s", out)
+        _log_cached("base model", out)
         return str(out)
     log.info("base model: pretraining into %s", out)
     pretrain(cfg, world / "corpus.jsonl", out, run_dir(cfg) / "logs" / "pretrain", key, progress)
@@ -81,7 +91,7 @@ def _ensure_preference_model(cfg: Config, stage: str, progress: bool) -> str:
     key = cache_key(stage, read_key(init) or init, data.key, read_key(run_dir(cfg) / "world") if needs_world else None,
                     cfg.seed, cfg.section_dict("reward"), cfg.model.dtype)
     if is_fresh(out, key):
-        log.info("%s model: cached at %s", stage, out)
+        _log_cached(f"{stage} model", out)
         return str(out)
     log.info("%s model: training into %s", stage, out)
     train_preference_model(cfg, init, data, out, run_dir(cfg) / "logs" / stage, key, progress, stage=stage)
@@ -142,7 +152,7 @@ def ensure_policy(cfg: Config, progress: bool = True, resume: bool = False, init
         settings["ppo"].pop(setting)
     resume_key = cache_key("ppo-resume", *inputs, settings)
     if is_fresh(out, key):
-        log.info("%s policy: cached at %s", name, out)
+        _log_cached(f"{name} policy", out)
         return str(out)
     ptx = ptx_texts(pc.ptx_data, world) if pc.ptx_coef > 0 else None
     log.info("%s policy: PPO from %s into %s", name, start, out)
@@ -168,7 +178,7 @@ def ensure_sft(cfg: Config, progress: bool = True) -> str:
     key = cache_key("sft", read_key(base) or base, read_key(world) if world else source, cfg.seed,
                     cfg.section_dict("sft", "model"))
     if is_fresh(out, key):
-        log.info("sft model: cached at %s", out)
+        _log_cached("sft model", out)
         return str(out)
     log.info("sft model: fine-tuning %s on %d chosen responses into %s", base, len(pairs), out)
     train_sft(cfg, base, pairs, out, run_dir(cfg) / "logs" / "sft", key, progress)
