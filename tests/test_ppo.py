@@ -152,14 +152,18 @@ def test_resume_reproduces_the_uninterrupted_run(micro_run, tmp_path):
 
 
 def test_a_finished_run_continued_to_more_steps_equals_the_longer_run(micro_run, tmp_path, capsys):
-    def ppo(out, *extra):
-        return main(["-q", "ppo", "--out", str(tmp_path / out), *MICRO, *PPO_MICRO, f"model.base={micro_run / 'base'}",
-                     f"ppo.reward_model={micro_run / 'rm'}", f"ppo.prompts={micro_run / 'world' / 'ppo_prompts.jsonl'}",
-                     *extra])
+    def ppo(out, *extra, quiet=True):
+        return main([*(["-q"] if quiet else []), "ppo", "--out", str(tmp_path / out), *MICRO, *PPO_MICRO,
+                     f"model.base={micro_run / 'base'}", f"ppo.reward_model={micro_run / 'rm'}",
+                     f"ppo.prompts={micro_run / 'world' / 'ppo_prompts.jsonl'}", *extra])
 
     assert ppo("long", "ppo.steps=4") == 0
     assert ppo("short", "ppo.steps=2") == 0
-    assert ppo("short", "--resume", "ppo.steps=4", "ppo.sample_every=1") == 0  # length and logging may change
+    capsys.readouterr()
+    # length and logging may change; the sample lines go to stderr with the bars, stdout keeps the result
+    assert ppo("short", "--resume", "ppo.steps=4", "ppo.sample_every=1", quiet=False) == 0
+    out, err = capsys.readouterr()
+    assert out == f"policy: {tmp_path / 'short' / 'rlhf'}\n" and "[step 4]" in err
     a, b = _metrics(tmp_path / "long" / "rlhf-work"), _metrics(tmp_path / "short" / "rlhf-work")
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     assert a[-1]["loss/policy"] == pytest.approx(b[-1]["loss/policy"], rel=1e-5, abs=1e-6)
@@ -167,7 +171,6 @@ def test_a_finished_run_continued_to_more_steps_equals_the_longer_run(micro_run,
     for (name, w), v in zip(long.named_parameters(), short.parameters()):
         torch.testing.assert_close(w, v, rtol=1e-5, atol=1e-6, msg=name)
     # anything else changed: refused, and the finished policy is kept
-    capsys.readouterr()
     assert ppo("short", "--resume", "ppo.steps=6", "ppo.actor_lr=1e-3") == 2
     assert "only ppo.steps, ppo.save_every and ppo.sample_every may change" in capsys.readouterr().err
     assert ppo("short", "--resume", "ppo.steps=3") == 2  # the checkpoint is past the end

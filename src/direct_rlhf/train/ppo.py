@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -511,7 +512,7 @@ class PPOTrainer:
         fh.flush()
         if self.progress:
             p, t = s.prompts[0], s.texts[0]
-            bar.write(f"[step {self.step_idx}] {p.strip()[-80:]!r} -> {t.strip()[:100]!r}")
+            bar.write(f"[step {self.step_idx}] {p.strip()[-80:]!r} -> {t.strip()[:100]!r}", file=sys.stderr)
 
     def save_policy(self, out: Path, info: dict[str, Any]) -> Path | None:
         from .common import save_model_folder
