@@ -140,11 +140,13 @@ def main() -> None:
                    help="config overrides for a variant, e.g. ppo.micro_batch_size=32")
     p.add_argument("--models", type=Path, help="(used by ppo_vs_trl.py) a folder from build(): time only, "
                    "write the raw per-step rows to --out")
+    p.add_argument("--prompts", type=Path, help="with --models: the prompts file (default: the world's PPO prompts)")
     args = p.parse_args()
     if args.models:
         d = args.models
-        res = time_ours(d / "base", d / "reward", d / "world" / "ppo_prompts.jsonl", Path(tempfile.mkdtemp()),
-                        args.steps, args.warmup, overrides=args.set)
+        prompts = args.prompts or d / "world" / "ppo_prompts.jsonl"
+        res = time_ours(d / "base", d / "reward", prompts, Path(tempfile.mkdtemp()), args.steps, args.warmup,
+                        overrides=args.set)
         args.out.write_text(json.dumps(res, indent=2))
         return
     res = run(args.hidden, args.layers, args.steps, args.warmup, args.set)

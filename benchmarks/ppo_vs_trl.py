@@ -18,7 +18,10 @@ training phase's FLOP/s (torch's FLOP counter) against this machine's matrix-pro
 run's precision, measured here with 2048x2048 products.
 
     .venv/bin/python benchmarks/ppo_vs_trl.py [--out results.json] [--rounds 2 --steps 3 --warmup 1] [--bf16]
-                                              [--attn eager]
+                                              [--attn eager] [--history-turns N]
+
+`--history-turns N` puts 0..N earlier exchanges before each prompt, so prompt lengths spread as in
+multi-turn chat data (the toy prompts alone are 10-79 tokens), to show what padding costs.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -45,6 +49,7 @@ TRL_VERSION = "1.12.0"
 # rows per training forward pass on both sides: our ppo.micro_batch_size default, and TRL's
 # per_device_train_batch_size with gradient accumulation up to the 32-row mini-batch
 MICRO_BATCH = 8
+PROMPTS = "prompts.jsonl"  # under each size's model folder; both sides read it
 
 
 def trl_python(venv: Path) -> Path:
@@ -88,12 +93,12 @@ def matmul_peak_gflops(n: int = 2048, reps: int = 10, dtype: torch.dtype = torch
 def run_side(side: str, models: Path, steps: int, warmup: int, trl_py: Path, bf16: bool, attn: str | None) -> dict:
     out = models / f"{side}-{time.monotonic_ns()}.json"
     if side == "ours":
-        cmd = [sys.executable, str(HERE / "ppo_step.py"), "--models", str(models),
+        cmd = [sys.executable, str(HERE / "ppo_step.py"), "--models", str(models), "--prompts", str(models / PROMPTS),
                "--set", f"ppo.micro_batch_size={MICRO_BATCH}", f"ppo.bf16={str(bf16).lower()}",
                *([f"ppo.attn_implementation={attn}"] if attn else [])]
     else:
         cmd = [str(trl_py), str(HERE / "trl_ppo_worker.py"), "--base", str(models / "base"),
-               "--reward", str(models / "reward"), "--prompts", str(models / "world" / "ppo_prompts.jsonl"),
+               "--reward", str(models / "reward"), "--prompts", str(models / PROMPTS),
                "--workdir", tempfile.mkdtemp(), "--micro-batch", str(MICRO_BATCH), *(["--bf16"] if bf16 else []),
                *(["--attn", attn] if attn else [])]
     proc = subprocess.run(cmd + ["--steps", str(steps), "--warmup", str(warmup), "--out", str(out)],
@@ -103,11 +108,28 @@ def run_side(side: str, models: Path, steps: int, warmup: int, trl_py: Path, bf1
     return json.loads(out.read_text())
 
 
+def write_prompts(models: Path, history_turns: int, seed: int = 0) -> dict:
+    """The prompts both sides read, `models/prompts.jsonl`: the toy world's PPO prompts, each after
+    0..history_turns earlier exchanges (other prompts of the world, each answered " OK."), so that
+    prompt lengths spread as in multi-turn chat data; returns their lengths in tokens."""
+    from transformers import AutoTokenizer
+
+    rows = [json.loads(line)["prompt"] for line in (models / "world" / "ppo_prompts.jsonl").open(encoding="utf-8")]
+    rng = random.Random(seed)
+    prompts = ["".join(f"{rng.choice(rows)} OK." for _ in range(rng.randint(0, history_turns))) + p for p in rows]
+    (models / PROMPTS).write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts), encoding="utf-8")
+    tok = AutoTokenizer.from_pretrained(models / "base")
+    lengths = sorted(len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts)
+    return {"history_turns": history_turns, "min": lengths[0], "median": statistics.median(lengths),
+            "max": lengths[-1]}
+
+
 def bench_size(hidden: int, layers: int, rounds: int, steps: int, warmup: int, trl_py: Path, tmp: Path,
-               bf16: bool, attn: str | None) -> dict:
+               bf16: bool, attn: str | None, history_turns: int = 0) -> dict:
     models = tmp / f"h{hidden}-l{layers}"
     models.mkdir()
     build(models, hidden, layers)
+    prompt_tokens = write_prompts(models, history_turns)
     raw: dict[str, list[dict]] = {"ours": [], "trl": []}
     for r in range(rounds):
         order = ("ours", "trl") if r % 2 == 0 else ("trl", "ours")  # alternate who runs first
@@ -127,7 +149,8 @@ def bench_size(hidden: int, layers: int, rounds: int, steps: int, warmup: int, t
     res["train_tokens_ratio"] = res["ours"]["median_train_tokens"] / trl["median_train_tokens"]
     res["time_ratio"] = res["ours"]["median_step_s"] / res["trl"]["median_step_s"]
     res["memory_ratio"] = res["ours"]["peak_rss_mib"] / res["trl"]["peak_rss_mib"]
-    return {"hidden": hidden, "layers": layers, "steps_timed_per_side": rounds * steps, **res}
+    return {"hidden": hidden, "layers": layers, "steps_timed_per_side": rounds * steps, "prompt_tokens": prompt_tokens,
+            **res}
 
 
 def print_table(result: dict) -> None:
@@ -137,6 +160,8 @@ def print_table(result: dict) -> None:
           f"{result['threads']} threads); matmul peak {peak:.0f} GFLOP/s")
     print(f"{'size':<12}{'side':<6}{'s/step':>8}{'RSS MiB':>9}  {'gen / score / exp / train (s)':<32}{'gen tok/s':>10}")
     for s in result["sizes"]:
+        pt = s["prompt_tokens"]
+        print(f"{s['hidden']}x{s['layers']}: prompts of {pt['min']}-{pt['max']} tokens (median {pt['median']:g})")
         for side in ("ours", "trl"):
             r = s[side]
             split = " / ".join(f"{r['median_split_s'][k]:.2f}" for k in PHASES)
@@ -159,6 +184,8 @@ def main() -> None:
     p.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision on both sides")
     p.add_argument("--attn", choices=("eager", "sdpa"), help="attention implementation on both sides "
                    "(default: transformers' own, sdpa)")
+    p.add_argument("--history-turns", type=int, default=0, metavar="N",
+                   help="put 0..N earlier exchanges before each prompt (longer, more spread prompt lengths)")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     dtype = torch.bfloat16 if args.bf16 else torch.float32
@@ -173,7 +200,7 @@ def main() -> None:
         for size in args.sizes.split(","):
             hidden, layers = (int(x) for x in size.lower().split("x"))
             result["sizes"].append(bench_size(hidden, layers, args.rounds, args.steps, args.warmup, trl_py, Path(d),
-                                             args.bf16, args.attn))
+                                             args.bf16, args.attn, args.history_turns))
     # measured before and after the runs; the higher is the peak
     result["matmul_gflop_per_s_before_after"] = [peak_before, matmul_peak_gflops(dtype=dtype)]
     result["matmul_peak_gflop_per_s"] = max(result["matmul_gflop_per_s_before_after"])

@@ -38,3 +38,27 @@ def test_logprob_memory_benchmark_runs_both_ways(tmp_path):
     res = json.loads(out.read_text())
     assert [r["mode"] for r in res["runs"]] == ["step_by_step", "output_logits"]
     assert all(r["shape"] == [2, 4] and r["peak_rss_mib"] >= r["rss_before_generate_mib"] for r in res["runs"])
+
+
+def test_side_by_side_prompts_spread_longer_stay_valid_and_reach_our_step(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import ppo_step
+    import ppo_vs_trl
+
+    from direct_rlhf.data.chat_format import parse
+
+    ppo_step.build(tmp_path, 32, 1)
+    world = [json.loads(line)["prompt"] for line in (tmp_path / "world" / "ppo_prompts.jsonl").open()]
+    plain = ppo_vs_trl.write_prompts(tmp_path, 0)
+    assert [json.loads(line)["prompt"] for line in (tmp_path / "prompts.jsonl").open()] == world
+    longer = ppo_vs_trl.write_prompts(tmp_path, 4)
+    assert longer["median"] > plain["median"] and longer["max"] > plain["max"] and longer["min"] >= plain["min"]
+    for line in (tmp_path / "prompts.jsonl").open():  # each a chat of alternating turns, ending in an open one
+        turns = parse(json.loads(line)["prompt"])
+        assert [m.role for m in turns] == ["user", "assistant"] * (len(turns) // 2) and turns[-1].content == ""
+    out = tmp_path / "rows.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ppo_step.py"), "--models", str(tmp_path),
+                    "--prompts", str(tmp_path / "prompts.jsonl"), "--steps", "1", "--warmup", "1",
+                    "--set", "ppo.max_new_tokens=4", "ppo.rollout_batch_size=4", "ppo.mini_batch_size=4",
+                    "threads=1", "--out", str(out)], check=True, capture_output=True)
+    assert len(json.loads(out.read_text())["rows"]) == 1
