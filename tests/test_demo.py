@@ -33,11 +33,17 @@ def test_quick_demo_writes_results_and_report_for_every_model(quick_run):
     assert summary["table"]["toxicity (red-team)"]["rlhf"]["mean"] is not None
 
 
-def test_second_run_reuses_every_training_stage(quick_run):
-    before = {s: (quick_run / s / "stage.json").stat().st_mtime_ns for s in STAGES}
+def test_second_run_reuses_every_stage_and_evaluates_again_only_when_evaluation_changes(quick_run):
+    def stamps():
+        return {s: (quick_run / s / "stage.json").stat().st_mtime_ns for s in (*STAGES, "eval")}
+
+    before = stamps()
     assert main(["-q", "demo", "--quick", "--with-sft-rlhf", "--out", str(quick_run)]) == 0
-    after = {s: (quick_run / s / "stage.json").stat().st_mtime_ns for s in STAGES}
-    assert before == after
+    assert stamps() == before
+    assert main(["-q", "demo", "--quick", "--with-sft-rlhf", "--out", str(quick_run), "eval.tie_eps=0.02"]) == 0
+    after = stamps()
+    assert after["eval"] != before["eval"] and all(after[s] == before[s] for s in STAGES)
+    assert json.loads((quick_run / "eval" / "results.json").read_text())["config"]["eval"]["tie_eps"] == 0.02
 
 
 def test_chat_answers_a_scripted_two_turn_conversation(quick_run, capsys):
