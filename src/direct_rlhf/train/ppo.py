@@ -434,6 +434,9 @@ class PPOTrainer:
         checkpoint.set_rng_state(rngs[self.acc.process_index])
         self.step_idx = ts["step"]
         log.info("ppo: resumed from %s (step %d)", path, self.step_idx)
+        if self.stopped_early is not None and self.step_idx < self.pc.steps:
+            log.warning("ppo: this run stopped early and stays stopped, whatever ppo.steps says: %s",
+                        self.stopped_early["reason"])
         return True
 
     # ------------------------------------------------------------------ the loop
