@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .artifacts import cache_key, file_digest, is_fresh, read_key, stamp
 from .config import Config
 from .io import write_json
 
@@ -51,40 +50,14 @@ def _win_rate(results: dict, model: str, opponent: str) -> float | None:
 
 def train_and_evaluate(cfg: Config, with_sft_rlhf: bool, progress: bool) -> Path:
     """Every stage for one seed; returns the eval folder (results.json, report.html)."""
-    from .eval.runner import run_eval
-    from .pipeline import ensure_base, ensure_policy, ensure_reward, ensure_sft, run_dir
+    from .pipeline import ensure_base, ensure_eval, ensure_policy, ensure_reward, ensure_sft
 
     base = ensure_base(cfg, progress)
     ensure_reward(cfg, progress)
     models = {"base": base, "sft": ensure_sft(cfg, progress), "rlhf": ensure_policy(cfg, progress)}
     if with_sft_rlhf:
         models["sft_rlhf"] = ensure_policy(cfg, progress, init=models["sft"], name="sft_rlhf")
-    out = run_dir(cfg) / "eval"
-    key = _eval_key(cfg, models)
-    if key is not None and (out / "results.json").is_file() and is_fresh(out, key):
-        log.info("evaluation: cached at %s", out)
-        return out
-    run_eval(cfg, models, out, progress=progress)
-    if key is not None:
-        stamp(out, key, stage="eval")
-    return out
-
-
-def _eval_key(cfg: Config, models: dict[str, str]) -> str | None:
-    """What the evaluation's results follow: the models, prompts, judge, seed and settings; None
-    with a remote judge (eval.judge_url), whose answers we cannot pin down."""
-    from .eval.runner import default_reward_model
-    from .pipeline import run_dir
-
-    ev = cfg.eval
-    if ev.judge_url:
-        return None
-    files = {name: file_digest(path) for name, path in
-             (("redteam", ev.redteam), ("conversation", ev.conversation), ("badwords", ev.badwords)) if path}
-    judge = default_reward_model(cfg)
-    return cache_key("eval", {name: read_key(src) or src for name, src in models.items()},
-                     read_key(run_dir(cfg) / "world"), files, judge and (read_key(judge) or judge), cfg.seed,
-                     cfg.section_dict("eval", "model"))
+    return ensure_eval(cfg, models, progress)
 
 
 def run_demo(cfg: Config, seeds: int = 1, with_sft_rlhf: bool = False, progress: bool = True) -> dict[str, Any]:

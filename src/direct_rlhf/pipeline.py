@@ -148,9 +148,8 @@ def ensure_policy(cfg: Config, progress: bool = True, resume: bool = False, init
     key = cache_key("ppo", *inputs, settings)
     # a checkpoint may be continued by a longer run (`--resume ppo.steps=N`): its key leaves out
     # the settings that do not change the steps already taken
-    for setting in RESUMABLE_PPO_SETTINGS:
-        settings["ppo"].pop(setting)
-    resume_key = cache_key("ppo-resume", *inputs, settings)
+    kept = {k: v for k, v in settings["ppo"].items() if k not in RESUMABLE_PPO_SETTINGS}
+    resume_key = cache_key("ppo-resume", *inputs, {**settings, "ppo": kept})
     if is_fresh(out, key):
         _log_cached(f"{name} policy", out)
         return str(out)
@@ -183,3 +182,28 @@ def ensure_sft(cfg: Config, progress: bool = True) -> str:
     log.info("sft model: fine-tuning %s on %d chosen responses into %s", base, len(pairs), out)
     train_sft(cfg, base, pairs, out, run_dir(cfg) / "logs" / "sft", key, progress)
     return str(out)
+
+
+def ensure_eval(cfg: Config, models: dict[str, str], progress: bool = True) -> Path:
+    """`models` on the three axes into `<out>/eval` (results.json, report.html), reused while the
+    models, prompts, judge, seed and eval settings are unchanged; never with a remote judge
+    (eval.judge_url), whose answers we cannot pin down."""
+    from .artifacts import stamp
+    from .eval.runner import default_reward_model, run_eval
+
+    ev, out = cfg.eval, run_dir(cfg) / "eval"
+    key = None
+    if not ev.judge_url:
+        files = {name: file_digest(path) for name, path in
+                 (("redteam", ev.redteam), ("conversation", ev.conversation), ("badwords", ev.badwords)) if path}
+        judge = default_reward_model(cfg)
+        key = cache_key("eval", {name: read_key(src) or src for name, src in models.items()},
+                        read_key(run_dir(cfg) / "world"), files, judge and (read_key(judge) or judge), cfg.seed,
+                        cfg.section_dict("eval", "model"))
+        if (out / "results.json").is_file() and is_fresh(out, key):
+            _log_cached("evaluation", out)
+            return out
+    run_eval(cfg, models, out, progress=progress)
+    if key is not None:
+        stamp(out, key, stage="eval")
+    return out
