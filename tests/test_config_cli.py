@@ -33,6 +33,17 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path, args, needle):
     assert not (tmp_path / "w").exists()  # nothing half-written
 
 
+def test_config_names_a_built_in_recipe_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert load_config("mistral-7b").model.base == "mistralai/Mistral-7B-v0.1"
+    assert load_config("quick.yaml").model.hidden_size == 64
+    assert load_config("toy") == load_config()
+    (tmp_path / "quick.yaml").write_text("pretrain:\n  steps: 7\n")  # a file of that name wins
+    assert load_config("quick.yaml").pretrain.steps == 7
+    with pytest.raises(UserError, match="built-in recipes: mistral-7b, quick, toy"):
+        load_config("mistral")
+
+
 def test_unknown_key_in_a_recipe_file_names_the_file(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("pretrain:\n  stepz: 3\n")

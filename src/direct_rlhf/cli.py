@@ -22,7 +22,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", metavar="FILE", help="YAML recipe (default: the embedded recipes/toy.yaml)")
+    p.add_argument("--config", metavar="FILE", help="YAML recipe, or the name of a built-in one: toy (the default), "
+                   "quick, mistral-7b")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. pretrain.steps=100")
 
 
@@ -56,13 +57,12 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from .config import recipe_path
     from .demo import format_summary, run_demo
 
     if args.seeds < 1:
         raise UserError("--seeds must be at least 1")
     if args.quick and args.config is None:
-        args.config = str(recipe_path("quick.yaml"))
+        args.config = "quick"
     cfg = _load(args)
     summary = run_demo(cfg, seeds=args.seeds, with_sft_rlhf=args.with_sft_rlhf, progress=not args.quiet)
     print(format_summary(summary))

@@ -244,11 +244,30 @@ def recipe_path(name: str) -> Path:
     return Path(str(resources.files("direct_rlhf") / "recipes" / name))
 
 
+def builtin_recipes() -> list[str]:
+    """Names of the embedded recipes, e.g. ['mistral-7b', 'quick', 'toy']."""
+    return sorted(p.name[:-len(".yaml")] for p in resources.files("direct_rlhf").joinpath("recipes").iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def resolve_recipe(path: str | Path | None) -> Path:
+    """A recipe file: `path` itself when it exists, else the embedded recipe of that name
+    (`--config mistral-7b` works from any folder), else the embedded toy recipe when None."""
+    if path is None:
+        return recipe_path(DEFAULT_RECIPE)
+    src = Path(path)
+    if src.is_file():
+        return src
+    name = src.name[:-len(".yaml")] if src.name.endswith(".yaml") else src.name
+    if src.parent == Path(".") and name in builtin_recipes():
+        return recipe_path(f"{name}.yaml")
+    raise UserError(f"config file not found: {src} (built-in recipes: {', '.join(builtin_recipes())})")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a recipe (the embedded toy recipe when `path` is None), apply overrides, validate."""
-    src = Path(path) if path is not None else recipe_path(DEFAULT_RECIPE)
-    if not src.is_file():
-        raise UserError(f"config file not found: {src}")
+    """Load a recipe (a file, an embedded recipe's name, or the embedded toy recipe when `path` is
+    None), apply overrides, validate."""
+    src = resolve_recipe(path)
     try:
         raw = yaml.safe_load(src.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as err:
