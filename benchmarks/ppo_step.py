@@ -64,14 +64,15 @@ def time_ours(base: Path, reward: Path, prompts: Path, workdir: Path, steps: int
     from torch.utils.flop_counter import FlopCounterMode
 
     from direct_rlhf.config import load_config
-    from direct_rlhf.train.ppo import PPOTrainer, load_prompts
+    from direct_rlhf.data.prompt_files import prompt_texts
+    from direct_rlhf.train.ppo import PPOTrainer
 
     if warmup < 1:
         raise SystemExit("--warmup must be >= 1 (the first step counts FLOPs)")
     cfg = load_config(None, ["ppo.rollout_batch_size=32", "ppo.mini_batch_size=32", "ppo.ppo_epochs=4",
                              "ppo.max_new_tokens=48", f"ppo.steps={steps + warmup}", "ppo.save_every=100000",
                              "ppo.ptx_coef=0", "ppo.lora.enabled=false", "ppo.sample_every=100000", *overrides])
-    trainer = PPOTrainer(cfg, str(base), str(reward), load_prompts(prompts), workdir, progress=False)
+    trainer = PPOTrainer(cfg, str(base), str(reward), prompt_texts(prompts), workdir, progress=False)
     count = {"on": False, "tokens": 0}
     micro_batches, rl_step = trainer._micro_batches, trainer.rl_step
 

@@ -19,7 +19,7 @@ from direct_rlhf.eval import conversation as conv
 from direct_rlhf.eval.intervals import cluster_bootstrap_mean, wilson
 from direct_rlhf.eval.judges import HttpJudge, RewardJudge, outcomes_from_scores, summarise
 from direct_rlhf.eval.logit_lens import badword_prob_by_layer, badword_token_ids, read_badwords
-from direct_rlhf.eval.prompt_sets import load_prompts
+from direct_rlhf.data.prompt_files import load_prompts, prompt_texts
 from direct_rlhf.eval.runner import parse_models
 from direct_rlhf.eval.toxicity import HFTextClassifier, load_classifier, toxicity_stats
 
@@ -304,6 +304,21 @@ def test_prompt_file_bad_lines(tmp_path):
         assert "p.jsonl:2" in str(err.value)
     path.write_text(json.dumps({"prompt": "plain question"}) + "\n")
     assert load_prompts(path)[0].prompt == "\n\nHuman: plain question\n\nAssistant:"
+
+
+def test_prompt_file_takes_message_lists_as_trl_writes_them(tmp_path):
+    path = tmp_path / "p.jsonl"
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "What is 2 plus 3?"}]
+    path.write_text(json.dumps({"prompt": chat}) + "\n")
+    assert prompt_texts(path) == ["\n\nHuman: Be brief.\n\nHi\n\nAssistant: Hello!\n\nHuman: What is 2 plus 3?"
+                                  "\n\nAssistant:"]
+    for bad, needle in [(chat[:3], "ending with a user turn"), ([{"role": "bot", "content": "x"}], "unknown role"),
+                        (5, "non-empty string or a list of messages")]:
+        path.write_text(json.dumps({"prompt": bad}) + "\n")
+        with pytest.raises(UserError, match=needle) as err:
+            prompt_texts(path)
+        assert "p.jsonl:1" in str(err.value)
 
 
 def test_parse_models():

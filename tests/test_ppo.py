@@ -16,7 +16,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from direct_rlhf.cli import main
 from direct_rlhf.config import load_config
 from direct_rlhf.rollout.hf_generate import cut_response, sample
-from direct_rlhf.train.ppo import MicroBatch, PPOTrainer, load_prompts
+from direct_rlhf.data.prompt_files import prompt_texts
+from direct_rlhf.train.ppo import MicroBatch, PPOTrainer
 
 PPO_MICRO = ["ppo.rollout_batch_size=8", "ppo.mini_batch_size=4", "ppo.ppo_epochs=2", "ppo.max_new_tokens=12",
              "ppo.save_every=2", "ppo.sample_every=2", "ppo.actor_lr=3e-3", "ppo.critic_lr=3e-3", "ppo.ptx_coef=0",
@@ -40,7 +41,7 @@ def micro_run(tmp_path_factory):
 
 def _trainer(run: Path, out: Path, extra=(), reward_fn=None) -> PPOTrainer:
     cfg = load_config(None, [*MICRO, *PPO_MICRO, *extra])
-    prompts = load_prompts(run / "world" / "ppo_prompts.jsonl")
+    prompts = prompt_texts(run / "world" / "ppo_prompts.jsonl")
     return PPOTrainer(cfg, str(run / "base"), str(run / "rm"), prompts, out, key="test", progress=False,
                       reward_fn=reward_fn)
 
@@ -255,7 +256,7 @@ def test_ptx_and_lagrangian_options_train_and_move_lambda_the_right_way(micro_ru
                              "ppo.cost_threshold=-100", "ppo.lambda_init=0.5", "ppo.lambda_lr=0.1"])
     texts = [r["text"] for r in read_jsonl(micro_run / "world" / "corpus.jsonl")]
     trainer = PPOTrainer(cfg, str(micro_run / "base"), str(micro_run / "rm"),
-                         load_prompts(micro_run / "world" / "ppo_prompts.jsonl"), tmp_path,
+                         prompt_texts(micro_run / "world" / "ppo_prompts.jsonl"), tmp_path,
                          cost_path=str(micro_run / "rm"), ptx_texts=texts, progress=False)
     trainer.train()
     rows = _metrics(tmp_path)

@@ -121,7 +121,8 @@ def ensure_policy(cfg: Config, progress: bool = True, resume: bool = False, init
     """
     from accelerate import PartialState
 
-    from .train.ppo import PPOTrainer, load_prompts
+    from .data.prompt_files import prompt_texts
+    from .train.ppo import PPOTrainer
 
     pc = cfg.ppo
     with PartialState().main_process_first():
@@ -137,7 +138,7 @@ def ensure_policy(cfg: Config, progress: bool = True, resume: bool = False, init
             prompts = list(dict.fromkeys(p.prompt for p in load_pairs(cfg.reward.data, split=cfg.reward.split,
                                                                     skip_invalid=cfg.reward.skip_invalid)[0]))
         else:
-            prompts = load_prompts(pc.prompts or world / "ppo_prompts.jsonl")
+            prompts = prompt_texts(pc.prompts or world / "ppo_prompts.jsonl")
         start = init or ensure_base(cfg, progress)
         reward = pc.reward_model or ensure_reward(cfg, progress)
         cost = (pc.cost_model or ensure_cost(cfg, progress)) if pc.lagrangian else None

@@ -237,11 +237,11 @@ def _prompt_response(prompt: Any, answer: Any, at: str, name: str) -> tuple[str,
     elif isinstance(answer, list):
         head: list[Message] = []
         if isinstance(prompt, list):
-            head = _messages(prompt, at, "prompt")
+            head = messages_from_list(prompt, at, "prompt")
         elif prompt is not None:
             raise UserError(f"{at}: field '{name}' is a message list but 'prompt' is not; use the same "
                             f"format for both")
-        messages = _fold_system(head + _messages(answer, at, name), at, name)
+        messages = fold_system(head + messages_from_list(answer, at, name), at, name)
     else:
         raise UserError(f"{at}: field '{name}' must be a transcript string or a list of messages, "
                         f"got {type(answer).__name__}")
@@ -263,7 +263,7 @@ def _parse(transcript: str, at: str, name: str) -> list[Message]:
         raise UserError(f"{at}: field '{name}': {err}") from None
 
 
-def _messages(items: list[Any], at: str, name: str) -> list[Message]:
+def messages_from_list(items: list[Any], at: str, name: str) -> list[Message]:
     out = []
     for j, m in enumerate(items):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
@@ -275,7 +275,7 @@ def _messages(items: list[Any], at: str, name: str) -> list[Message]:
     return out
 
 
-def _fold_system(messages: list[Message], at: str, name: str) -> list[Message]:
+def fold_system(messages: list[Message], at: str, name: str) -> list[Message]:
     """A base model's transcript has no system slot: prepend it to the first user turn."""
     if not messages or messages[0].role != "system":
         if any(m.role == "system" for m in messages):

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ..errors import UserError
 from .judges import RewardJudge, outcomes_from_scores
-from .prompt_sets import load_prompts
+from ..data.prompt_files import prompt_texts
 
 
 @dataclass
@@ -41,7 +41,7 @@ def read_seed(eval_dir: Path) -> SeedResponses:
     judge = conv["judges"].get("reward_model")
     if judge is None:
         raise UserError(f"{eval_dir}/results.json: no reward-model judge to compare against")
-    prompts = [p.prompt for p in load_prompts(conv["prompts_file"])]
+    prompts = prompt_texts(conv["prompts_file"])
     k = conv["samples_per_prompt"]
     rows: dict[str, dict[tuple[int, int], str]] = {}
     with open(eval_dir / "responses.jsonl") as f:

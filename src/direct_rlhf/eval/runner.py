@@ -32,7 +32,7 @@ from ..errors import UserError
 from ..io import write_json, write_jsonl
 from .conversation import response_metrics
 from .intervals import CLUSTER_BOOTSTRAP, cluster_bootstrap_mean
-from .prompt_sets import EvalPrompt, load_prompts
+from ..data.prompt_files import EvalPrompt, load_prompts
 
 log = logging.getLogger("direct_rlhf")
 

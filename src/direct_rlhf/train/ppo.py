@@ -36,7 +36,6 @@ from tqdm.auto import tqdm
 from ..algos import ppo as F
 from ..config import Config
 from ..errors import UserError
-from ..io import read_jsonl
 from ..models.loading import load_tokenizer
 from ..rollout.hf_generate import Samples, sample
 from ..tracking import MetricsLogger, seed_everything
@@ -527,12 +526,3 @@ class PPOTrainer:
         policy = merged_policy(self.acc.unwrap_model(self.actor))
         return save_model_folder(out, policy.eval(), self.tokenizer, info)
 
-
-def load_prompts(path: str | Path) -> list[str]:
-    rows = read_jsonl(path, required=("prompt",))
-    if not rows:
-        raise UserError(f"{path}: no prompts")
-    for r in rows:
-        if not isinstance(r["prompt"], str) or not r["prompt"].strip():
-            raise UserError(f"{path}:{r['_line']}: field 'prompt' must be a non-empty string")
-    return [r["prompt"] for r in rows]
