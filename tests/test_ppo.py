@@ -120,6 +120,21 @@ def test_attn_implementation_reaches_every_role(micro_run, tmp_path):
         assert [m.config._attn_implementation for m in models] == ["eager"] * len(models)
 
 
+def test_critic_lora_trains_its_adapters_and_head_and_nothing_else(micro_run, tmp_path):
+    trainer = _trainer(micro_run, tmp_path, ["ppo.critic_lora.enabled=true", "ppo.attn_implementation=eager"])
+    critic = trainer.acc.unwrap_model(trainer.critic)
+    assert critic.backbone.config._attn_implementation == "eager"
+    params = dict(critic.named_parameters())
+    trained = {n for n, p in params.items() if p.requires_grad}
+    assert {n.split(".")[0] for n in trained} == {"backbone", "head"}
+    assert all("lora_" in n for n in trained if n.startswith("backbone."))
+    before = {n: p.detach().clone() for n, p in params.items()}
+    trainer.train(stop_after=1)
+    changed = {n for n, p in params.items() if not torch.equal(p, before[n])}
+    assert changed == trained  # the backbone's own weights did not move
+    assert len(trainer.opt_c.state) == len(trained)  # and have no optimiser state
+
+
 def test_reward_rises_on_a_synthetic_reward(micro_run, tmp_path):
     # reward: short answers that end their turn; the micro base rambles, so there is room to learn
     def reward_fn(prompts, texts):

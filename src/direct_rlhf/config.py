@@ -184,6 +184,10 @@ class PPOConfig:
                                       # PPO epochs) under bfloat16 autocast; weights, optimiser and loss math
                                       # stay float32
     lora: LoraConfig = field(default_factory=lambda: LoraConfig(enabled=True, r=16, alpha=32))
+    # LoRA on the critic's transformer too (its value head stays fully trained): the critic then
+    # needs no gradients or optimiser state for its backbone, which for a 7B model is what decides
+    # whether PPO fits on one GPU. Off by default: the toy recipe's critic is fully trained.
+    critic_lora: LoraConfig = field(default_factory=lambda: LoraConfig(enabled=False, r=16, alpha=32))
 
 
 @dataclass

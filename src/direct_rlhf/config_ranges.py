@@ -52,7 +52,8 @@ RANGES: dict[str, tuple] = {
     "eval.temperature": POSITIVE, "eval.top_p": OPEN_UNIT_RIGHT_CLOSED, "eval.toxicity_threshold": UNIT,
     "eval.tie_eps": NON_NEGATIVE, "eval.bootstrap": COUNT, "eval.transcripts": NON_NEGATIVE,
     "eval.judge_timeout_s": POSITIVE,
-    **{f"{s}.lora.{k}": rule for s in ("reward", "sft", "ppo") for k, rule in _LORA.items()},
+    **{f"{s}.{k}": rule for s in ("reward.lora", "sft.lora", "ppo.lora", "ppo.critic_lora")
+       for k, rule in _LORA.items()},
 }
 
 

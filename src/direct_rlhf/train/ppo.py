@@ -97,15 +97,13 @@ class PPOTrainer:
                                     cfg.seed + self.acc.process_index, self.acc.num_processes)
         actor = load_actor(base, dtype, self.pc.lora, cfg.model.trust_remote_code, cfg.model.gradient_checkpointing)
         self.ref = load_reference(base, dtype, self.pc.lora, cfg.model.trust_remote_code)
-        critic = ValueModel.from_reward_model(reward_path, dtype)
+        critic = ValueModel.from_reward_model(reward_path, dtype, self.pc.critic_lora)
         # scored in length-sorted chunks of micro_batch_size rows, like every other forward pass here:
         # one padded batch of the whole rollout took twice as long (README, Performance)
         self.reward = RewardScorer(reward_path, device=str(self.acc.device), batch_size=self.pc.micro_batch_size)
         # tests and custom objectives may replace the learned reward by a function of the text
         self.reward_fn = reward_fn or self.reward.score
-        opt_a = torch.optim.AdamW([p for p in actor.parameters() if p.requires_grad],
-                                  lr=self.pc.actor_lr, weight_decay=self.pc.weight_decay)
-        opt_c = torch.optim.AdamW(critic.parameters(), lr=self.pc.critic_lr, weight_decay=self.pc.weight_decay)
+        opt_a, opt_c = self._adamw(actor, self.pc.actor_lr), self._adamw(critic, self.pc.critic_lr)
         self._use_attn_implementation(actor, critic.backbone, self.ref, self.reward.model)
         self.actor, self.critic, self.opt_a, self.opt_c = self.acc.prepare(actor, critic, opt_a, opt_c)
         if self.ref is not None:
@@ -115,9 +113,9 @@ class PPOTrainer:
             if not cost_path:
                 raise UserError("ppo.lagrangian needs a cost model (train one with `direct-rlhf reward --cost`)")
             self.cost = RewardScorer(cost_path, device=str(self.acc.device), batch_size=self.pc.micro_batch_size)
-            cost_critic = ValueModel.from_reward_model(cost_path, dtype)
+            cost_critic = ValueModel.from_reward_model(cost_path, dtype, self.pc.critic_lora)
             self._use_attn_implementation(self.cost.model, cost_critic.backbone)
-            opt_cc = torch.optim.AdamW(cost_critic.parameters(), lr=self.pc.critic_lr)
+            opt_cc = self._adamw(cost_critic, self.pc.critic_lr)
             self.cost_critic, self.opt_cc = self.acc.prepare(cost_critic, opt_cc)
             self.lam = F.LagrangeMultiplier(self.pc.lambda_init, self.pc.lambda_lr)
         self.kl_ctl = (F.AdaptiveKLController(self.pc.kl_coef, self.pc.kl_target, self.pc.kl_horizon)
@@ -326,6 +324,11 @@ class PPOTrainer:
             for model in models:
                 if model is not None:
                     model.set_attn_implementation(self.pc.attn_implementation)
+
+    def _adamw(self, model: torch.nn.Module, lr: float) -> torch.optim.AdamW:
+        """AdamW over the trained parameters only (LoRA leaves the rest frozen)."""
+        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                                 weight_decay=self.pc.weight_decay)
 
     def _backward(self, model, loss: torch.Tensor, last: bool) -> None:
         """Accumulate gradients; across processes they are synchronised on the last backward only."""

@@ -7,6 +7,8 @@
 - critic:    a per-token value head on a transformer, initialised from the reward model: the
              reward model already knows what a good response looks like, which gives the value
              function a head start that a randomly initialised head on the base model lacks.
+             Fully trained, or (ppo.critic_lora) LoRA adapters on its transformer and a fully
+             trained head, so that a large critic needs no optimiser state for its backbone.
 """
 
 from __future__ import annotations
@@ -32,10 +34,14 @@ class ValueModel(nn.Module):
         self.head = head
 
     @classmethod
-    def from_reward_model(cls, path: str | Path, dtype: str = "float32") -> "ValueModel":
+    def from_reward_model(cls, path: str | Path, dtype: str = "float32",
+                          lora: LoraConfig | None = None) -> "ValueModel":
         rm = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=DTYPES[dtype],
                                                                 use_safetensors=True)
-        return cls(getattr(rm, rm.base_model_prefix), rm.score)
+        backbone = getattr(rm, rm.base_model_prefix)
+        if lora is not None and lora.enabled:
+            backbone = _with_lora(backbone, lora, "FEATURE_EXTRACTION")
+        return cls(backbone, rm.score)
 
     def forward(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
@@ -50,12 +56,17 @@ def load_actor(base: str, dtype: str, lora: LoraConfig, trust_remote_code: bool 
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False  # generation turns it back on per call
     if lora.enabled:
-        from peft import LoraConfig as PeftLoraConfig
-        from peft import get_peft_model
-
-        model = get_peft_model(model, PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                                     target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+        model = _with_lora(model, lora, "CAUSAL_LM")
     return model.train()
+
+
+def _with_lora(model: nn.Module, lora: LoraConfig, task_type: str) -> nn.Module:
+    """peft LoRA adapters on `model`; its own weights frozen."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    return get_peft_model(model, PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                target_modules=list(lora.target_modules), task_type=task_type))
 
 
 def load_reference(base: str, dtype: str, lora: LoraConfig, trust_remote_code: bool = False) -> nn.Module | None:
