@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -237,7 +238,10 @@ def test_ppo_cli_saves_a_plain_causal_lm_and_lora_reference_shares_weights(micro
     args = ["-q", "ppo", "--out", str(tmp_path), *MICRO, *PPO_MICRO, "ppo.steps=2",
             f"model.base={micro_run / 'base'}", f"ppo.reward_model={micro_run / 'rm'}",
             f"ppo.prompts={micro_run / 'world' / 'ppo_prompts.jsonl'}", "ppo.lora.enabled=true"]
-    assert main(args) == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(args) == 0
+    assert not [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))]
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "rlhf")
     tok = AutoTokenizer.from_pretrained(tmp_path / "rlhf")
     assert not any("lora" in n for n, _ in model.named_parameters())
