@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from direct_rlhf.cli import main
 from direct_rlhf.config import load_config
+from direct_rlhf.models.reward_model import RewardScorer
 from direct_rlhf.rollout.hf_generate import cut_response, sample
 from direct_rlhf.data.prompt_files import prompt_texts
 from direct_rlhf.train.ppo import MicroBatch, PPOTrainer
@@ -121,7 +122,7 @@ def test_attn_implementation_reaches_every_role(micro_run, tmp_path):
         assert [m.config._attn_implementation for m in models] == ["eager"] * len(models)
 
 
-def test_critic_lora_trains_its_adapters_and_head_and_nothing_else(micro_run, tmp_path):
+def test_critic_lora_trains_adapters_and_head_only_and_holds_the_reward_model_inside_it(micro_run, tmp_path):
     trainer = _trainer(micro_run, tmp_path, ["ppo.critic_lora.enabled=true", "ppo.attn_implementation=eager"])
     critic = trainer.acc.unwrap_model(trainer.critic)
     assert critic.backbone.config._attn_implementation == "eager"
@@ -130,10 +131,17 @@ def test_critic_lora_trains_its_adapters_and_head_and_nothing_else(micro_run, tm
     assert {n.split(".")[0] for n in trained} == {"backbone", "head"}
     assert all("lora_" in n for n in trained if n.startswith("backbone."))
     before = {n: p.detach().clone() for n, p in params.items()}
+    # the reward model is the critic with its adapters off: it scores as the saved folder does,
+    # before and after the critic has trained
+    prompts = trainer.next_prompts()
+    texts = [" Paris.", " I like turtles.", " Go away.", ""] * (len(prompts) // 4)
+    saved = RewardScorer(micro_run / "rm").score(prompts, texts)
+    torch.testing.assert_close(trainer.reward.score(prompts, texts), saved, atol=1e-5, rtol=1e-5)
     trainer.train(stop_after=1)
     changed = {n for n, p in params.items() if not torch.equal(p, before[n])}
     assert changed == trained  # the backbone's own weights did not move
     assert len(trainer.opt_c.state) == len(trained)  # and have no optimiser state
+    torch.testing.assert_close(trainer.reward.score(prompts, texts), saved, atol=1e-5, rtol=1e-5)
 
 
 def test_reward_rises_on_a_synthetic_reward(micro_run, tmp_path):
@@ -268,11 +276,13 @@ def test_two_process_accelerate_launch(micro_run, tmp_path):
     assert (tmp_path / "rlhf" / "model.safetensors").is_file()
 
 
-def test_ptx_and_lagrangian_options_train_and_move_lambda_the_right_way(micro_run, tmp_path):
+@pytest.mark.parametrize("critic_lora", ["false", "true"])
+def test_ptx_and_lagrangian_options_train_and_move_lambda_the_right_way(micro_run, tmp_path, critic_lora):
     from direct_rlhf.io import read_jsonl
 
     cfg = load_config(None, [*MICRO, *PPO_MICRO, "ppo.steps=2", "ppo.ptx_coef=0.5", "ppo.lagrangian=true",
-                             "ppo.cost_threshold=-100", "ppo.lambda_init=0.5", "ppo.lambda_lr=0.1"])
+                             "ppo.cost_threshold=-100", "ppo.lambda_init=0.5", "ppo.lambda_lr=0.1",
+                             f"ppo.critic_lora.enabled={critic_lora}"])
     texts = [r["text"] for r in read_jsonl(micro_run / "world" / "corpus.jsonl")]
     trainer = PPOTrainer(cfg, str(micro_run / "base"), str(micro_run / "rm"),
                          prompt_texts(micro_run / "world" / "ppo_prompts.jsonl"), tmp_path,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerBase
@@ -144,7 +144,10 @@ class RewardScorer:
     whatever scale the reward model happened to learn.
     """
 
-    def __init__(self, path: str | Path, device: str = "cpu", batch_size: int = 32):
+    def __init__(self, path: str | Path, device: str = "cpu", batch_size: int = 32,
+                 model: Callable[..., Any] | None = None):
+        """`model`: an already loaded stand-in for the folder's model, placed by the caller (PPO's
+        `SharedRewardModel`); the folder then gives only the statistics and the tokenizer."""
         self.path = Path(path)
         stats_file = self.path / STATS_FILE
         if not stats_file.is_file():
@@ -157,12 +160,16 @@ class RewardScorer:
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.tokenizer = load_tokenizer(self.path)
-        try:
-            with _quiet_transformers():
-                self.model = AutoModelForSequenceClassification.from_pretrained(str(self.path), use_safetensors=True)
-        except (OSError, ValueError) as err:
-            raise UserError(f"{self.path}: cannot load the reward model ({_first_line(err)})") from None
-        self.model.to(self.device).eval()
+        if model is not None:
+            self.model = model
+        else:
+            try:
+                with _quiet_transformers():
+                    self.model = AutoModelForSequenceClassification.from_pretrained(str(self.path),
+                                                                                    use_safetensors=True)
+            except (OSError, ValueError) as err:
+                raise UserError(f"{self.path}: cannot load the reward model ({_first_line(err)})") from None
+            self.model.to(self.device).eval()
         self.pad_id = self.model.config.pad_token_id
 
     @torch.no_grad()

@@ -40,7 +40,7 @@ from ..models.loading import load_tokenizer
 from ..rollout.hf_generate import Samples, sample
 from ..tracking import MetricsLogger, seed_everything
 from . import checkpoint
-from .ppo_models import ValueModel, load_actor, load_reference, merged_policy, reference_mode
+from .ppo_models import SharedRewardModel, ValueModel, load_actor, load_reference, merged_policy, reference_mode
 
 log = logging.getLogger("direct_rlhf")
 
@@ -78,8 +78,6 @@ class PPOTrainer:
                  progress: bool = True, reward_fn=None, resume_key: str | None = None):
         """`key` names the finished run's inputs; `resume_key` those a checkpoint must share to be
         continued (the same, except the run's length: see pipeline.ensure_policy)."""
-        from ..models.reward_model import RewardScorer
-
         self.cfg, self.pc, self.out, self.progress, self.key = cfg, cfg.ppo, Path(out), progress, key
         self.resume_key = resume_key or key
         self.acc = Accelerator(cpu=not torch.cuda.is_available())
@@ -100,11 +98,11 @@ class PPOTrainer:
         critic = ValueModel.from_reward_model(reward_path, dtype, self.pc.critic_lora)
         # scored in length-sorted chunks of micro_batch_size rows, like every other forward pass here:
         # one padded batch of the whole rollout took twice as long (README, Performance)
-        self.reward = RewardScorer(reward_path, device=str(self.acc.device), batch_size=self.pc.micro_batch_size)
+        self.reward = self._scorer(reward_path, critic)
         # tests and custom objectives may replace the learned reward by a function of the text
         self.reward_fn = reward_fn or self.reward.score
         opt_a, opt_c = self._adamw(actor, self.pc.actor_lr), self._adamw(critic, self.pc.critic_lr)
-        self._use_attn_implementation(actor, critic.backbone, self.ref, self.reward.model)
+        self._use_attn_implementation(actor, critic.backbone, self.ref, self._own_model(self.reward))
         self.actor, self.critic, self.opt_a, self.opt_c = self.acc.prepare(actor, critic, opt_a, opt_c)
         if self.ref is not None:
             self.ref.to(self.acc.device)
@@ -112,9 +110,9 @@ class PPOTrainer:
         if self.lagrangian:
             if not cost_path:
                 raise UserError("ppo.lagrangian needs a cost model (train one with `direct-rlhf reward --cost`)")
-            self.cost = RewardScorer(cost_path, device=str(self.acc.device), batch_size=self.pc.micro_batch_size)
             cost_critic = ValueModel.from_reward_model(cost_path, dtype, self.pc.critic_lora)
-            self._use_attn_implementation(self.cost.model, cost_critic.backbone)
+            self.cost = self._scorer(cost_path, cost_critic)
+            self._use_attn_implementation(self._own_model(self.cost), cost_critic.backbone)
             opt_cc = self._adamw(cost_critic, self.pc.critic_lr)
             self.cost_critic, self.opt_cc = self.acc.prepare(cost_critic, opt_cc)
             self.lam = F.LagrangeMultiplier(self.pc.lambda_init, self.pc.lambda_lr)
@@ -324,6 +322,17 @@ class PPOTrainer:
             for model in models:
                 if model is not None:
                     model.set_attn_implementation(self.pc.attn_implementation)
+
+    def _scorer(self, path: str, critic: ValueModel):
+        """The reward (or cost) model; with a LoRA critic, the one inside it (no second copy)."""
+        from ..models.reward_model import RewardScorer
+
+        shared = SharedRewardModel(critic) if critic.reward_head is not None else None
+        return RewardScorer(path, device=str(self.acc.device), batch_size=self.pc.micro_batch_size, model=shared)
+
+    @staticmethod
+    def _own_model(scorer) -> torch.nn.Module | None:
+        return None if isinstance(scorer.model, SharedRewardModel) else scorer.model
 
     def _adamw(self, model: torch.nn.Module, lr: float) -> torch.optim.AdamW:
         """AdamW over the trained parameters only (LoRA leaves the rest frozen)."""

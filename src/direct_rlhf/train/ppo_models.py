@@ -8,13 +8,17 @@
              reward model already knows what a good response looks like, which gives the value
              function a head start that a randomly initialised head on the base model lacks.
              Fully trained, or (ppo.critic_lora) LoRA adapters on its transformer and a fully
-             trained head, so that a large critic needs no optimiser state for its backbone.
+             trained head, so that a large critic needs no optimiser state for its backbone; the
+             reward model is then that critic with its adapters disabled and its head as loaded
+             (`SharedRewardModel`), held once, as the reference shares the actor's weights.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Iterator
 
 import torch
@@ -28,10 +32,11 @@ from ..models.loading import DTYPES, load_causal_lm
 class ValueModel(nn.Module):
     """Backbone + scalar head applied at every position: values of size (B, T)."""
 
-    def __init__(self, backbone: nn.Module, head: nn.Module):
+    def __init__(self, backbone: nn.Module, head: nn.Module, reward_head: nn.Module | None = None):
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.reward_head = reward_head  # with LoRA: the head as loaded, frozen (see SharedRewardModel)
 
     @classmethod
     def from_reward_model(cls, path: str | Path, dtype: str = "float32",
@@ -39,14 +44,35 @@ class ValueModel(nn.Module):
         rm = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=DTYPES[dtype],
                                                                 use_safetensors=True)
         backbone = getattr(rm, rm.base_model_prefix)
-        if lora is not None and lora.enabled:
-            backbone = _with_lora(backbone, lora, "FEATURE_EXTRACTION")
-        return cls(backbone, rm.score)
+        if lora is None or not lora.enabled:
+            return cls(backbone, rm.score)
+        return cls(_with_lora(backbone, lora, "FEATURE_EXTRACTION"), rm.score,
+                   copy.deepcopy(rm.score).requires_grad_(False))
 
     def forward(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
                                position_ids=position_ids).last_hidden_state  # size = (B, T, H)
         return self.head(hidden).squeeze(-1).float()  # size = (B, T)
+
+
+class SharedRewardModel:
+    """The reward model inside a LoRA critic: the critic's transformer with its adapters disabled
+    and the frozen copy of the head it was loaded with. Called like the saved reward model
+    (`.logits` of size (B, 1), read at the last token of right-padded rows), and scores the same.
+    Not an nn.Module, so nothing done to it (`.eval()`, `.to()`) reaches the critic it reads."""
+
+    def __init__(self, critic: ValueModel):
+        if critic.reward_head is None:
+            raise ValueError("only a critic with LoRA adapters contains its reward model unchanged")
+        self._critic = critic
+        self.config = critic.backbone.config
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> SimpleNamespace:
+        critic = self._critic
+        with critic.backbone.disable_adapter():
+            hidden = critic.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        last = attention_mask.sum(1) - 1  # size = (B,), right padding
+        return SimpleNamespace(logits=critic.reward_head(hidden[torch.arange(len(last)), last]))  # size = (B, 1)
 
 
 def load_actor(base: str, dtype: str, lora: LoraConfig, trust_remote_code: bool = False,
