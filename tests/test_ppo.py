@@ -60,6 +60,9 @@ def test_stop_at_end_of_turn_keeps_the_stop_token_and_cuts_the_text(micro_run):
     assert (text, ended) == (" Paris.", True)
     assert ids[:len(answer)] == answer and len(answer) < len(ids) <= len(answer) + len(marker)
     assert tok.decode(ids).startswith(" Paris.\n")  # the kept stop token opens the marker
+    row = answer + marker
+    first = next(k for k in range(1, len(row) + 1) if len(tok.decode(row[:k])) > len(" Paris."))
+    assert ids == row[:first]  # the first token that crosses into the marker, however it is found
     ids, text, ended = cut_response(tok, answer + [tok.eos_token_id, tok.pad_token_id])
     assert (ids, text, ended) == (answer + [tok.eos_token_id], " Paris.", True)
     ids, text, ended = cut_response(tok, answer)

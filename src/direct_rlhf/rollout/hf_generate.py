@@ -119,8 +119,10 @@ def cut_response(tokenizer, ids: list[int]) -> tuple[list[int], str, bool]:
     text, ended = truncate_at_end_of_turn(full)
     if not ended:
         return ids, text, False
-    # keep tokens through the one whose text crosses into the marker
-    for k in range(1, len(ids) + 1):
-        if len(tokenizer.decode(ids[:k])) > len(text):
-            return ids[:k], text, True
-    return ids, text, True
+    # keep tokens through the one whose text crosses into the marker. Generation stops as soon as
+    # the marker is complete, so that token is among the last few: walk back from the end (from the
+    # start, a 256-token row took 256 decodes of up to 256 tokens, 6 ms a row)
+    k = len(ids)
+    while k > 1 and len(tokenizer.decode(ids[:k - 1])) > len(text):
+        k -= 1
+    return ids[:k], text, True
