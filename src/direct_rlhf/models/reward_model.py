@@ -25,7 +25,7 @@ from transformers import AutoModelForSequenceClassification, PreTrainedTokenizer
 
 from ..config import Config
 from ..errors import UserError
-from .loading import DTYPES, _check_local, _first_line, load_tokenizer
+from .loading import DTYPES, _first_line, load_tokenizer
 
 STATS_FILE = "reward_stats.json"
 
@@ -105,8 +105,7 @@ def build_reward_model(init: str, cfg: Config):
     The head is new; the backbone comes from the base model, so the reward model starts with
     everything the base knows about the world (the wrong-answer pairs need that knowledge).
     """
-    _check_local(init)
-    tokenizer = load_tokenizer(init, cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(init, cfg.model.trust_remote_code)  # checks a local path exists first
     try:
         with _quiet_transformers():
             model = AutoModelForSequenceClassification.from_pretrained(
