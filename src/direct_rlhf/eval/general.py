@@ -125,16 +125,22 @@ def _no_git_probe():
         lm_eval.evaluator.get_git_commit_hash = probe
 
 
+# lm-eval's bars that finish at once, one per task and model (building a task's requests,
+# tokenising them): 33 lines of "12/12" in a demo's terminal, telling nothing
+_INSTANT_BARS = ("lm_eval.api.task", "lm_eval.api.model")
+# the bar of the model's own work ("Running loglikelihood requests"), minutes long on a 7B
+_WORK_BARS = ("lm_eval.models.huggingface",)
+
+
 @contextlib.contextmanager
 def _lm_eval_bars(show: bool):
-    """lm-eval draws its own tqdm bars and has no switch for some of them (building a task's
-    requests), so when progress is off, its modules' `tqdm` is a disabled one while it runs."""
-    if show:
-        yield
-        return
+    """lm-eval draws its own tqdm bars and has no switch for some of them, so their modules'
+    `tqdm` is a disabled one while it runs: always for the instant ones, and for all of them
+    when progress is off."""
     from tqdm import tqdm
 
-    mods = [importlib.import_module(m) for m in ("lm_eval.api.task", "lm_eval.api.model", "lm_eval.models.huggingface")]
+    names = _INSTANT_BARS if show else _INSTANT_BARS + _WORK_BARS
+    mods = [importlib.import_module(m) for m in names]
     mods = [m for m in mods if getattr(m, "tqdm", None) is tqdm]
 
     def quiet(*args, **kwargs):  # a call's own disable= must not switch it back on
