@@ -97,7 +97,7 @@ class PPOTrainer:
         self.ref = load_reference(base, dtype, self.pc.lora, cfg.model.trust_remote_code)
         critic = ValueModel.from_reward_model(reward_path, dtype, self.pc.critic_lora)
         # scored in length-sorted chunks of micro_batch_size rows, like every other forward pass here:
-        # one padded batch of the whole rollout took twice as long (README, Performance)
+        # one padded batch of the whole rollout took twice as long (README, Performance; docs/performance.md)
         self.reward = self._scorer(reward_path, critic)
         # tests and custom objectives may replace the learned reward by a function of the text
         self.reward_fn = reward_fn or self.reward.score
