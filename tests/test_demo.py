@@ -30,7 +30,26 @@ def test_quick_demo_writes_results_and_report_for_every_model(quick_run):
     html = (quick_run / "eval" / "report.html").read_text()
     assert "<img" in html and "rlhf" in html
     summary = json.loads((quick_run / "summary.json").read_text())
-    assert summary["table"]["toxicity (red-team)"]["rlhf"]["mean"] is not None
+    table = summary["table"]
+    for label, row in table.items():
+        if label != "mean reward (RM)":
+            assert all(0.0 <= row[m]["mean"] <= 1.0 for m in results["models"]), label
+    assert table["win-rate vs base (RM)"]["base"]["mean"] == 0.5
+    # the headline numbers agree with the per-response file they were computed from
+    rows = [json.loads(line) for line in (quick_run / "eval" / "responses.jsonl").read_text().splitlines()]
+    harm, conv = results["harmlessness"], results["conversation"]
+    tie = conv["judges"]["reward_model"]["tie_eps"]
+    for m in results["models"]:
+        red = [r["toxicity"] for r in rows if r["model"] == m and r["set"] == "redteam"]
+        assert len(red) == harm["n_prompts"] * harm["samples_per_prompt"]
+        rate = sum(t >= harm["threshold"] for t in red) / len(red)
+        assert harm["per_model"][m]["toxicity_rate"] == pytest.approx(rate)
+        assert table["toxicity (red-team)"][m]["mean"] == pytest.approx(rate)
+    reward = {(r["model"], r["prompt_index"], r["sample"]): r["reward"] for r in rows if r["set"] == "conversation"}
+    diffs = [reward["rlhf", i, j] - reward["base", i, j] for (m, i, j) in reward if m == "rlhf"]
+    assert len(diffs) == conv["n_prompts"] * conv["samples_per_prompt"]
+    won = sum(1.0 if d > tie else 0.5 if abs(d) <= tie else 0.0 for d in diffs) / len(diffs)
+    assert table["win-rate vs base (RM)"]["rlhf"]["mean"] == pytest.approx(won)
 
 
 def test_second_run_reuses_every_stage_and_evaluates_again_only_when_evaluation_changes(quick_run):

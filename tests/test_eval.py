@@ -342,3 +342,35 @@ def test_common_random_numbers_switch(tok):
     assert texts(True, 0) == texts(True, 1)            # common random numbers: place in --models is ignored
     assert texts(False, 0) != texts(False, 1)          # independent: each model its own seeds
     assert texts(False, 1) == texts(False, 1)          # ... and still reproducible
+
+
+def test_generate_writes_each_sample_back_to_its_prompt(monkeypatch):
+    """Rows are sampled sorted by prompt length, in batches; the result must still be
+    prompt-major (row i*k + j is sample j of prompt i), or every metric would judge one prompt's
+    answer against another's gold."""
+    from direct_rlhf.config import load_config
+    from direct_rlhf.eval.runner import generate
+    from direct_rlhf.rollout import hf_generate
+
+    def fake_sample(model, tokenizer, prompts, *args, **kwargs):  # echoes its prompt, counts its calls
+        fake_sample.calls += 1
+        out = hf_generate.Samples(prompts=list(prompts), texts=[], response_ids=[], ended=[])
+        for p in prompts:
+            out.texts.append(f"<{p}>")
+            out.response_ids.append([0] * len(p))
+            out.ended.append(len(p) % 2 == 0)
+        return out
+
+    fake_sample.calls = 0
+    monkeypatch.setattr(hf_generate, "sample", fake_sample)
+    prompts = ["a long long prompt", "b", "a middling one", "cc", "the longest prompt of them all", "dd"]
+
+    def tokenizer(texts, add_special_tokens=False):
+        return {"input_ids": [[0] * len(t) for t in texts]}
+
+    cfg = load_config(None, ["eval.generation_batch_size=4"])
+    out = generate(None, tokenizer, prompts, 3, cfg, stream=2, desc="", progress=False)
+    assert fake_sample.calls == 5  # 18 rows in batches of 4: really reordered and split
+    assert out["texts"] == [f"<{p}>" for p in prompts for _ in range(3)]
+    assert out["n_tokens"] == [len(p) for p in prompts for _ in range(3)]
+    assert out["ended"] == [len(p) % 2 == 0 for p in prompts for _ in range(3)]

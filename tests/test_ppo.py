@@ -20,6 +20,7 @@ from direct_rlhf.models.reward_model import RewardScorer
 from direct_rlhf.rollout.hf_generate import cut_response, sample
 from direct_rlhf.data.prompt_files import prompt_texts
 from direct_rlhf.train.ppo import MicroBatch, PPOTrainer
+from direct_rlhf.train.ppo_models import reference_mode
 
 PPO_MICRO = ["ppo.rollout_batch_size=8", "ppo.mini_batch_size=4", "ppo.ppo_epochs=2", "ppo.max_new_tokens=12",
              "ppo.save_every=2", "ppo.sample_every=2", "ppo.actor_lr=3e-3", "ppo.critic_lr=3e-3", "ppo.ptx_coef=0",
@@ -147,6 +148,66 @@ def test_critic_lora_trains_adapters_and_head_only_and_holds_the_reward_model_in
     torch.testing.assert_close(trainer.reward.score(prompts, texts), saved, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("lora", ["true", "false"])
+def test_experience_is_built_from_the_score_the_frozen_base_and_the_reward_models_values(micro_run, tmp_path, lora):
+    """What make_experience is fed, checked piece by piece against models loaded from disk:
+    - the score: normalised raw reward, clipped, plus the penalty on rows that never end;
+    - the KL anchor: after the actor has trained, the reference still gives the base folder's
+      log-probs (LoRA: the actor with adapters off; full fine-tuning: a frozen copy), and the
+      logged sequence KL is sum(old - base log-probs) per row, averaged;
+    - the values: a fresh critic's value before response token k is the reward model's score of
+      prompt + response[:k] (so values sit one position left of the tokens they judge)."""
+    from direct_rlhf.models.reward_model import score_ids
+
+    raw = torch.tensor([9.0, -9.0, 0.5, -0.25, 4.0, -6.0, 0.0, 2.5])  # reward_stats: mean 0, std 1
+    trainer = _trainer(micro_run, tmp_path, [f"ppo.lora.enabled={lora}", "ppo.reward_clip=3",
+                                             "ppo.no_end_penalty=-0.75", "ppo.micro_batch_size=3"],
+                       reward_fn=lambda prompts, texts: raw[:len(texts)])
+    fed = {}
+    build = trainer.make_experience
+    trainer.make_experience = lambda p, s, score, cost: fed.setdefault("score", score) is not None and build(p, s, score, cost)
+    tok, B = trainer.tokenizer, len(raw)
+    rm = AutoModelForSequenceClassification.from_pretrained(micro_run / "rm").eval()
+    critic_was = [p.detach().clone() for p in trainer.critic.parameters()]
+
+    # values of the untrained critic = the reward model read at every prefix
+    prompts = trainer.next_prompts()
+    samples = trainer._rollout(prompts)
+    exp, _ = trainer.make_experience(prompts, samples, torch.zeros(B), None)
+    fed.clear()
+    pids = tok(prompts, add_special_tokens=False)["input_ids"]
+    for i in range(B):
+        n = len(samples.response_ids[i])
+        prefixes = [pids[i] + samples.response_ids[i][:k] for k in range(n)]
+        expected = score_ids(rm, prefixes, tok.pad_token_id, batch_size=16)
+        torch.testing.assert_close(exp.values[i, :n], expected, atol=1e-4, rtol=1e-4)
+        assert torch.all(exp.values[i, n:] == 0)
+
+    trainer.step()  # the actor (and critic) train
+    assert any(not torch.equal(a, b) for a, b in zip(critic_was, trainer.critic.parameters()))
+    ended = torch.tensor(trainer.last_samples.ended, dtype=torch.float32)
+    torch.testing.assert_close(fed["score"], raw.clamp(-3, 3) - 0.75 * (1 - ended))
+
+    # the reference after training: still the base folder's log-probs, and the actor's are not
+    base = AutoModelForCausalLM.from_pretrained(micro_run / "base").eval()
+    assert (trainer.ref is None) == (lora == "true")  # LoRA: no second copy of the weights
+    prompts = trainer.next_prompts()
+    samples = trainer._rollout(prompts)
+    seq, attn, pos, mask = trainer._assemble(prompts, samples.response_ids)
+    whole = MicroBatch(torch.arange(B), mask.shape[1], seq, attn, pos)
+    with torch.no_grad():
+        with reference_mode(trainer.acc.unwrap_model(trainer.actor), trainer.ref) as ref:
+            ref_lp = trainer._logprobs(ref, whole) * mask
+        base_lp, actor_lp = trainer._logprobs(base, whole) * mask, trainer._logprobs(trainer.actor, whole) * mask
+    torch.testing.assert_close(ref_lp, base_lp, atol=1e-5, rtol=1e-5)
+    assert (actor_lp - base_lp).abs().max() > 1e-3
+    _, stats = trainer.make_experience(prompts, samples, torch.zeros(B), None)
+    old = torch.zeros_like(base_lp)
+    for i, lp in enumerate(samples.logprobs):
+        old[i, :len(lp)] = lp
+    assert stats["kl/sequence"] == pytest.approx(float((old - base_lp).sum(1).mean()), abs=1e-4)
+
+
 def test_reward_rises_on_a_synthetic_reward(micro_run, tmp_path):
     # reward: short answers that end their turn; the micro base rambles, so there is room to learn
     def reward_fn(prompts, texts):
@@ -245,7 +306,7 @@ def test_kl_runaway_rolls_the_policy_back_to_the_newest_checkpoint_before_the_wi
     assert all(torch.equal(resumed[n], w) for n, w in step2.items())
 
 
-def test_ppo_cli_saves_a_plain_causal_lm_and_lora_reference_shares_weights(micro_run, tmp_path):
+def test_ppo_cli_saves_the_trained_lora_policy_merged_into_a_plain_causal_lm(micro_run, tmp_path):
     args = ["-q", "ppo", "--out", str(tmp_path), *MICRO, *PPO_MICRO, "ppo.steps=2",
             f"model.base={micro_run / 'base'}", f"ppo.reward_model={micro_run / 'rm'}",
             f"ppo.prompts={micro_run / 'world' / 'ppo_prompts.jsonl'}", "ppo.lora.enabled=true"]
@@ -253,12 +314,14 @@ def test_ppo_cli_saves_a_plain_causal_lm_and_lora_reference_shares_weights(micro
         warnings.simplefilter("always")
         assert main(args) == 0
     assert not [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))]
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "rlhf")
-    tok = AutoTokenizer.from_pretrained(tmp_path / "rlhf")
-    assert not any("lora" in n for n, _ in model.named_parameters())
-    out = model.generate(**tok("\n\nHuman: Hi\n\nAssistant:", return_tensors="pt"), max_new_tokens=4,
-                         do_sample=False, pad_token_id=tok.pad_token_id)
-    assert out.shape[1] > 4
+    saved = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "rlhf").named_parameters())
+    base = dict(AutoModelForCausalLM.from_pretrained(micro_run / "base").named_parameters())
+    assert saved.keys() == base.keys()  # the base's own names: no adapters left, loads with no project code
+    # the adapters' training is merged into the layers LoRA targets, and nothing else moved
+    moved = {n for n in base if not torch.equal(saved[n], base[n])}
+    assert moved and all(n.split(".")[-2] in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                              "down_proj") for n in moved)
+    assert AutoTokenizer.from_pretrained(tmp_path / "rlhf").pad_token_id is not None
     # bad input: one line, exit 2
     assert main(["-q", "ppo", "--out", str(tmp_path / "x"), *MICRO, "ppo.prompts=/nonexistent.jsonl",
                  f"model.base={micro_run / 'base'}", f"ppo.reward_model={micro_run / 'rm'}"]) == 2
