@@ -15,6 +15,7 @@ from conftest import MICRO
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from direct_rlhf.cli import main
+from direct_rlhf.errors import UserError
 from direct_rlhf.config import load_config
 from direct_rlhf.models.reward_model import RewardScorer
 from direct_rlhf.rollout.hf_generate import cut_response, sample
@@ -366,3 +367,18 @@ def test_user_data_with_ptx_but_no_ptx_text_is_a_one_line_error(tmp_path, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "ppo.ptx_data" in err[0]
     assert not (tmp_path / "rlhf").exists()
+
+
+def test_resume_after_a_kill_between_checkpoints_logs_each_step_once_and_a_damaged_checkpoint_is_one_line(
+        micro_run, tmp_path):
+    part = _trainer(micro_run, tmp_path, ["ppo.steps=4"])
+    part.train(stop_after=3)  # killed after step 3; the newest checkpoint is step 2's
+    assert [r["step"] for r in _metrics(tmp_path)] == [1, 2, 3]
+    del part
+    _trainer(micro_run, tmp_path, ["ppo.steps=4"]).train(resume=True)
+    assert [r["step"] for r in _metrics(tmp_path)] == [1, 2, 3, 4]  # step 3 ran again, and is logged once
+    samples = [json.loads(line)["step"] for line in (tmp_path / "logs" / "samples.jsonl").read_text().splitlines()]
+    assert samples == sorted(samples) and len(samples) == len(set(samples)) * 3
+    (tmp_path / "checkpoints" / "step-000004" / "actor.safetensors").write_bytes(b"")
+    with pytest.raises(UserError, match=r"step-000004: damaged checkpoint .* remove it"):
+        _trainer(micro_run, tmp_path, ["ppo.steps=6"]).train(resume=True)

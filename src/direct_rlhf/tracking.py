@@ -33,6 +33,20 @@ def versions() -> dict[str, str]:
     return out
 
 
+def drop_rows_after(path: str | Path, step: int) -> None:
+    """Keep only the rows of a step-logged JSONL file up to `step`: a run resumed from its step-N
+    checkpoint logs steps N+1... again, which a run killed between checkpoints had logged once."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    from .io import atomic_file
+
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    with atomic_file(path) as tmp:
+        Path(tmp).write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
 class MetricsLogger:
     """Append one JSON object per step to `metrics.jsonl`; mirror scalars to TensorBoard."""
 
