@@ -23,6 +23,8 @@ def _cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
     (["model.dtype=float64"], "must be one of"),
     (["--config", "does-not-exist.yaml"], "config file not found: does-not-exist.yaml"),
     (["pretrain.log_every=0"], "config key 'pretrain.log_every' must be >= 1, got 0"),
+    (["world.n_pairs=[4"], "config key 'world.n_pairs' must be int, got '[4'"),  # not YAML: taken as text
+    (["world.toxic_rate_when_benign=nan"], "'world.toxic_rate_when_benign' must be a finite number, got nan"),
 ])
 def test_bad_config_is_one_line_and_exit_2(tmp_path, args, needle):
     res = _cli("toyworld", "--out", str(tmp_path / "w"), *args)
@@ -31,6 +33,27 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path, args, needle):
     assert len(lines) == 1 and needle in lines[0], res.stderr
     assert "Traceback" not in res.stderr
     assert not (tmp_path / "w").exists()  # nothing half-written
+
+
+def test_an_out_folder_that_cannot_be_ours_is_refused_before_any_work(tmp_path):
+    """--out is checked before the first stage runs, and a folder is only ever replaced whole
+    when direct-rlhf wrote it: a user's file or folder is never deleted."""
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("mine too")
+    for out, needle in [("notes.txt", "exists and is not a folder"),
+                        ("notes.txt/run", "is not a folder, so"),
+                        ("mine", "a folder with files direct-rlhf did not write"),
+                        (".", "is the current folder or one above it")]:
+        res = _cli("toyworld", "--out", out, cwd=tmp_path)
+        assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1 and needle in res.stderr, res.stderr
+    res = _cli("-q", "eval", "--models", "a=nowhere", "--out", "notes.txt", cwd=tmp_path)
+    assert res.returncode == 2 and "notes.txt: exists and is not a folder" in res.stderr
+    assert (tmp_path / "notes.txt").read_text() == "mine" and (tmp_path / "mine" / "thesis.tex").read_text() == "mine too"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "notes.txt"]
+    # a world direct-rlhf wrote is replaced whole, as before
+    assert _cli("toyworld", "--out", "w", "world.n_pairs=20", cwd=tmp_path).returncode == 0
+    assert _cli("toyworld", "--out", "w", "world.n_pairs=20", cwd=tmp_path).returncode == 0
 
 
 def test_config_names_a_built_in_recipe_from_any_folder(tmp_path, monkeypatch):

@@ -72,6 +72,9 @@ def test_chat_answers_a_scripted_two_turn_conversation(quick_run, capsys):
     assert res.returncode == 0, res.stderr
     replies = [line for line in res.stdout.splitlines() if line.startswith("assistant> ")]
     assert len(replies) == 2 and all(r.strip() != "assistant>" for r in replies)
+    for flag, value in (("--max-new-tokens", "0"), ("--temperature", "-1")):  # refused before the model loads
+        assert main(["chat", str(quick_run / "rlhf"), flag, value]) == 2
+        assert capsys.readouterr().err.startswith(f"direct-rlhf: error: {flag} must be")
     # a mistyped folder: one plain line, not a hub-id validation error
     assert main(["chat", str(quick_run / "rlfh")]) == 2
     assert capsys.readouterr().err.strip() == f"direct-rlhf: error: {quick_run / 'rlfh'}: model folder not found"

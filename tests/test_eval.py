@@ -302,6 +302,9 @@ def test_prompt_file_bad_lines(tmp_path):
         with pytest.raises(UserError, match=needle) as err:
             load_prompts(path)
         assert "p.jsonl:2" in str(err.value)
+    path.write_bytes((json.dumps(good) + "\n").encode() * 60 + b'{"prompt": "caf\xe9"}\n')  # Latin-1, not UTF-8
+    with pytest.raises(UserError, match=r"p\.jsonl:61: not UTF-8 text \(byte 4275\)"):
+        load_prompts(path)
     path.write_text(json.dumps({"prompt": "plain question"}) + "\n")
     assert load_prompts(path)[0].prompt == "\n\nHuman: plain question\n\nAssistant:"
 

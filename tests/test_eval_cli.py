@@ -161,6 +161,20 @@ def test_report_command_rebuilds_and_escapes(evaluated, tmp_path, capsys):
     assert main(["report", str(tmp_path / "nothing")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "results.json: not found" in err[0]
+    # a results file edited by hand: one line, and no figure written without its report
+    for edit, needle in [(lambda r: r.update(models={}), "'models' must name at least one model"),
+                         (lambda r: r["model_order"].append("ghost"), "'model_order' names 'ghost'"),
+                         (lambda r: r["harmlessness"]["per_model"].pop("other"), "inconsistent results file")]:
+        broken = json.loads((evaluated / "results.json").read_text())
+        edit(broken)
+        bad = tmp_path / "bad"
+        shutil.rmtree(bad, ignore_errors=True)
+        bad.mkdir()
+        (bad / "results.json").write_text(json.dumps(broken))
+        assert main(["report", str(bad)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err
+        assert [p.name for p in bad.iterdir()] == ["results.json"]
 
 
 def _bad_run(tmp_path, capsys, models, *overrides):

@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 from .errors import UserError
+from .io import check_writable_dir
 
 log = logging.getLogger("direct_rlhf")
 
@@ -34,6 +35,7 @@ def _load(args: argparse.Namespace):
     cfg = load_config(args.config, args.overrides)
     if getattr(args, "out", None):
         cfg.out = str(args.out)
+    check_writable_dir(cfg.out)  # before any work, not when the first file is written
     if cfg.threads:
         import torch
 
@@ -73,8 +75,14 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
+    import math
+
     from .chat import chat
 
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise UserError(f"--temperature must be 0 (greedy) or more, got {args.temperature}")
     chat(args.model_dir, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
 
 
@@ -114,7 +122,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     cfg = _load(args)
     models = parse_models(args.models)  # checked before any work
-    out = args.eval_out or run_dir(cfg) / "eval"
+    out = check_writable_dir(args.eval_out or run_dir(cfg) / "eval")
     run_eval(cfg, models, out, progress=not args.quiet)
     print(f"results: {out / 'results.json'}\nreport: {out / 'report.html'}")
 

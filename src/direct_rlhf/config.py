@@ -298,7 +298,18 @@ def _apply_override(raw: dict, item: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise UserError(f"override '{item}': '{part}' is not a section")
-    node[leaf] = yaml.safe_load(value) if value != "" else None
+    node[leaf] = _override_value(value)
+
+
+def _override_value(text: str) -> Any:
+    """A command-line value read as YAML (`3`, `1e-4`, `true`, `[a, b]`); text YAML cannot read
+    (`*.jsonl`, `@name`, `[4`) is kept as the string it is, and the key's type check judges it."""
+    if text == "":
+        return None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
 
 
 def _build(cls: type, raw: Any, src: str, prefix: str) -> Any:

@@ -9,6 +9,7 @@ by zero) or as a run that silently learns nothing (`grad_clip=0` scales every gr
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from .errors import UserError
@@ -60,6 +61,8 @@ RANGES: dict[str, tuple] = {
 def check_ranges(cfg: Any, src: str) -> None:
     """Raise `UserError` naming the first key whose value is out of its range (None = unset, allowed)."""
     for key, value in _numbers(cfg, ""):
+        if isinstance(value, float) and not math.isfinite(value):  # NaN passes every comparison below
+            raise UserError(f"{src}: config key '{key}' must be a finite number, got {value!r}")
         rule = RANGES.get(key)
         if rule is None or value is None:
             continue

@@ -19,30 +19,37 @@ from typing import Any, Iterable, Iterator
 from .errors import UserError
 
 
+def read_text(path: str | Path) -> str:
+    """A UTF-8 text file's contents; bytes that are not UTF-8 are reported by line and file offset."""
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte {err.start}); re-save the file as UTF-8") from None
+
+
 def read_jsonl(path: str | Path, required: Iterable[str] = ()) -> list[dict[str, Any]]:
     """Read a JSONL file of objects; blank lines are skipped; `required` keys must be present."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: file not found")
     rows = []
-    try:
-        with path.open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise UserError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-                if not isinstance(row, dict):
-                    raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-                for key in required:
-                    if key not in row:
-                        raise UserError(f"{path}:{lineno}: missing field '{key}'")
-                row["_line"] = lineno
-                rows.append(row)
-    except UnicodeDecodeError as err:
-        raise UserError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    for lineno, line in enumerate(read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        for key in required:
+            if key not in row:
+                raise UserError(f"{path}:{lineno}: missing field '{key}'")
+        row["_line"] = lineno
+        rows.append(row)
     return rows
 
 
@@ -67,20 +74,72 @@ def write_json(path: str | Path, obj: Any) -> None:
         Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
 
 
+# Files that mark a folder as one direct-rlhf wrote (a stage folder, checkpoint or toy world):
+# only such a folder, or an empty one, is replaced by `atomic_dir`.
+ARTIFACT_MARKERS = ("stage.json", "run_info.json", "manifest.json")
+
+
+@contextlib.contextmanager
+def _os_errors_as_user_errors(path: Path) -> Iterator[None]:
+    """A place we cannot write (read-only, a file where a folder must be, no space) is the user's
+    to fix: one line naming it, not a traceback."""
+    try:
+        yield
+    except OSError as err:
+        raise UserError(f"{path}: cannot write here ({err.strerror or err})") from None
+
+
+def check_writable_dir(path: str | Path) -> Path:
+    """Check, before any work, that `path` is or can become a folder we can write into; returns
+    it absolute. Probes the nearest existing folder with a real temporary file, because a
+    permission check says nothing about read-only mounts or immutable folders."""
+    path = Path(os.path.abspath(path))
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{path}: exists and is not a folder")
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"{probe}: is not a folder, so {path} cannot be made")
+    with _os_errors_as_user_errors(probe):
+        fd, tmp = tempfile.mkstemp(prefix=".direct-rlhf-probe.", dir=probe)
+        os.close(fd)
+        os.remove(tmp)
+    return path
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | Path) -> Iterator[str]:
     """Yield a temporary path beside `path`; on success rename it over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o644)
+    path = Path(os.path.abspath(path))
+    with _os_errors_as_user_errors(path):
+        if path.is_dir():
+            raise UserError(f"{path}: is a folder, where a file is to be written")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        os.chmod(tmp, 0o644)
     try:
         yield tmp
-        os.replace(tmp, path)
+        with _os_errors_as_user_errors(path):
+            os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _check_replaceable(path: Path) -> None:
+    """`atomic_dir` replaces a folder whole: refuse one that is not ours, so that `--out ~/work`
+    or `--out .` can never delete a user's files."""
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise UserError(f"{path}: exists and is not a folder; choose another --out")
+    if path == Path.cwd() or path in Path.cwd().parents:
+        raise UserError(f"{path}: is the current folder or one above it; choose a new folder for --out")
+    if any(path.iterdir()) and not any((path / m).is_file() for m in ARTIFACT_MARKERS):
+        raise UserError(f"{path}: a folder with files direct-rlhf did not write; it would be replaced, so "
+                        f"choose a new or empty folder (or remove it yourself)")
 
 
 @contextlib.contextmanager
@@ -88,19 +147,23 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield an empty temporary folder beside `path`; on success it replaces `path` whole.
 
     The old folder (if any) is moved aside first and deleted after the rename, so at every
-    instant `path` is either absent, the old complete folder, or the new complete folder.
+    instant `path` is either absent, the old complete folder, or the new complete folder. Only a
+    folder direct-rlhf wrote (or an empty one) is replaced (`_check_replaceable`).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    tmp.chmod(0o755)
+    path = Path(os.path.abspath(path))
+    _check_replaceable(path)
+    with _os_errors_as_user_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        tmp.chmod(0o755)
     try:
         yield tmp
         old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-        os.replace(tmp, path)
+        with _os_errors_as_user_errors(path):
+            if path.exists():
+                old = path.with_name(f".{path.name}.old-{os.getpid()}")
+                os.replace(path, old)
+            os.replace(tmp, path)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:

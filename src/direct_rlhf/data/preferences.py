@@ -160,7 +160,6 @@ def _read_rows(source: str | Path, split: str) -> tuple[list[dict[str, Any]], st
     text = str(source)
     path = Path(text).expanduser()
     if path.is_file():
-        _check_utf8(path)
         return read_jsonl(path), str(path)
     if path.is_dir():
         return _read_hf(text, split, local=True)
@@ -168,16 +167,6 @@ def _read_rows(source: str | Path, split: str) -> tuple[list[dict[str, Any]], st
     if looks_local:
         raise UserError(f"{text}: file not found")
     return _read_hf(text, split, local=False)
-
-
-def _check_utf8(path: Path) -> None:
-    """read_jsonl reports a decode error by byte; say which line, so the user can find it."""
-    data = path.read_bytes()
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = data.count(b"\n", 0, err.start) + 1
-        raise UserError(f"{path}:{line}: not UTF-8 text (byte {err.start}); re-save the file as UTF-8") from None
 
 
 def _read_hf(name: str, split: str, local: bool) -> tuple[list[dict[str, Any]], str]:

@@ -242,8 +242,9 @@ reference <b>{_e(results['reference']['base'])}</b>{', SFT <b>' + _e(results['re
 def write_report(results: dict[str, Any], out_dir: str | Path) -> Path:
     """Write the PNG figures and report.html into out_dir (each file atomically); return the HTML path."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     images = make_figures(results)
+    html = render_html(results, images)  # everything drawn before the first file is written
+    out_dir.mkdir(parents=True, exist_ok=True)
     for name, png in images.items():
         with atomic_file(out_dir / name) as tmp:
             Path(tmp).write_bytes(png)
@@ -251,7 +252,7 @@ def write_report(results: dict[str, Any], out_dir: str | Path) -> Path:
         (out_dir / name).unlink(missing_ok=True)
     path = out_dir / "report.html"
     with atomic_file(path) as tmp:
-        Path(tmp).write_text(render_html(results, images), encoding="utf-8")
+        Path(tmp).write_text(html, encoding="utf-8")
     return path
 
 
@@ -267,4 +268,13 @@ def report_from_dir(results_dir: str | Path) -> Path:
     missing = [k for k in ("models", "reference", "harmlessness", "conversation") if k not in results]
     if missing:
         raise UserError(f"{path}: not a direct-rlhf results file (missing '{missing[0]}')")
-    return write_report(results, results_dir)
+    models = results["models"]
+    if not isinstance(models, dict) or not models:
+        raise UserError(f"{path}: 'models' must name at least one model")
+    unknown = [m for m in results.get("model_order", []) if m not in models]
+    if unknown:
+        raise UserError(f"{path}: 'model_order' names '{unknown[0]}', which is not in 'models'")
+    try:
+        return write_report(results, results_dir)
+    except (KeyError, TypeError, ValueError, IndexError) as err:  # a results file edited by hand
+        raise UserError(f"{path}: inconsistent results file ({type(err).__name__}: {err})") from None

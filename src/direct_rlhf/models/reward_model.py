@@ -135,6 +135,14 @@ def plain_model(model: torch.nn.Module) -> torch.nn.Module:
 # Scoring (used by PPO and evaluation: keep this interface stable)
 
 
+def check_reward_folder(path: str | Path) -> Path:
+    """The folder's reward statistics file, or a one-line error before any weights load."""
+    stats_file = Path(path) / STATS_FILE
+    if not stats_file.is_file():
+        raise UserError(f"{path}: not a reward model folder (no {STATS_FILE}); train one with 'direct-rlhf reward'")
+    return stats_file
+
+
 class RewardScorer:
     """Score (prompt, response) pairs with a saved reward model folder; no gradients, fp32 out.
 
@@ -148,11 +156,7 @@ class RewardScorer:
         """`model`: an already loaded stand-in for the folder's model, placed by the caller (PPO's
         `SharedRewardModel`); the folder then gives only the statistics and the tokenizer."""
         self.path = Path(path)
-        stats_file = self.path / STATS_FILE
-        if not stats_file.is_file():
-            raise UserError(f"{self.path}: not a reward model folder (no {STATS_FILE}); "
-                            f"train one with 'direct-rlhf reward'")
-        stats = json.loads(stats_file.read_text())
+        stats = json.loads(check_reward_folder(self.path).read_text())
         self.mean: float = float(stats["mean"])
         self.std: float = float(stats["std"])
         self.max_len: int = int(stats["max_len"])

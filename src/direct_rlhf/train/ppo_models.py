@@ -27,6 +27,7 @@ from transformers import AutoModelForSequenceClassification
 
 from ..config import LoraConfig
 from ..models.loading import DTYPES, load_causal_lm
+from ..models.reward_model import check_reward_folder
 
 
 class ValueModel(nn.Module):
@@ -41,6 +42,7 @@ class ValueModel(nn.Module):
     @classmethod
     def from_reward_model(cls, path: str | Path, dtype: str = "float32",
                           lora: LoraConfig | None = None) -> "ValueModel":
+        check_reward_folder(path)  # before loading: a causal LM here would load with a random head
         rm = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=DTYPES[dtype],
                                                                 use_safetensors=True)
         backbone = getattr(rm, rm.base_model_prefix)
