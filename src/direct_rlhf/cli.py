@@ -148,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     s = sub.add_parser("toyworld", help="generate the toy world (JSONL) into a folder")
-    s.add_argument("--out", required=True, type=Path, help="output folder (replaced atomically)")
+    s.add_argument("--out", required=True, type=Path, help="output folder (replaced whole and atomically; "
+                   "a folder of files direct-rlhf did not write is refused)")
     _config_args(s)
     s.set_defaults(func=cmd_toyworld)
 
