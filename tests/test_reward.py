@@ -25,7 +25,7 @@ from direct_rlhf.models.reward_model import (RewardScorer, build_reward_model, e
 from direct_rlhf.models.tokenizer import train_tokenizer
 from direct_rlhf.tracking import seed_everything
 from direct_rlhf.train.pair_packing import can_pack, packed_len, packed_rewards
-from direct_rlhf.train.reward import (PreferenceData, cost_pairs, encode_pairs, pair_loss, pairwise_accuracy,
+from direct_rlhf.train.reward import (PreferenceData, accuracy_table, cost_pairs, encode_pairs, pair_loss, pairwise_accuracy,
                                       train_preference_model)
 
 
@@ -389,6 +389,25 @@ def test_pairwise_accuracy_reports_per_subset(tiny_base):
     enc, _ = encode_pairs(tok, EXPECTED, 256)
     table, scores = pairwise_accuracy(model, enc, EXPECTED, tok.pad_token_id, batch_size=1)
     assert scores.shape == (4,) and table["n"] == 2 and table["n/harmless"] == 1 and table["n/helpful"] == 1
+    won = [float(scores[i] > scores[2 + i]) for i in range(2)]  # chosen scores first, then rejected
+    assert (table[EXPECTED[0].subset], table[EXPECTED[1].subset], table["all"]) == (won[0], won[1], sum(won) / 2)
+    # ties count as wrong, and each subset is averaged over its own pairs only
+    table = accuracy_table(torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0]), ["a", "a", "b", "b", None])
+    assert table == pytest.approx({"all": 0.6, "n": 5, "a": 0.5, "n/a": 2, "b": 0.5, "n/b": 2})
+    assert pairwise_accuracy(_Constant(), enc, EXPECTED, tok.pad_token_id, batch_size=1)[0]["all"] == 0.0
+
+
+class _Constant(torch.nn.Module):
+    """A reward model that scores everything alike: every pair is a tie."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, input_ids, attention_mask):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=torch.zeros(len(input_ids), 1) + self.w)
 
 
 def test_a_run_killed_after_an_epoch_resumes_to_the_same_model(tmp_path, tiny_base, small_world, monkeypatch):
