@@ -326,6 +326,9 @@ def test_ppo_cli_saves_the_trained_lora_policy_merged_into_a_plain_causal_lm(mic
     # bad input: one line, exit 2
     assert main(["-q", "ppo", "--out", str(tmp_path / "x"), *MICRO, "ppo.prompts=/nonexistent.jsonl",
                  f"model.base={micro_run / 'base'}", f"ppo.reward_model={micro_run / 'rm'}"]) == 2
+    # a reward folder as the base: refused before a reward model is trained from it
+    assert main(["-q", "ppo", "--out", str(tmp_path / "y"), *MICRO, f"model.base={micro_run / 'rm'}"]) == 2
+    assert not (tmp_path / "y" / "reward").exists()
 
 
 def test_two_process_accelerate_launch(micro_run, tmp_path):

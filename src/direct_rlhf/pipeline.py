@@ -55,6 +55,11 @@ def ensure_world(cfg: Config) -> Path:
 def ensure_base(cfg: Config, progress: bool = True) -> str:
     """The base model: the user's (a folder or hub id) or the toy one, pretrained when stale."""
     if cfg.model.base:
+        from .models.loading import check_causal_lm
+
+        # before any stage builds on it: a reward folder given by mistake would otherwise first
+        # have a new reward model trained from it (replacing <out>/reward), and fail only at PPO
+        check_causal_lm(cfg.model.base, cfg.model.trust_remote_code)
         return cfg.model.base
     from .train.pretrain import pretrain
 
