@@ -385,3 +385,27 @@ def test_resume_after_a_kill_between_checkpoints_logs_each_step_once_and_a_damag
     (tmp_path / "checkpoints" / "step-000004" / "actor.safetensors").write_bytes(b"")
     with pytest.raises(UserError, match=r"step-000004: damaged checkpoint .* remove it"):
         _trainer(micro_run, tmp_path, ["ppo.steps=6"]).train(resume=True)
+
+
+def test_processes_draw_disjoint_shares_of_each_pass_over_the_prompts():
+    """Data parallel: at every step each process draws its own rows, and one pass over the data
+    (n prompts) hands out every prompt exactly once, in an order that is a function of the step."""
+    from types import SimpleNamespace
+
+    def draws(world: int, rank: int, steps: int, seed: int = 0) -> list[list[str]]:
+        t = PPOTrainer.__new__(PPOTrainer)
+        t.prompts, t.cfg = [f"p{i}" for i in range(24)], SimpleNamespace(seed=seed)
+        t.pc, t.acc = SimpleNamespace(rollout_batch_size=4), SimpleNamespace(num_processes=world, process_index=rank)
+        t._perm, t._perm_epoch = [], None
+        out = []
+        for step in range(steps):
+            t.step_idx = step
+            out.append(t.next_prompts())
+        return out
+
+    a, b = draws(2, 0, 6), draws(2, 1, 6)  # 6 steps x 2 processes x 4 rows = two passes over 24 prompts
+    first_pass = [p for s in range(3) for p in a[s] + b[s]]
+    assert sorted(first_pass) == sorted(f"p{i}" for i in range(24))
+    assert sorted(p for s in range(3, 6) for p in a[s] + b[s]) == sorted(first_pass)
+    assert first_pass != [p for s in range(3, 6) for p in a[s] + b[s]]  # each pass reshuffled
+    assert draws(2, 1, 6) == b and draws(2, 1, 6, seed=1) != b  # a function of the step and the seed

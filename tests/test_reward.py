@@ -222,6 +222,12 @@ def test_cli_reward_with_skip_invalid_trains_and_records_what_it_skipped(tmp_pat
     assert main([*args, "reward.skip_invalid=true"]) == 0
     load = json.loads((run / "reward" / "run_info.json").read_text())["data"]["train_load"]
     assert (load["rows"], load["skipped_invalid"]) == (18, 2) and "p.jsonl:17: " in load["first_invalid"]
+    # the cache follows the data file's contents: unchanged, reused; edited in place, trained again
+    stamp = (run / "reward" / "stage.json").read_text()
+    assert main([*args, "reward.skip_invalid=true"]) == 0 and (run / "reward" / "stage.json").read_text() == stamp
+    (tmp_path / "p.jsonl").write_text("\n".join(rows[2:]) + "\n")
+    assert main([*args, "reward.skip_invalid=true"]) == 0 and (run / "reward" / "stage.json").read_text() != stamp
+    assert json.loads((run / "reward" / "run_info.json").read_text())["data"]["train_load"]["rows"] == 16
 
 
 @pytest.mark.parametrize("name", ["malformed_json", "no_assistant_turn", "empty_file"])
