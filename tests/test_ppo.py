@@ -409,3 +409,23 @@ def test_processes_draw_disjoint_shares_of_each_pass_over_the_prompts():
     assert sorted(p for s in range(3, 6) for p in a[s] + b[s]) == sorted(first_pass)
     assert first_pass != [p for s in range(3, 6) for p in a[s] + b[s]]  # each pass reshuffled
     assert draws(2, 1, 6) == b and draws(2, 1, 6, seed=1) != b  # a function of the step and the seed
+
+
+def test_checkpoints_keep_the_newest_two_and_ignore_incomplete_folders(tmp_path):
+    from direct_rlhf.train import checkpoint
+
+    model = torch.nn.Linear(2, 2)
+    stray = tmp_path / ".step-000009.abc.tmp"  # what a kill during a save leaves
+    stray.mkdir(parents=True)
+    for step in (1, 2, 3):
+        with torch.no_grad():
+            model.weight.fill_(step)
+        checkpoint.save(tmp_path, step, {"m": model}, {}, {"step": step, "rng": [checkpoint.rng_state()]})
+    assert [p.name for p in checkpoint.completed(tmp_path)] == ["step-000002", "step-000003"]
+    assert not stray.exists()
+    (tmp_path / "step-000004").mkdir()  # no stamp: not a checkpoint, whatever its name
+    assert checkpoint.latest(tmp_path).name == "step-000003"
+    with torch.no_grad():
+        model.weight.zero_()
+    _, state, _ = checkpoint.load(checkpoint.latest(tmp_path), {"m": model})
+    assert state["step"] == 3 and torch.all(model.weight == 3)
