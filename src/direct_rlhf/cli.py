@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import warnings
 from pathlib import Path
 
 from .errors import UserError
@@ -206,8 +205,6 @@ def main(argv: list[str] | None = None) -> int:
         args = _parse(build_parser(), argv)
         logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                             format="%(message)s", stream=sys.stderr)
-        # peft reads transformers' deprecated alias when it wraps a model; nothing the user can act on
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         if args.quiet:  # libraries' own progress bars too
             from transformers.utils import logging as hf_logging
 

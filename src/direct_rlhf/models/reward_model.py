@@ -116,11 +116,10 @@ def build_reward_model(init: str, cfg: Config):
     model.config.pad_token_id = tokenizer.pad_token_id
     lora = cfg.reward.lora
     if lora.enabled:
-        from peft import LoraConfig, TaskType, get_peft_model
+        from .lora import add_lora
 
         # SEQ_CLS keeps the new score head fully trainable (peft adds it to modules_to_save).
-        model = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=lora.r, lora_alpha=lora.alpha,
-                                                 lora_dropout=lora.dropout, target_modules=list(lora.target_modules)))
+        model = add_lora(model, lora, "SEQ_CLS")
     return model, tokenizer
 
 

@@ -27,6 +27,7 @@ from transformers import AutoModelForSequenceClassification
 
 from ..config import LoraConfig
 from ..models.loading import DTYPES, load_causal_lm
+from ..models.lora import add_lora
 from ..models.reward_model import check_reward_folder
 
 
@@ -48,7 +49,7 @@ class ValueModel(nn.Module):
         backbone = getattr(rm, rm.base_model_prefix)
         if lora is None or not lora.enabled:
             return cls(backbone, rm.score)
-        return cls(_with_lora(backbone, lora, "FEATURE_EXTRACTION"), rm.score,
+        return cls(add_lora(backbone, lora, "FEATURE_EXTRACTION"), rm.score,
                    copy.deepcopy(rm.score).requires_grad_(False))
 
     def forward(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
@@ -84,17 +85,8 @@ def load_actor(base: str, dtype: str, lora: LoraConfig, trust_remote_code: bool 
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False  # generation turns it back on per call
     if lora.enabled:
-        model = _with_lora(model, lora, "CAUSAL_LM")
+        model = add_lora(model, lora, "CAUSAL_LM")
     return model.train()
-
-
-def _with_lora(model: nn.Module, lora: LoraConfig, task_type: str) -> nn.Module:
-    """peft LoRA adapters on `model`; its own weights frozen."""
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
-
-    return get_peft_model(model, PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                                target_modules=list(lora.target_modules), task_type=task_type))
 
 
 def load_reference(base: str, dtype: str, lora: LoraConfig, trust_remote_code: bool = False) -> nn.Module | None:
