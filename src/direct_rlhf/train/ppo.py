@@ -463,7 +463,7 @@ class PPOTrainer:
     def train(self, resume: bool = False, stop_after: int | None = None) -> bool:
         """Run to `ppo.steps` (or stop after `stop_after` steps, for tests); True when finished."""
         if resume and not self.resume():
-            log.info("ppo: no checkpoint in %s yet; starting from step 0", self.out / "checkpoints")
+            log.warning("ppo: --resume, but no checkpoint in %s yet; starting from step 0", self.out / "checkpoints")
         if resume and self.acc.is_main_process:  # steps logged after the checkpoint are run again
             for name in ("metrics.jsonl", "samples.jsonl"):
                 drop_rows_after(self.out / "logs" / name, self.step_idx)
