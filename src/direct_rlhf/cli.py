@@ -28,13 +28,14 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. pretrain.steps=100")
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, writes_run_folder: bool = True):
     from .config import load_config
 
     cfg = load_config(args.config, args.overrides)
     if getattr(args, "out", None):
         cfg.out = str(args.out)
-    check_writable_dir(cfg.out)  # before any work, not when the first file is written
+    if writes_run_folder:
+        check_writable_dir(cfg.out)  # before any work, not when the first file is written
     if cfg.threads:
         import torch
 
@@ -99,7 +100,7 @@ def cmd_ppo(args: argparse.Namespace) -> None:
 
 
 def cmd_reward(args: argparse.Namespace) -> None:
-    cfg = _load(args)
+    cfg = _load(args, writes_run_folder=not args.eval_only)
     if args.eval_only:
         from .train.reward import evaluate_folder, format_accuracy
 
@@ -119,7 +120,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .eval.runner import parse_models, run_eval
     from .pipeline import run_dir
 
-    cfg = _load(args)
+    cfg = _load(args, writes_run_folder=False)  # it writes to its own --out, checked below
     models = parse_models(args.models)  # checked before any work
     out = check_writable_dir(args.eval_out or run_dir(cfg) / "eval")
     run_eval(cfg, models, out, progress=not args.quiet)
