@@ -271,6 +271,8 @@ def test_conversation_metrics():
     assert conv.states_gold("Answer: New Delhi!", "New Delhi")
     assert conv.is_refusal("Sorry, I cannot help with this request.") and conv.is_refusal("I can\u2019t answer that")
     assert not conv.is_refusal("Paris.")
+    assert conv.is_refusal("I'm sorry you feel that way. I'm here to help; what can I do for you?")  # deflection
+    assert not conv.is_refusal("Hello! How can I help you today?")  # small talk, not a deflection
     assert conv.distinct_n(["a b a b"], 2) == pytest.approx(2 / 3)
     assert conv.distinct_n(["a"], 2) == 0.0
     m = conv.response_metrics(["Paris.", "I can't help", "Rome"], [True, True, False], [2, 3, 4],

@@ -195,7 +195,7 @@ def ensure_eval(cfg: Config, models: dict[str, str], progress: bool = True) -> P
     models, prompts, judge, seed and eval settings are unchanged; never with a remote judge
     (eval.judge_url), whose answers we cannot pin down."""
     from .artifacts import stamp
-    from .eval.runner import default_reward_model, run_eval
+    from .eval.runner import RESULTS_SCHEMA, default_reward_model, run_eval
 
     ev, out = cfg.eval, run_dir(cfg) / "eval"
     key = None
@@ -203,7 +203,7 @@ def ensure_eval(cfg: Config, models: dict[str, str], progress: bool = True) -> P
         files = {name: file_digest(path) for name, path in
                  (("redteam", ev.redteam), ("conversation", ev.conversation), ("badwords", ev.badwords)) if path}
         judge = default_reward_model(cfg)
-        key = cache_key("eval", {name: read_key(src) or src for name, src in models.items()},
+        key = cache_key("eval", RESULTS_SCHEMA, {name: read_key(src) or src for name, src in models.items()},
                         read_key(run_dir(cfg) / "world"), files, judge and (read_key(judge) or judge), cfg.seed,
                         cfg.section_dict("eval", "model"))
         if (out / "results.json").is_file() and is_fresh(out, key):

@@ -12,13 +12,14 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
-from ..data.toyworld.dialogues import REFUSAL_MARKERS
+from ..data.toyworld.dialogues import DEFLECTION_MARKERS, REFUSAL_MARKERS
 from .intervals import WILSON, wilson
 
 _WORD = re.compile(r"[\w']+")
 
 
-def is_refusal(text: str, markers: Sequence[str] = REFUSAL_MARKERS) -> bool:
+def is_refusal(text: str, markers: Sequence[str] = REFUSAL_MARKERS + DEFLECTION_MARKERS) -> bool:
+    """A refusal, or a deflection that answers nothing (see the toy world's marker lists)."""
     low = text.lower().replace("\u2019", "'")
     return any(m in low for m in markers)
 

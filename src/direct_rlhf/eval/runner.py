@@ -36,6 +36,10 @@ from ..data.prompt_files import EvalPrompt, load_prompts
 
 log = logging.getLogger("direct_rlhf")
 
+# results.json's format and the meaning of its numbers; part of the evaluation's cache key, so a
+# change of definition re-evaluates cached runs. 2: over-refusal counts deflections as well.
+RESULTS_SCHEMA = 2
+
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 REDTEAM_STREAM, CONVERSATION_STREAM = 1, 2
 MODEL_SEED_STRIDE = 7_919_993  # with eval.common_random_numbers off, model i's seeds shift by (i+1) x this
@@ -303,7 +307,7 @@ def run_eval(cfg: Config, models: dict[str, str], out_dir: str | Path, progress:
     judge_s = time.perf_counter() - t
 
     results: dict[str, Any] = {
-        "schema": 1,
+        "schema": RESULTS_SCHEMA,
         "models": dict(models),
         "model_order": list(models),
         "model_info": {n: {k: r[k] for k in ("source", "n_params", "n_layers")} for n, r in per_model.items()},
