@@ -429,3 +429,26 @@ def test_checkpoints_keep_the_newest_two_and_ignore_incomplete_folders(tmp_path)
         model.weight.zero_()
     _, state, _ = checkpoint.load(checkpoint.latest(tmp_path), {"m": model})
     assert state["step"] == 3 and torch.all(model.weight == 3)
+
+
+def test_lagrangian_update_uses_the_cost_advantages_weighted_by_lambda(micro_run, tmp_path, monkeypatch):
+    """PPO-Lagrangian: the actor's clipped loss sees (A_reward - lambda A_cost) / (1 + lambda), with
+    this step's lambda and the cost critic's own advantages; not the reward advantages alone."""
+    from direct_rlhf.algos import ppo as F
+
+    cfg = load_config(None, [*MICRO, *PPO_MICRO, "ppo.lagrangian=true", "ppo.lambda_init=3", "ppo.lambda_lr=0"])
+    trainer = PPOTrainer(cfg, str(micro_run / "base"), str(micro_run / "rm"),
+                         prompt_texts(micro_run / "world" / "ppo_prompts.jsonl"), tmp_path,
+                         cost_path=str(micro_run / "rm"), progress=False)
+    seen = {}
+    make, loss = trainer.make_experience, F.policy_loss
+    monkeypatch.setattr(trainer, "make_experience", lambda *a: seen.setdefault("exp", make(*a)))
+    monkeypatch.setattr(F, "policy_loss", lambda lp, old, adv, mask, eps: seen.setdefault("adv", []).append(
+        (adv.detach().clone(), mask)) or loss(lp, old, adv, mask, eps))
+    trainer.step()
+    exp, _ = seen["exp"]
+    assert exp.cost_advantages is not None and not torch.allclose(exp.cost_advantages, exp.advantages)
+    combined = (exp.advantages - 3.0 * exp.cost_advantages) / 4.0
+    used = torch.cat([a[m > 0] for a, m in seen["adv"]])
+    expected = combined[exp.mask > 0].repeat(cfg.ppo.ppo_epochs)  # every response token, once an epoch
+    torch.testing.assert_close(used.sort().values, expected.sort().values)
