@@ -19,15 +19,18 @@ from typing import Any, Iterable, Iterator
 from .errors import UserError
 
 
-def read_text(path: str | Path) -> str:
-    """A UTF-8 text file's contents; bytes that are not UTF-8 are reported by line and file offset."""
-    path = Path(path)
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = data.count(b"\n", 0, err.start) + 1
-        raise UserError(f"{path}:{line}: not UTF-8 text (byte {err.start}); re-save the file as UTF-8") from None
+def text_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a UTF-8 text file, streamed (a preference file can be hundreds of MB);
+    bytes that are not UTF-8 are reported by line and offset in the file."""
+    path, offset = Path(path), 0
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise UserError(f"{path}:{lineno}: not UTF-8 text (byte {offset + err.start}); "
+                                f"re-save the file as UTF-8") from None
+            offset += len(raw)
 
 
 def read_jsonl(path: str | Path, required: Iterable[str] = ()) -> list[dict[str, Any]]:
@@ -36,7 +39,7 @@ def read_jsonl(path: str | Path, required: Iterable[str] = ()) -> list[dict[str,
     if not path.is_file():
         raise UserError(f"{path}: file not found")
     rows = []
-    for lineno, line in enumerate(read_text(path).split("\n"), 1):
+    for lineno, line in text_lines(path):
         if not line.strip():
             continue
         try:

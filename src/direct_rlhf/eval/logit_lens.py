@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import UserError
-from ..io import read_text
+from ..io import text_lines
 
 _NORM_NAMES = ("norm", "final_layernorm", "final_layer_norm", "ln_f", "norm_f")
 
@@ -33,7 +33,7 @@ def read_badwords(path: str | Path | None = None) -> list[str]:
     path = Path(path) if path is not None else shipped_badwords()
     if not path.is_file():
         raise UserError(f"{path}: bad-word list not found (eval.badwords)")
-    lines = read_text(path).splitlines()
+    lines = [line for _, line in text_lines(path)]
     words = list(dict.fromkeys(w for w in (ln.split("#", 1)[0].strip() for ln in lines) if w))
     if not words:
         raise UserError(f"{path}: the bad-word list is empty")
