@@ -378,6 +378,8 @@ def test_resume_after_a_kill_between_checkpoints_logs_each_step_once_and_a_damag
     part.train(stop_after=3)  # killed after step 3; the newest checkpoint is step 2's
     assert [r["step"] for r in _metrics(tmp_path)] == [1, 2, 3]
     del part
+    with (tmp_path / "logs" / "metrics.jsonl").open("a") as fh:
+        fh.write('{"step": 4, "loss/pol')  # killed while writing a line
     _trainer(micro_run, tmp_path, ["ppo.steps=4"]).train(resume=True)
     assert [r["step"] for r in _metrics(tmp_path)] == [1, 2, 3, 4]  # step 3 ran again, and is logged once
     samples = [json.loads(line)["step"] for line in (tmp_path / "logs" / "samples.jsonl").read_text().splitlines()]

@@ -35,14 +35,21 @@ def versions() -> dict[str, str]:
 
 def drop_rows_after(path: str | Path, step: int) -> None:
     """Keep only the rows of a step-logged JSONL file up to `step`: a run resumed from its step-N
-    checkpoint logs steps N+1... again, which a run killed between checkpoints had logged once."""
+    checkpoint logs steps N+1... again, which a run killed between checkpoints had logged once.
+    A line cut short by the kill is dropped too (it was being written after the checkpoint)."""
     path = Path(path)
     if not path.is_file():
         return
     from .io import atomic_file
 
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
+    def logged_step(line: str) -> float:
+        try:
+            return json.loads(line).get("step", 0)
+        except ValueError:
+            return float("inf")
+
+    kept = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines()
+            if line.strip() and logged_step(line) <= step]
     with atomic_file(path) as tmp:
         Path(tmp).write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
