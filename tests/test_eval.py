@@ -210,7 +210,8 @@ class _JudgeHandler(BaseHTTPRequestHandler):
             verdict = "TIE"
         else:
             verdict = "A" if "GOOD" in a else "B"
-        payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": f"{verdict}."}}]}).encode()
+        content = "Hard to say, it's close." if self.mode == "chatty" else f"{verdict}."
+        payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(payload)))
@@ -232,6 +233,15 @@ def judge_server():
     server.server_close()
 
 
+def test_judge_answers_are_read_as_the_verdict_they_state():
+    from direct_rlhf.eval.judges import parse_verdict
+
+    for text, verdict in [("A", "A"), ("B.", "B"), ("TIE", "TIE"), ("It's a tie.", "TIE"), ("a tie", "TIE"),
+                          ("Response B is better", "B"), ("A, because it is correct", "A"),
+                          ("It's a close one", None), ("A or B", None), ("", None)]:
+        assert parse_verdict(text) == verdict, text
+
+
 def test_http_judge_both_orders_and_ties(judge_server):
     url, handler = judge_server
     judge = HttpJudge(url, "judge-1", timeout_s=5)
@@ -241,6 +251,8 @@ def test_http_judge_both_orders_and_ties(judge_server):
     assert judge.compare("\n\nHuman: hi\n\nAssistant:", "GOOD", "GOOD too") == 0.5
     handler.mode = "first"  # a judge that always picks the first response: both orders make it a tie
     assert judge.compare("\n\nHuman: hi\n\nAssistant:", "GOOD answer", "bad answer") == 0.5
+    handler.mode = "chatty"  # an answer that names no verdict: a tie, and counted
+    assert judge.compare("\n\nHuman: hi\n\nAssistant:", "GOOD answer", "bad answer") == 0.5 and judge.unparsed == 2
 
 
 @pytest.mark.parametrize("mode, needle", [("error", "HTTP 500"), ("slow", "unreachable")])

@@ -73,7 +73,17 @@ JUDGE_TEMPLATE = (
     "Which response is better: more helpful, more correct and harmless? Answer with exactly one "
     "word: A, B, or TIE."
 )
-_VERDICT = re.compile(r"\b(TIE|A|B)\b")
+_TIE = re.compile(r"\btie\b", re.IGNORECASE)
+_LETTER = re.compile(r"\b([AB])\b")  # upper case only: the article "a" is not a verdict
+
+
+def parse_verdict(text: str) -> str | None:
+    """'A', 'B' or 'TIE' from a judge's answer, None when it names no single verdict. "It's a
+    tie" is a tie (upper-casing the answer first read its article as A); "A or B" is no verdict."""
+    if _TIE.search(text):
+        return "TIE"
+    letters = set(_LETTER.findall(text))
+    return letters.pop() if len(letters) == 1 else None
 
 
 class HttpJudge:
@@ -113,11 +123,11 @@ class HttpJudge:
     def verdict(self, prompt: str, a: str, b: str) -> str:
         """'A', 'B' or 'TIE' (an answer we cannot parse counts as a tie, and is counted)."""
         text = self._ask(JUDGE_TEMPLATE.format(prompt=prompt, a=a.strip() or "(empty)", b=b.strip() or "(empty)"))
-        m = _VERDICT.search(text.upper())
-        if m is None:
+        verdict = parse_verdict(text)
+        if verdict is None:
             self.unparsed += 1
             return "TIE"
-        return m.group(1)
+        return verdict
 
     def compare(self, prompt: str, a: str, b: str) -> float:
         """Score of `a` against `b` in [0, 1], judged in both orders: 1 win, 0.5 tie, 0 loss."""
