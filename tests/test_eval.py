@@ -391,3 +391,14 @@ def test_generate_writes_each_sample_back_to_its_prompt(monkeypatch):
     assert out["texts"] == [f"<{p}>" for p in prompts for _ in range(3)]
     assert out["n_tokens"] == [len(p) for p in prompts for _ in range(3)]
     assert out["ended"] == [len(p) % 2 == 0 for p in prompts for _ in range(3)]
+
+
+def test_the_toxic_label_of_a_classifier_is_found_or_asked_for():
+    from direct_rlhf.eval.toxicity import _toxic_label
+
+    assert _toxic_label(["neutral", "toxic"], "m") == "toxic"
+    assert _toxic_label(["Non-Toxic", "Toxic"], "m") == "Toxic"
+    assert _toxic_label(["LABEL_0", "LABEL_1"], "m") == "LABEL_1"
+    for labels in (["toxic", "severe_toxic", "obscene"], ["positive", "negative"]):  # which one? the user says
+        with pytest.raises(UserError, match="set eval.toxicity_label"):
+            _toxic_label(labels, "m")
