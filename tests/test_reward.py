@@ -422,7 +422,8 @@ def test_a_run_killed_after_an_epoch_resumes_to_the_same_model(tmp_path, tiny_ba
 
     pairs, _ = load_pairs(small_world / "pairs_train.jsonl")
     data = PreferenceData(pairs[:48], pairs[48:64], {"train_load": {}}, key=None)
-    cfg = _cfg("reward.epochs=2", "reward.batch_size=16", "reward.eval_every=1000", "reward.stats_pairs=16")
+    cfg = _cfg("reward.epochs=2", "reward.batch_size=16", "reward.eval_every=1000", "reward.stats_pairs=16",
+               "reward.log_every=1")
     full = train_preference_model(cfg, str(tiny_base), data, tmp_path / "full", tmp_path / "lf", "k", progress=False)
 
     calls, real = {"n": 0}, reward_mod.pair_loss
@@ -442,6 +443,10 @@ def test_a_run_killed_after_an_epoch_resumes_to_the_same_model(tmp_path, tiny_ba
     a, b = load_file(str(full / "model.safetensors")), load_file(str(part / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert not (tmp_path / "lp" / "checkpoints").exists()  # cleaned up once the model is saved
+    # the log reads as one run: the rows before the checkpoint kept, the ones after it once
+    rows = {d: [json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+            for d in ("lf", "lp")}
+    assert [(r["step"], sorted(r)) for r in rows["lp"]] == [(r["step"], sorted(r)) for r in rows["lf"]]
 
 
 def test_score_ids_keeps_no_graph_of_a_trainable_model(tiny_base):

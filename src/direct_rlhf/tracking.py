@@ -55,17 +55,23 @@ def drop_rows_after(path: str | Path, step: int) -> None:
 
 
 class MetricsLogger:
-    """Append one JSON object per step to `metrics.jsonl`; mirror scalars to TensorBoard."""
+    """Append one JSON object per step to `metrics.jsonl`; mirror scalars to TensorBoard.
 
-    def __init__(self, out_dir: str | Path, tensorboard: bool = True, append: bool = False):
+    `resume_from=N`: a run resumed from its step-N checkpoint keeps the rows up to step N and
+    logs the later ones again, once (TensorBoard hides its own later events: `purge_step`)."""
+
+    def __init__(self, out_dir: str | Path, tensorboard: bool = True, resume_from: int | None = None):
         self.dir = Path(out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._fh = (self.dir / "metrics.jsonl").open("a" if append else "w", encoding="utf-8")
+        if resume_from is not None:
+            drop_rows_after(self.dir / "metrics.jsonl", resume_from)
+        self._fh = (self.dir / "metrics.jsonl").open("w" if resume_from is None else "a", encoding="utf-8")
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.dir / "tensorboard"))
+            self._tb = SummaryWriter(str(self.dir / "tensorboard"),
+                                     purge_step=None if resume_from is None else resume_from + 1)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}

@@ -465,9 +465,9 @@ class PPOTrainer:
         if resume and not self.resume():
             log.warning("ppo: --resume, but no checkpoint in %s yet; starting from step 0", self.out / "checkpoints")
         if resume and self.acc.is_main_process:  # steps logged after the checkpoint are run again
-            for name in ("metrics.jsonl", "samples.jsonl"):
-                drop_rows_after(self.out / "logs" / name, self.step_idx)
-        logger = MetricsLogger(self.out / "logs", append=resume) if self.acc.is_main_process else None
+            drop_rows_after(self.out / "logs" / "samples.jsonl", self.step_idx)
+        logger = MetricsLogger(self.out / "logs", resume_from=self.step_idx if resume else None) \
+            if self.acc.is_main_process else None
         samples_log = (self.out / "logs" / "samples.jsonl").open("a" if resume else "w") \
             if self.acc.is_main_process else None
         bar = tqdm(total=self.pc.steps, initial=self.step_idx, desc="ppo",
