@@ -454,3 +454,34 @@ def test_lagrangian_update_uses_the_cost_advantages_weighted_by_lambda(micro_run
     used = torch.cat([a[m > 0] for a, m in seen["adv"]])
     expected = combined[exp.mask > 0].repeat(cfg.ppo.ppo_epochs)  # every response token, once an epoch
     torch.testing.assert_close(used.sort().values, expected.sort().values)
+
+
+def test_ptx_pulls_the_update_towards_the_pretraining_text(micro_run, tmp_path):
+    """PPO-ptx: the same experience and seed, with and without the LM loss on pretraining text;
+    with it, the actor ends nearer that text (lower LM loss on it)."""
+    from direct_rlhf.io import read_jsonl
+
+    texts = [r["text"] for r in read_jsonl(micro_run / "world" / "corpus.jsonl")][:200]
+    trainers = {}
+    for coef in ("0", "5"):
+        cfg = load_config(None, [*MICRO, *PPO_MICRO, f"ppo.ptx_coef={coef}", "ppo.ptx_batch_size=16",
+                                 "ppo.mini_batch_size=8"])  # one mini-batch, so the RNG the ptx batches draw cannot reorder the updates
+        trainers[coef] = PPOTrainer(cfg, str(micro_run / "base"), str(micro_run / "rm"),
+                                    prompt_texts(micro_run / "world" / "ppo_prompts.jsonl"), tmp_path / coef,
+                                    ptx_texts=texts, progress=False)
+    t0 = trainers["0"]
+    t0.ptx_blocks = trainers["5"].ptx_blocks  # the same text, to measure both on it
+    prompts = t0.next_prompts()
+    samples = t0._rollout(prompts)
+    exp, _ = t0.make_experience(prompts, samples, torch.randn(len(prompts)), None)
+    losses = {}
+    for coef, t in trainers.items():
+        if coef == "0":
+            t.ptx_blocks = None  # no ptx in its update
+        torch.manual_seed(0)
+        stats = t.rl_step(exp)
+        assert ("loss/ptx" in stats) == (coef == "5")
+        with torch.no_grad():
+            blocks = trainers["5"].ptx_blocks
+            losses[coef] = t.actor(input_ids=blocks, labels=blocks).loss.item()
+    assert losses["5"] < losses["0"], losses
