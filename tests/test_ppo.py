@@ -464,8 +464,9 @@ def test_ptx_pulls_the_update_towards_the_pretraining_text(micro_run, tmp_path):
     texts = [r["text"] for r in read_jsonl(micro_run / "world" / "corpus.jsonl")][:200]
     trainers = {}
     for coef in ("0", "5"):
+        # one mini-batch, so the RNG the ptx batches draw cannot reorder the updates
         cfg = load_config(None, [*MICRO, *PPO_MICRO, f"ppo.ptx_coef={coef}", "ppo.ptx_batch_size=16",
-                                 "ppo.mini_batch_size=8"])  # one mini-batch, so the RNG the ptx batches draw cannot reorder the updates
+                                 "ppo.mini_batch_size=8"])
         trainers[coef] = PPOTrainer(cfg, str(micro_run / "base"), str(micro_run / "rm"),
                                     prompt_texts(micro_run / "world" / "ppo_prompts.jsonl"), tmp_path / coef,
                                     ptx_texts=texts, progress=False)
