@@ -358,7 +358,7 @@ def test_cost_pairs_are_harmless_with_roles_swapped():
 def test_cli_reward_and_cost_save_plain_hf_folders_scored_alike(tmp_path, capsys, tiny_base):
     run = tmp_path / "run"
     args = ["-q", "reward", "--out", str(run), "--cost", *MICRO, f"model.base={tiny_base}", "reward.epochs=1",
-            "reward.batch_size=16", "reward.stats_pairs=50", "reward.eval_every=5"]
+            "reward.batch_size=16", "reward.stats_pairs=0", "reward.eval_every=5"]
     assert main(args) == 0
     rm = run / "reward"
     for name in ("model.safetensors", "tokenizer.json", "reward_stats.json", "eval.json", "stage.json"):
@@ -376,7 +376,13 @@ def test_cli_reward_and_cost_save_plain_hf_folders_scored_alike(tmp_path, capsys
         for prompt, response, score in zip(prompts, responses, ours):
             ids = scorer.tokenizer(prompt + response, return_tensors="pt")
             assert plain(**ids).logits.item() == pytest.approx(score.item(), abs=1e-5)
-    assert ours.dtype == torch.float32 and scorer.normalise(ours).shape == (8,)
+    assert ours.dtype == torch.float32
+    # the normalisation PPO uses: mean and std of the saved model's scores of every training response
+    train, _ = load_pairs(run / "world" / "pairs_train.jsonl")
+    every = scorer.score([p.prompt for p in train] * 2, [p.chosen for p in train] + [p.rejected for p in train])
+    assert stats["n"] == len(every)
+    assert (stats["mean"], stats["std"]) == pytest.approx((every.mean().item(), every.std().item()), abs=1e-4)
+    torch.testing.assert_close(scorer.normalise(ours), (ours - stats["mean"]) / stats["std"])
     # held-out accuracy as recorded during training equals what --eval-only reports
     capsys.readouterr()
     assert main(["-q", "reward", "--eval-only", "--model", str(rm), "--data", str(run / "world" / "pairs_eval.jsonl")]) == 0
