@@ -460,3 +460,20 @@ def test_score_ids_keeps_no_graph_of_a_trainable_model(tiny_base):
     batch, _ = encode_pairs(tok, EXPECTED, 256)
     scores = score_ids(model, [s for pair in batch for s in pair], tok.pad_token_id, batch_size=2)
     assert not scores.requires_grad  # no autograd graph kept across batches (memory) when scoring
+
+
+def test_length_grouped_batches_hold_every_pair_once_an_epoch_and_pad_less():
+    from direct_rlhf.train.reward import length_grouped_batches
+
+    gen = torch.Generator().manual_seed(0)
+    lengths = [int(x) for x in torch.randint(5, 200, (301,), generator=gen)]
+    batches = length_grouped_batches(lengths, 8, gen, group=4)
+    assert sorted(i for b in batches for i in b) == list(range(301))
+    assert all(len(b) <= 8 for b in batches)
+
+    def padded(bs):
+        return sum(len(b) * max(lengths[i] for i in b) for b in bs)
+
+    plain = [list(range(301))[i:i + 8] for i in range(0, 301, 8)]
+    assert padded(batches) < 0.8 * padded(plain)
+    assert length_grouped_batches(lengths, 8, gen, group=4) != batches  # the next epoch, another order

@@ -1,0 +1,41 @@
+"""The two I/O guarantees every stage relies on: nothing half-written, bad lines named."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from direct_rlhf.errors import UserError
+from direct_rlhf.io import atomic_dir, atomic_file, read_jsonl
+
+
+def test_a_write_that_fails_midway_leaves_the_old_artifact_whole_and_no_temporary_behind(tmp_path):
+    folder = tmp_path / "stage"
+    with atomic_dir(folder) as tmp:
+        (tmp / "stage.json").write_text("old")
+        (tmp / "weights").write_text("old weights")
+    with pytest.raises(RuntimeError), atomic_dir(folder) as tmp:
+        (tmp / "stage.json").write_text("new")
+        raise RuntimeError("killed while writing")
+    assert sorted(p.name for p in folder.iterdir()) == ["stage.json", "weights"]
+    assert (folder / "stage.json").read_text() == "old"
+    path = tmp_path / "results.json"
+    path.write_text("old")
+    with pytest.raises(RuntimeError), atomic_file(path) as tmp:
+        open(tmp, "w").write("half")
+        raise RuntimeError("killed while writing")
+    assert path.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "stage"]  # no temporaries left
+    with atomic_dir(folder) as tmp:  # a finished write replaces the folder whole
+        (tmp / "stage.json").write_text("new")
+    assert sorted(p.name for p in folder.iterdir()) == ["stage.json"]
+
+
+def test_jsonl_lines_are_named_by_number_blank_lines_skipped(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"a": 1}) + "\n\n" + json.dumps({"a": 2}) + "\n")
+    assert [(r["a"], r["_line"]) for r in read_jsonl(path, required=("a",))] == [(1, 1), (2, 3)]
+    path.write_text(json.dumps({"a": 1}) + "\n\n" + json.dumps({"b": 2}) + "\n")
+    with pytest.raises(UserError, match=r"d\.jsonl:3: missing field 'a'"):
+        read_jsonl(path, required=("a",))
