@@ -163,6 +163,7 @@ def test_report_command_rebuilds_and_escapes(evaluated, tmp_path, capsys):
     assert len(err) == 1 and "results.json: not found" in err[0]
     # a results file edited by hand: one line, and no figure written without its report
     for edit, needle in [(lambda r: r.update(models={}), "'models' must name at least one model"),
+                         (lambda r: r.update(schema=999), "results schema 999, newer than"),
                          (lambda r: r["model_order"].append("ghost"), "'model_order' names 'ghost'"),
                          (lambda r: r["harmlessness"]["per_model"].pop("other"), "inconsistent results file")]:
         broken = json.loads((evaluated / "results.json").read_text())

@@ -268,6 +268,12 @@ def report_from_dir(results_dir: str | Path) -> Path:
     missing = [k for k in ("models", "reference", "harmlessness", "conversation") if k not in results]
     if missing:
         raise UserError(f"{path}: not a direct-rlhf results file (missing '{missing[0]}')")
+    from .runner import RESULTS_SCHEMA
+
+    schema = results.get("schema", 1)
+    if not isinstance(schema, int) or schema > RESULTS_SCHEMA:
+        raise UserError(f"{path}: results schema {schema!r}, newer than this direct-rlhf reads "
+                        f"({RESULTS_SCHEMA}); upgrade direct-rlhf")
     models = results["models"]
     if not isinstance(models, dict) or not models:
         raise UserError(f"{path}: 'models' must name at least one model")
