@@ -54,6 +54,14 @@ def drop_rows_after(path: str | Path, step: int) -> None:
         Path(tmp).write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
+def open_step_log(path: str | Path, resume_from: int | None):
+    """A step-logged JSONL file opened for writing: anew, or, for a run resumed from its step-N
+    checkpoint, after the rows past step N (`drop_rows_after`)."""
+    if resume_from is not None:
+        drop_rows_after(path, resume_from)
+    return Path(path).open("w" if resume_from is None else "a", encoding="utf-8")
+
+
 class MetricsLogger:
     """Append one JSON object per step to `metrics.jsonl`; mirror scalars to TensorBoard.
 
@@ -63,9 +71,7 @@ class MetricsLogger:
     def __init__(self, out_dir: str | Path, tensorboard: bool = True, resume_from: int | None = None):
         self.dir = Path(out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        if resume_from is not None:
-            drop_rows_after(self.dir / "metrics.jsonl", resume_from)
-        self._fh = (self.dir / "metrics.jsonl").open("w" if resume_from is None else "a", encoding="utf-8")
+        self._fh = open_step_log(self.dir / "metrics.jsonl", resume_from)
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter

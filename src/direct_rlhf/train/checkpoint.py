@@ -9,17 +9,20 @@ state (step, KL controller, Lagrange multiplier) as JSON.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..artifacts import STAMP, stamp
+from ..errors import UserError
 from ..io import atomic_dir
 
 KEEP = 2
@@ -77,15 +80,27 @@ def step_of(path: Path) -> int:
     return int(path.name.removeprefix("step-"))
 
 
+@contextlib.contextmanager
+def _readable(path: Path) -> Iterator[None]:
+    """A checkpoint whose files cannot be read back (cut short, edited, from another model) is
+    one line naming it, for every trainer that resumes from one."""
+    try:
+        yield
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+        raise UserError(f"{path}: damaged checkpoint ({err}); remove it to resume from the one before") from None
+
+
 def trainer_state(path: Path) -> dict[str, Any]:
-    return json.loads((path / "trainer_state.json").read_text())
+    with _readable(path):
+        return json.loads((path / "trainer_state.json").read_text())
 
 
 def load(path: Path, models: dict[str, torch.nn.Module]) -> tuple[dict[str, Any], dict[str, Any], list]:
     """Load weights into `models` in place; returns (optimiser states, trainer state, rng states)."""
-    load_weights(path, models)
-    states = torch.load(path / "optim.pt", weights_only=True)
-    rng = torch.load(path / "rng.pt", weights_only=True)
+    with _readable(path):
+        load_weights(path, models)
+        states = torch.load(path / "optim.pt", weights_only=True)
+        rng = torch.load(path / "rng.pt", weights_only=True)
     return states, trainer_state(path), rng
 
 

@@ -31,7 +31,6 @@ from typing import Any, Iterator, NamedTuple
 
 import torch
 from accelerate import Accelerator
-from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 from ..algos import ppo as F
@@ -39,7 +38,7 @@ from ..config import Config
 from ..errors import UserError
 from ..models.loading import load_tokenizer
 from ..rollout.hf_generate import Samples, sample
-from ..tracking import MetricsLogger, drop_rows_after, seed_everything
+from ..tracking import MetricsLogger, open_step_log, seed_everything
 from . import checkpoint
 from .ppo_models import SharedRewardModel, ValueModel, load_actor, load_reference, merged_policy, reference_mode
 
@@ -427,10 +426,7 @@ class PPOTrainer:
         path = checkpoint.latest(self.out / "checkpoints")
         if path is None:
             return False
-        try:
-            ts = checkpoint.trainer_state(path)
-        except (OSError, ValueError) as err:
-            raise UserError(f"{path}: damaged checkpoint ({err}); remove it to resume from the one before") from None
+        ts = checkpoint.trainer_state(path)
         same = ts["resume_key"] == self.resume_key if "resume_key" in ts else ts.get("key") == self.key
         if not same:
             raise UserError(f"{path}: checkpoint was made with another config or inputs (only ppo.steps, "
@@ -438,10 +434,7 @@ class PPOTrainer:
                             f"or run without --resume")
         if ts["step"] > self.pc.steps:
             raise UserError(f"{path}: checkpoint is at step {ts['step']}, past ppo.steps={self.pc.steps}")
-        try:
-            states, ts, rngs = checkpoint.load(path, self._models())
-        except (OSError, ValueError, RuntimeError, SafetensorError) as err:
-            raise UserError(f"{path}: damaged checkpoint ({err}); remove it to resume from the one before") from None
+        states, ts, rngs = checkpoint.load(path, self._models())
         if len(rngs) != self.acc.num_processes:
             raise UserError(f"{path}: saved with {len(rngs)} processes, resuming with {self.acc.num_processes}")
         self.opt_a.load_state_dict(states["opt_a"])
@@ -464,11 +457,9 @@ class PPOTrainer:
         """Run to `ppo.steps` (or stop after `stop_after` steps, for tests); True when finished."""
         if resume and not self.resume():
             log.warning("ppo: --resume, but no checkpoint in %s yet; starting from step 0", self.out / "checkpoints")
-        if resume and self.acc.is_main_process:  # steps logged after the checkpoint are run again
-            drop_rows_after(self.out / "logs" / "samples.jsonl", self.step_idx)
-        logger = MetricsLogger(self.out / "logs", resume_from=self.step_idx if resume else None) \
-            if self.acc.is_main_process else None
-        samples_log = (self.out / "logs" / "samples.jsonl").open("a" if resume else "w") \
+        resume_from = self.step_idx if resume else None  # steps logged after the checkpoint run again
+        logger = MetricsLogger(self.out / "logs", resume_from=resume_from) if self.acc.is_main_process else None
+        samples_log = open_step_log(self.out / "logs" / "samples.jsonl", resume_from) \
             if self.acc.is_main_process else None
         bar = tqdm(total=self.pc.steps, initial=self.step_idx, desc="ppo",
                    disable=not (self.progress and self.acc.is_main_process), dynamic_ncols=True)

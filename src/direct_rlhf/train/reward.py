@@ -199,17 +199,16 @@ def train_preference_model(cfg: Config, init: str, data: PreferenceData, out: Pa
     opt = adamw(model, rc.lr, rc.weight_decay)
     sched = cosine_schedule(opt, rc.warmup_steps, total, rc.min_lr_ratio)
     gen = torch.Generator().manual_seed(cfg.seed)
-    step, held, first_epoch = 0, {}, 0
-    ckpt_root = log_dir / "checkpoints"
+    start = time.perf_counter()
+    held, ckpt_root = {}, log_dir / "checkpoints"
     resumed = _resume(ckpt_root, key, model, opt, sched, gen)
-    if resumed is not None:
-        first_epoch, step = resumed
+    first_epoch, step = resumed or (0, 0)
+    logger = MetricsLogger(log_dir, resume_from=step if resumed else None)
+    if resumed:
         log.info("%s model: resumed after epoch %d (step %d)", stage, first_epoch, step)
-    logger = MetricsLogger(log_dir, resume_from=step if resumed is not None else None)
-    if resumed is None:
+    else:
         logger.log(0, {"n_train": len(train_enc), "n_eval": len(eval_enc), "truncated_train": n_trunc,
                        "truncated_eval": n_trunc_eval, "dropped_identical": load.get("dropped_identical", 0)})
-    start = time.perf_counter()
     window: dict[str, list[float]] = {"loss": [], "accuracy": [], "margin": []}
     bar = tqdm(total=total, initial=step, desc=stage, disable=not progress, dynamic_ncols=True)
     model.train()
