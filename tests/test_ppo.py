@@ -124,7 +124,34 @@ def test_attn_implementation_reaches_every_role(micro_run, tmp_path):
     for lora in ("true", "false"):
         trainer = _trainer(micro_run, tmp_path / lora, ["ppo.attn_implementation=eager", f"ppo.lora.enabled={lora}"])
         models = [trainer.actor, trainer.critic.backbone, trainer.reward.model] + ([trainer.ref] if trainer.ref else [])
-        assert [m.config._attn_implementation for m in models] == ["eager"] * len(models)
+        models += [trainer.rollout_copy.model] if trainer.rollout_copy else []
+        assert len(models) == 4 and [m.config._attn_implementation for m in models] == ["eager"] * 4
+
+
+def test_a_lora_actor_samples_through_its_merged_copy_as_through_itself(micro_run, tmp_path):
+    """ppo.merged_rollout only changes how the policy is computed: the copy, synced after the
+    adapters moved, samples the same tokens as the peft actor with the same seed, with log-probs
+    equal to rounding, and leaves the actor (and so the KL reference) untouched."""
+    trainer = _trainer(micro_run, tmp_path / "on", ["ppo.lora.enabled=true"])
+    assert _trainer(micro_run, tmp_path / "off", ["ppo.lora.enabled=true", "ppo.merged_rollout=false"]).rollout_copy is None
+    actor = trainer.acc.unwrap_model(trainer.actor)
+    with torch.no_grad():
+        for n, p in actor.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.5)  # adapters that change what the policy says
+    before = {n: p.clone() for n, p in actor.named_parameters()}
+    prompts = trainer.next_prompts()
+    copy = trainer.rollout_copy.sync(actor)
+    got, want = (sample(m, trainer.tokenizer, prompts, 12, seed=3, logprobs=True) for m in (copy, actor))
+    with reference_mode(actor, None) as ref:
+        base = sample(ref, trainer.tokenizer, prompts, 12, seed=3)
+    assert got.response_ids == want.response_ids != base.response_ids
+    for a, b in zip(got.logprobs, want.logprobs):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert all(torch.equal(p, before[n]) for n, p in actor.named_parameters())
+    calls = []
+    copy.register_forward_hook(lambda *_: calls.append(1))
+    assert trainer._rollout(prompts).response_ids and calls  # the step's own rollout goes through the copy
 
 
 def test_critic_lora_trains_adapters_and_head_only_and_holds_the_reward_model_inside_it(micro_run, tmp_path):

@@ -16,7 +16,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from direct_rlhf.cli import main
 from direct_rlhf.config import LoraConfig
 from direct_rlhf.rollout import hf_generate
-from direct_rlhf.rollout.vllm_generate import EXTENSION, VLLMSampler, WeightLoader, actor_weights, samples_from_outputs
+from direct_rlhf.rollout.policy_weights import actor_weights
+from direct_rlhf.rollout.vllm_generate import EXTENSION, VLLMSampler, WeightLoader, samples_from_outputs
 from direct_rlhf.train.ppo_models import load_actor, merged_policy
 from test_ppo import PPO_MICRO, _trainer, micro_run  # noqa: F401  (the fixture)
 

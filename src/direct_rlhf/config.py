@@ -180,6 +180,10 @@ class PPOConfig:
     rollout_backend: Literal["hf", "vllm"] = "hf"   # generation: Hugging Face generate, or vLLM colocated on
                                       # the trainer's GPU (needs CUDA and `pip install vllm`)
     vllm_gpu_memory_utilization: float = 0.3  # the GPU memory fraction vLLM takes (weights + KV cache)
+    merged_rollout: bool = True       # with LoRA and the hf backend: sample from a plain copy of the model
+                                      # holding the actor's weights with the adapters added (one more copy
+                                      # of the weights; generation ~22% faster on the toy model); false:
+                                      # sample through peft's adapter layers
     bf16: bool = False                # mixed precision: every forward pass (generation, scoring, experience,
                                       # PPO epochs) under bfloat16 autocast; weights, optimiser and loss math
                                       # stay float32

@@ -17,13 +17,14 @@ compare the training forward with itself, so the trainer recomputes the old log-
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import torch
 
 from ..data.chat_format import END_OF_TURN
 from ..errors import UserError
 from .hf_generate import Samples
+from .policy_weights import actor_weights
 
 EXTENSION = f"{__name__}.WeightLoader"
 
@@ -33,31 +34,6 @@ class WeightLoader:
 
     def direct_rlhf_load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         self.model_runner.model.load_weights(weights=weights)  # type: ignore[attr-defined]
-
-
-def actor_weights(actor: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """The actor's weights under plain Hugging Face names, one at a time, each LoRA delta added on
-    the fly. The actor is not touched: merging in place and unmerging after would leave rounding
-    error in the frozen base weights at every step, and they are also PPO's KL reference."""
-    if not hasattr(actor, "get_base_model"):
-        for name, p in actor.named_parameters():
-            yield name, p.detach()
-        return
-    base = actor.get_base_model()
-    modules = dict(base.named_modules())
-    for name, p in base.named_parameters():
-        if "lora_" in name:
-            continue
-        owner, _, leaf = name.rpartition(".")
-        if owner.endswith(".base_layer") and leaf == "weight":
-            layer = modules[owner.removesuffix(".base_layer")]
-            w = p.detach()
-            for adapter in layer.active_adapters:
-                if adapter in layer.lora_A:
-                    w = w + layer.get_delta_weight(adapter).to(w.dtype)
-            yield owner.removesuffix(".base_layer") + ".weight", w
-        else:
-            yield name.replace(".base_layer", ""), p.detach()
 
 
 class VLLMSampler:

@@ -2,8 +2,9 @@
 
 One `step()` reads top to bottom like the algorithm:
 
-    rollout      sample responses from the actor (KV cache, stop at end of turn); the actor's
-                 log-probs of its tokens come from generation's own logits (with
+    rollout      sample responses from the actor (KV cache, stop at end of turn; a LoRA actor
+                 samples through a plain copy holding its merged weights, ppo.merged_rollout);
+                 the actor's log-probs of its tokens come from generation's own logits (with
                  ppo.rollout_backend=vllm: vLLM samples, the experience pass recomputes them)
     score        reward model on (prompt, response); normalise; penalise unfinished turns
     experience   log-probs of the reference, values of the critic: one forward pass each
@@ -38,6 +39,7 @@ from ..config import Config
 from ..errors import UserError
 from ..models.loading import load_tokenizer
 from ..rollout.hf_generate import Samples, sample
+from ..rollout.policy_weights import MergedRolloutCopy
 from ..tracking import MetricsLogger, open_step_log, seed_everything
 from . import checkpoint
 from .ppo_models import SharedRewardModel, ValueModel, load_actor, load_reference, merged_policy, reference_mode
@@ -95,6 +97,8 @@ class PPOTrainer:
                                     cfg.seed + self.acc.process_index, self.acc.num_processes)
         actor = load_actor(base, dtype, self.pc.lora, cfg.model.trust_remote_code, cfg.model.gradient_checkpointing)
         self.ref = load_reference(base, dtype, self.pc.lora, cfg.model.trust_remote_code)
+        self.rollout_copy = (MergedRolloutCopy(base, dtype, cfg.model.trust_remote_code)
+                             if self.vllm is None and self.pc.lora.enabled and self.pc.merged_rollout else None)
         critic = ValueModel.from_reward_model(reward_path, dtype, self.pc.critic_lora)
         # scored in length-sorted chunks of micro_batch_size rows, like every other forward pass here:
         # one padded batch of the whole rollout took twice as long (README, Performance; docs/performance.md)
@@ -102,10 +106,12 @@ class PPOTrainer:
         # tests and custom objectives may replace the learned reward by a function of the text
         self.reward_fn = reward_fn or self.reward.score
         opt_a, opt_c = self._adamw(actor, self.pc.actor_lr), self._adamw(critic, self.pc.critic_lr)
-        self._use_attn_implementation(actor, critic.backbone, self.ref, self._own_model(self.reward))
+        rollout_model = self.rollout_copy.model if self.rollout_copy else None
+        self._use_attn_implementation(actor, critic.backbone, self.ref, self._own_model(self.reward), rollout_model)
         self.actor, self.critic, self.opt_a, self.opt_c = self.acc.prepare(actor, critic, opt_a, opt_c)
-        if self.ref is not None:
-            self.ref.to(self.acc.device)
+        for frozen in (self.ref, rollout_model):
+            if frozen is not None:
+                frozen.to(self.acc.device)
         self.lagrangian = self.pc.lagrangian
         if self.lagrangian:
             if not cost_path:
@@ -192,6 +198,8 @@ class PPOTrainer:
         if self.vllm is not None:  # outside autocast: vLLM runs its own kernels in its own dtype
             self.vllm.load_weights(policy)
             return self.vllm.sample(prompts, pc.max_new_tokens, pc.temperature, pc.top_p)
+        if self.rollout_copy is not None:
+            policy = self.rollout_copy.sync(policy)
         with self._autocast():
             return sample(policy, self.tokenizer, prompts, pc.max_new_tokens, pc.temperature, pc.top_p,
                           batch_size=len(prompts), logprobs=True)

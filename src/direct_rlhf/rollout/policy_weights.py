@@ -1,0 +1,55 @@
+"""The policy's current weights under plain Hugging Face names, LoRA deltas added, for a rollout
+engine that is not the actor itself: vLLM (`vllm_generate`) or a plain copy of the model
+(`MergedRolloutCopy`)."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from ..models.loading import load_causal_lm
+
+
+def actor_weights(actor: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """The actor's weights under plain Hugging Face names, one at a time, each LoRA delta added on
+    the fly. The actor is not touched: merging in place and unmerging after would leave rounding
+    error in the frozen base weights at every step, and they are also PPO's KL reference."""
+    if not hasattr(actor, "get_base_model"):
+        for name, p in actor.named_parameters():
+            yield name, p.detach()
+        return
+    base = actor.get_base_model()
+    modules = dict(base.named_modules())
+    for name, p in base.named_parameters():
+        if "lora_" in name:
+            continue
+        owner, _, leaf = name.rpartition(".")
+        if owner.endswith(".base_layer") and leaf == "weight":
+            layer = modules[owner.removesuffix(".base_layer")]
+            w = p.detach()
+            for adapter in layer.active_adapters:
+                if adapter in layer.lora_A:
+                    w = w + layer.get_delta_weight(adapter).to(w.dtype)
+            yield owner.removesuffix(".base_layer") + ".weight", w
+        else:
+            yield name.replace(".base_layer", ""), p.detach()
+
+
+class MergedRolloutCopy:
+    """A plain causal LM that samples for a LoRA actor (`ppo.merged_rollout`). Before each rollout
+    its weights are set to the actor's, adapters added (`actor_weights`): a decoded token then costs
+    one matrix product per projection instead of peft's three plus its small element-wise ops. On
+    the toy model that makes generation ~22% faster (README, Performance); it holds one more copy
+    of the model's weights, which is why large-model recipes leave it off."""
+
+    def __init__(self, base: str, dtype: str, trust_remote_code: bool = False):
+        self.model = load_causal_lm(base, dtype, trust_remote_code).requires_grad_(False)
+
+    def sync(self, actor: torch.nn.Module) -> torch.nn.Module:
+        """The copy, holding the actor's current weights."""
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, w in actor_weights(actor):
+                params[name].copy_(w)
+        return self.model
