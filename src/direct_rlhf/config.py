@@ -57,7 +57,7 @@ class ModelConfig:
 
 @dataclass
 class PretrainConfig:
-    steps: int = 1000
+    steps: int = 900
     batch_size: int = 32
     seq_len: int = 128
     lr: float = 3e-3
