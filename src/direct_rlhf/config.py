@@ -182,7 +182,7 @@ class PPOConfig:
     vllm_gpu_memory_utilization: float = 0.3  # the GPU memory fraction vLLM takes (weights + KV cache)
     merged_rollout: bool = True       # with LoRA and the hf backend: sample from a plain copy of the model
                                       # holding the actor's weights with the adapters added (one more copy
-                                      # of the weights; generation ~22% faster on the toy model); false:
+                                      # of the weights; generation 10-25% faster on the toy model); false:
                                       # sample through peft's adapter layers
     bf16: bool = False                # mixed precision: every forward pass (generation, scoring, experience,
                                       # PPO epochs) under bfloat16 autocast; weights, optimiser and loss math
