@@ -45,11 +45,11 @@ class MergedRolloutCopy:
 
     def __init__(self, base: str, dtype: str, trust_remote_code: bool = False):
         self.model = load_causal_lm(base, dtype, trust_remote_code).requires_grad_(False)
+        self._params = dict(self.model.named_parameters())
 
     def sync(self, actor: torch.nn.Module) -> torch.nn.Module:
         """The copy, holding the actor's current weights."""
-        params = dict(self.model.named_parameters())
         with torch.no_grad():
             for name, w in actor_weights(actor):
-                params[name].copy_(w)
+                self._params[name].copy_(w)
         return self.model
