@@ -416,6 +416,18 @@ def test_resume_after_a_kill_between_checkpoints_logs_each_step_once_and_a_damag
         _trainer(micro_run, tmp_path, ["ppo.steps=6"]).train(resume=True)
 
 
+def test_a_fresh_run_into_the_same_folder_drops_the_earlier_runs_checkpoints(micro_run, tmp_path):
+    """Without --resume a run starts afresh: another run's checkpoints would otherwise outlive its
+    own (pruning keeps the two highest steps) and be resumed or rolled back to."""
+    from direct_rlhf.train import checkpoint
+
+    _trainer(micro_run, tmp_path, ["ppo.steps=4", "ppo.save_every=2"]).train()  # checkpoints at 2 and 4
+    _trainer(micro_run, tmp_path, ["ppo.steps=2", "ppo.save_every=1"]).train()  # a shorter run: 1 and 2
+    assert [checkpoint.step_of(p) for p in checkpoint.completed(tmp_path / "checkpoints")] == [1, 2]
+    again = _trainer(micro_run, tmp_path, ["ppo.steps=3", "ppo.save_every=1"])
+    assert again.train(resume=True) is True and again.step_idx == 3  # continued the shorter run's step 2
+
+
 def test_processes_draw_disjoint_shares_of_each_pass_over_the_prompts():
     """Data parallel: at every step each process draws its own rows, and one pass over the data
     (n prompts) hands out every prompt exactly once, in an order that is a function of the step."""

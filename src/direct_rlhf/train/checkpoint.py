@@ -66,6 +66,13 @@ def save(root: Path, step: int, models: dict[str, torch.nn.Module], states: dict
     return out
 
 
+def clear(root: Path) -> None:
+    """Remove every checkpoint under `root`: a run that starts afresh must not keep another run's,
+    which would outlive its own (pruning keeps the highest steps) and be rolled back or resumed to."""
+    for old in [*root.glob("step-*"), *root.glob(".step-*.tmp")]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def completed(root: Path) -> list[Path]:
     """The complete checkpoints under `root`, oldest first."""
     return sorted(p for p in root.glob("step-*") if (p / STAMP).is_file())

@@ -465,6 +465,8 @@ class PPOTrainer:
         """Run to `ppo.steps` (or stop after `stop_after` steps, for tests); True when finished."""
         if resume and not self.resume():
             log.warning("ppo: --resume, but no checkpoint in %s yet; starting from step 0", self.out / "checkpoints")
+        elif self.step_idx == 0 and self.acc.is_main_process:  # a fresh start: no other run's checkpoints
+            checkpoint.clear(self.out / "checkpoints")
         resume_from = self.step_idx if resume else None  # steps logged after the checkpoint run again
         logger = MetricsLogger(self.out / "logs", resume_from=resume_from) if self.acc.is_main_process else None
         samples_log = open_step_log(self.out / "logs" / "samples.jsonl", resume_from) \
