@@ -57,8 +57,13 @@ def test_second_run_reuses_every_stage_and_evaluates_again_only_when_evaluation_
         return {s: (quick_run / s / "stage.json").stat().st_mtime_ns for s in (*STAGES, "eval")}
 
     before = stamps()
+    made = json.loads((quick_run / "summary.json").read_text())["stage_wall_s"]
+    assert made["pretrain"] > 0 and set(made["seeds"]["seed-0"]) == {"reward", "sft", "rlhf", "sft_rlhf", "eval"}
     assert main(["-q", "demo", "--quick", "--with-sft-rlhf", "--out", str(quick_run)]) == 0
     assert stamps() == before
+    # the cached rerun takes seconds, but the summary still says what the stages cost when made
+    again = json.loads((quick_run / "summary.json").read_text())
+    assert again["stage_wall_s"] == made and again["wall_s"] < made["total"]
     assert main(["-q", "demo", "--quick", "--with-sft-rlhf", "--out", str(quick_run), "eval.tie_eps=0.02"]) == 0
     after = stamps()
     assert after["eval"] != before["eval"] and all(after[s] == before[s] for s in STAGES)

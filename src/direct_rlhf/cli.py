@@ -69,7 +69,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
     cfg = _load(args)
     summary = run_demo(cfg, seeds=args.seeds, with_sft_rlhf=args.with_sft_rlhf, progress=not args.quiet)
     print(format_summary(summary))
-    print(f"wall time: {summary['wall_s'] / 60:.1f} min")
+    wall, made = summary["wall_s"], summary["stage_wall_s"]["total"]
+    cached = f" (cached stages reused; the stages took {made / 60:.1f} min when made)" if made > wall else ""
+    print(f"wall time: {wall / 60:.1f} min{cached}")
     for report in summary["reports"]:
         print(f"report: {report}")
 

@@ -9,6 +9,7 @@ Each `ensure_*` returns the artifact, building it only when its cache key change
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 from .artifacts import cache_key, file_digest, is_fresh, read_key
@@ -161,11 +162,13 @@ def ensure_policy(cfg: Config, progress: bool = True, resume: bool = False, init
         return str(out)
     ptx = ptx_texts(pc.ptx_data, world) if pc.ptx_coef > 0 else None
     log.info("%s policy: PPO from %s into %s", name, start, out)
+    t0 = time.perf_counter()
     trainer = PPOTrainer(cfg, start, reward, prompts, work, cost_path=cost, ptx_texts=ptx, key=key,
                          progress=progress, resume_key=resume_key)
     trainer.train(resume=resume)
     trainer.save_policy(out, {"stage": "ppo", "key": key, "seed": cfg.seed, "init": start, "reward": reward,
-                              "config": cfg.section_dict("ppo"), "stopped_early": trainer.stopped_early})
+                              "config": cfg.section_dict("ppo"), "stopped_early": trainer.stopped_early,
+                              "wall_s": time.perf_counter() - t0})  # of this process: a resumed run's last part
     trainer.acc.wait_for_everyone()
     return str(out)
 
@@ -209,7 +212,8 @@ def ensure_eval(cfg: Config, models: dict[str, str], progress: bool = True) -> P
         if (out / "results.json").is_file() and is_fresh(out, key):
             _log_cached("evaluation", out)
             return out
+    t0 = time.perf_counter()
     run_eval(cfg, models, out, progress=progress)
     if key is not None:
-        stamp(out, key, stage="eval")
+        stamp(out, key, stage="eval", wall_s=time.perf_counter() - t0)
     return out
