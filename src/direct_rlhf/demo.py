@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .artifacts import STAMP
 from .config import Config
 from .io import write_json
 
@@ -94,8 +95,6 @@ STAGE_FOLDERS = ("reward", "cost", "sft", "rlhf", "sft_rlhf", "eval")
 
 def recorded_wall_s(folder: Path) -> float | None:
     """The wall time a stage recorded when it made `folder`, whether made now or found cached."""
-    from .artifacts import STAMP
-
     for name in ("run_info.json", STAMP):
         try:
             wall = json.loads((folder / name).read_text()).get("wall_s")
