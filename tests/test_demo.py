@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -98,3 +99,14 @@ def test_seeds_train_each_seed_and_judge_it_by_the_other_seeds_reward_models(qui
     assert summary["table"]["win-rate, other seeds' RMs"]["rlhf"]["values"] == [cross[0][1], cross[1][0]]
     printed = capsys.readouterr().out
     assert "win-rate, other seeds' RMs" in printed and "±" in printed and "seed-1" in printed
+
+    # the run folder and its base copied elsewhere: every stage is found cached (keys follow what
+    # the base is, not the path it is read from)
+    moved, base = tmp_path / "moved", tmp_path / "base-copy"
+    shutil.copytree(out, moved)
+    shutil.copytree(quick_run / "base", base)
+    stamps = sorted(moved.glob("seed-*/*/stage.json"))
+    assert {p.parent.name for p in stamps} >= {"reward", "sft", "rlhf", "eval"}
+    before = [p.stat().st_mtime_ns for p in stamps]
+    assert main(["-q", "demo", "--quick", "--seeds", "2", "--out", str(moved), f"model.base={base}"]) == 0
+    assert [p.parent.parent.name + "/" + p.parent.name for p, t in zip(stamps, before) if p.stat().st_mtime_ns != t] == []

@@ -36,6 +36,18 @@ def run_dir(cfg: Config) -> Path:
     return Path(cfg.out)
 
 
+def keyed_settings(cfg: Config, *sections: str) -> dict:
+    """Config sections for a stage's cache key, with `model.base` replaced by the key of the
+    artifact it names when it is one of ours: the key then follows what the base *is*, not where it
+    lies, so a run folder copied or moved elsewhere (or a seed run reading the shared base under
+    another path) finds its stages cached. A hub id or a folder without a stamp stays as written."""
+    settings = cfg.section_dict(*sections)
+    base = settings.get("model", {}).get("base")
+    if base:
+        settings["model"]["base"] = read_key(base) or base
+    return settings
+
+
 def ensure_world(cfg: Config) -> Path:
     from dataclasses import asdict
 
@@ -151,7 +163,7 @@ def ensure_policy(cfg: Config, progress: bool = True, resume: bool = False, init
     out, work = run_dir(cfg) / name, run_dir(cfg) / f"{name}-work"
     inputs = (read_key(start) or start, read_key(reward) or reward, (read_key(cost) or cost) if cost else None,
               cfg.seed)
-    settings = cfg.section_dict("ppo", "model")
+    settings = keyed_settings(cfg, "ppo", "model")
     key = cache_key("ppo", *inputs, settings)
     # a checkpoint may be continued by a longer run (`--resume ppo.steps=N`): its key leaves out
     # the settings that do not change the steps already taken
@@ -184,7 +196,7 @@ def ensure_sft(cfg: Config, progress: bool = True) -> str:
     base = ensure_base(cfg, progress)
     out = run_dir(cfg) / "sft"
     key = cache_key("sft", read_key(base) or base, read_key(world) if world else source, cfg.seed,
-                    cfg.section_dict("sft", "model"))
+                    keyed_settings(cfg, "sft", "model"))
     if is_fresh(out, key):
         _log_cached("sft model", out)
         return str(out)
@@ -208,7 +220,7 @@ def ensure_eval(cfg: Config, models: dict[str, str], progress: bool = True) -> P
         judge = default_reward_model(cfg)
         key = cache_key("eval", RESULTS_SCHEMA, {name: read_key(src) or src for name, src in models.items()},
                         read_key(run_dir(cfg) / "world"), files, judge and (read_key(judge) or judge), cfg.seed,
-                        cfg.section_dict("eval", "model"))
+                        keyed_settings(cfg, "eval", "model"))
         if (out / "results.json").is_file() and is_fresh(out, key):
             _log_cached("evaluation", out)
             return out

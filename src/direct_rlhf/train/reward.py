@@ -75,7 +75,8 @@ def preference_data(cfg: Config, world: Path | None, cost: bool = False) -> Pref
     info = {"train_source": train_stats.source, "eval_source": eval_src, "subset": subset, "cost_model": cost,
             "train_load": asdict(train_stats), "eval_load": asdict(held_stats) if held_stats else None,
             "n_train": len(train), "n_eval": len(held)}
-    return PreferenceData(train, held, info, key=[_identity(train_src), _identity(rc.eval_data), subset, cost])
+    # the toy world's files are identified by the world's own key (in the stage key), not by path
+    return PreferenceData(train, held, info, key=[_identity(rc.data), _identity(rc.eval_data), subset, cost])
 
 
 def _identity(source: str | None) -> Any:
