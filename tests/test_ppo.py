@@ -96,6 +96,36 @@ def test_generation_logprobs_equal_a_forward_pass_and_micro_batches_equal_one_pa
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("lagrangian", ["false", "true"])
+def test_values_from_the_first_epochs_critic_pass_give_the_same_update(micro_run, tmp_path, lagrangian):
+    """With one mini-batch per epoch the critics' old values come from the first epoch's own
+    forward pass, not from a pass in make_experience: the same values, advantages, statistics and
+    updated weights as computing them first (what several mini-batches per epoch still do)."""
+    cfg = load_config(None, [*MICRO, *PPO_MICRO, "ppo.mini_batch_size=8", "ppo.micro_batch_size=3",
+                             f"ppo.lagrangian={lagrangian}", "ppo.lambda_init=0.5"])
+    fused, separate = (PPOTrainer(cfg, str(micro_run / "base"), str(micro_run / "rm"),
+                                  prompt_texts(micro_run / "world" / "ppo_prompts.jsonl"), tmp_path / name,
+                                  cost_path=str(micro_run / "rm"), progress=False) for name in ("a", "b"))
+    assert fused.values_in_first_epoch
+    separate.values_in_first_epoch = False
+    prompts = fused.next_prompts()
+    samples = fused._rollout(prompts)
+    score, cost = torch.randn(len(prompts)), torch.randn(len(prompts)) if lagrangian == "true" else None
+    exp_a, stats_a = fused.make_experience(prompts, samples, score, cost)
+    exp_b, stats_b = separate.make_experience(prompts, samples, score, cost)
+    assert exp_a.values is None and exp_b.values is not None and "values/mean" in stats_b
+    for t, exp, stats in ((fused, exp_a, stats_a), (separate, exp_b, stats_b)):
+        torch.manual_seed(0)
+        stats.update(t.rl_step(exp))
+    assert exp_a.values is None  # the caller's experience is left as it was
+    assert stats_a.keys() == stats_b.keys() and stats_a["values/clipfrac"] > 0
+    for name in stats_a:
+        assert stats_a[name] == pytest.approx(stats_b[name], rel=1e-4, abs=1e-6), name
+    for model in ("actor", "critic", *(["cost_critic"] if lagrangian == "true" else [])):
+        for (name, a), b in zip(getattr(fused, model).named_parameters(), getattr(separate, model).parameters()):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=f"{model}.{name}")
+
+
 def test_bf16_autocast_runs_every_model_in_bfloat16_and_keeps_float32_weights(micro_run, tmp_path):
     """ppo.bf16: generation, scoring, experience and the PPO epochs all multiply in bfloat16
     (actor with its LoRA adapters, critic, reward model); weights and optimiser stay float32, and

@@ -7,9 +7,10 @@ One `step()` reads top to bottom like the algorithm:
                  the actor's log-probs of its tokens come from generation's own logits (with
                  ppo.rollout_backend=vllm: vLLM samples, the experience pass recomputes them)
     score        reward model on (prompt, response); normalise; penalise unfinished turns
-    experience   log-probs of the reference, values of the critic: one forward pass each
+    experience   log-probs of the reference, values of the critic: one forward pass each (with one
+                 mini-batch per epoch, the values come from the first epoch's critic pass instead)
     advantages   KL to the base folded into per-token rewards; GAE; whitening
-    rl_step      several epochs of clipped policy and value updates over mini-batches
+    rl_step      several epochs of clipped value and policy updates over mini-batches
                  (+ PPO-ptx language-modelling loss; + PPO-Lagrangian cost advantages)
     controllers  adaptive KL coefficient; Lagrange multiplier
 
@@ -26,7 +27,7 @@ import contextlib
 import logging
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
 
@@ -49,16 +50,20 @@ log = logging.getLogger("direct_rlhf")
 
 @dataclass
 class Experience:
-    """One rollout batch with everything the PPO epochs need, all detached."""
+    """One rollout batch with everything the PPO epochs need, all detached. The critics' values,
+    and what GAE makes of them, are None until known: with one mini-batch per epoch they come from
+    the first epoch's own critic forward pass (`PPOTrainer.values_in_first_epoch`)."""
 
     sequences: torch.Tensor       # size = (B, P+R)
     attention_mask: torch.Tensor  # size = (B, P+R)
     position_ids: torch.Tensor    # size = (B, P+R)
     mask: torch.Tensor            # size = (B, R), 1.0 on response tokens
     old_logprobs: torch.Tensor    # size = (B, R)
-    values: torch.Tensor          # size = (B, R)
-    advantages: torch.Tensor      # size = (B, R)
-    returns: torch.Tensor         # size = (B, R)
+    rewards: torch.Tensor         # size = (B, R): -KL coefficient x KL per token, plus the score at the last
+    cost_rewards: torch.Tensor | None = None  # size = (B, R): the cost at the last token (PPO-Lagrangian)
+    values: torch.Tensor | None = None        # size = (B, R)
+    advantages: torch.Tensor | None = None    # size = (B, R)
+    returns: torch.Tensor | None = None       # size = (B, R)
     cost_values: torch.Tensor | None = None
     cost_advantages: torch.Tensor | None = None
     cost_returns: torch.Tensor | None = None
@@ -125,6 +130,10 @@ class PPOTrainer:
         self.kl_ctl = (F.AdaptiveKLController(self.pc.kl_coef, self.pc.kl_target, self.pc.kl_horizon)
                        if self.pc.adaptive_kl else F.FixedKLController(self.pc.kl_coef))
         self.ptx_blocks = self._ptx_blocks(ptx_texts) if self.pc.ptx_coef > 0 else None
+        # With one mini-batch per epoch, the critics see every row before their first update, so
+        # the first epoch's forward pass gives the old values the experience pass would have
+        # computed: one forward pass of each critic fewer per step, the same update.
+        self.values_in_first_epoch = self.pc.mini_batch_size >= self.pc.rollout_batch_size
         self.step_idx = 0
         self.recent_kl: list[float] = []              # sequence KL of the last kl_stop_window steps
         self.stopped_early: dict[str, Any] | None = None
@@ -213,8 +222,9 @@ class PPOTrainer:
         old_lp = torch.zeros(B, R, device=dev)                                      # size = (B, R)
         for i, lp in enumerate(samples.logprobs or []):  # None from vLLM: recomputed below
             old_lp[i, :len(lp)] = lp.to(dev)
-        ref_lp, values = torch.zeros(B, R, device=dev), torch.zeros(B, R, device=dev)
-        cvalues = torch.zeros(B, R, device=dev) if cost is not None else None
+        ref_lp = torch.zeros(B, R, device=dev)
+        critics = [] if self.values_in_first_epoch else [c for c, *_ in self._critics()]
+        values = [torch.zeros(B, R, device=dev) for _ in critics]
         actor = self.acc.unwrap_model(self.actor)
         for mb in self._micro_batches(seq, attn, pos, mask, torch.arange(B, device=dev)):
             rows, r = mb.rows, mb.r
@@ -222,55 +232,99 @@ class PPOTrainer:
                 old_lp[rows, :r] = self._logprobs(actor, mb)
             with reference_mode(actor, self.ref) as ref:
                 ref_lp[rows, :r] = self._logprobs(ref, mb)
-            values[rows, :r] = self._values(self.critic, mb)
-            if cost is not None:
-                cvalues[rows, :r] = self._values(self.cost_critic, mb)
-        old_lp, ref_lp, values = old_lp * mask, ref_lp * mask, values * mask
+            for critic, v in zip(critics, values):
+                v[rows, :r] = self._values(critic, mb)
+        old_lp, ref_lp = old_lp * mask, ref_lp * mask
         rewards, kl = F.shape_rewards(score.to(dev), old_lp, ref_lp, mask, self.kl_ctl.value, pc.kl_estimator)
-        adv, ret = F.gae(rewards, values, mask, pc.gamma, pc.lam)
-        exp = Experience(seq, attn, pos, mask, old_lp, values, adv, ret)
+        exp = Experience(seq, attn, pos, mask, old_lp, rewards)
         if cost is not None:
-            cvalues = cvalues * mask
-            crewards = torch.zeros_like(values)
+            exp.cost_rewards = torch.zeros_like(rewards)
             last = (mask.sum(1).long() - 1).clamp(min=0)
-            crewards[torch.arange(len(cost)), last] = cost.to(dev) * (mask.sum(1) > 0)
-            exp.cost_values = cvalues
-            exp.cost_advantages, exp.cost_returns = F.gae(crewards, cvalues, mask, pc.gamma, pc.lam)
-        if pc.whiten_advantages:  # with the whole batch's statistics, over all processes
+            exp.cost_rewards[torch.arange(len(cost)), last] = cost.to(dev) * (mask.sum(1) > 0)
+        stats = {"kl/sequence": (kl * mask).sum(1).mean(), "kl/token": F.masked_mean(kl, mask)}
+        if critics:
+            stats.update(self._advantages(exp, *values))
+        return exp, self._reduce(stats)
+
+    def _advantages(self, exp: Experience, values: torch.Tensor,
+                    cost_values: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Fill in the critics' values and GAE's advantages and returns (whitened with the whole
+        batch's statistics, over all processes); returns the value statistics."""
+        pc, mask = self.pc, exp.mask
+        exp.values = values * mask
+        exp.advantages, exp.returns = F.gae(exp.rewards, exp.values, mask, pc.gamma, pc.lam)
+        if cost_values is not None:
+            exp.cost_values = cost_values * mask
+            exp.cost_advantages, exp.cost_returns = F.gae(exp.cost_rewards, exp.cost_values, mask, pc.gamma, pc.lam)
+        stats = {"values/mean": F.masked_mean(exp.values, mask), "returns/mean": F.masked_mean(exp.returns, mask),
+                 "values/explained_variance": F.explained_variance(exp.values, exp.returns, mask)}
+        if pc.whiten_advantages:
             all_sum = self._all_sum if self.acc.num_processes > 1 else None
             exp.advantages = F.masked_whiten(exp.advantages, mask, all_sum=all_sum)
             if exp.cost_advantages is not None:
                 exp.cost_advantages = F.masked_whiten(exp.cost_advantages, mask, all_sum=all_sum)
-        stats = self._reduce({
-            "kl/sequence": (kl * mask).sum(1).mean(), "kl/token": F.masked_mean(kl, mask),
-            "values/mean": F.masked_mean(values, mask), "returns/mean": F.masked_mean(ret, mask),
-            "values/explained_variance": F.explained_variance(values, ret, mask),
-        })
-        return exp, stats
+        return stats
+
+    def _critics(self) -> list[tuple[Any, Any, str]]:
+        """(critic, optimiser, prefix of its fields in Experience: "" or "cost_")."""
+        critics = [(self.critic, self.opt_c, "")]
+        if self.lagrangian:
+            critics.append((self.cost_critic, self.opt_cc, "cost_"))
+        return critics
 
     def rl_step(self, exp: Experience) -> dict[str, float]:
-        """PPO epochs over mini-batches; every token's loss weighted equally (masked means)."""
-        pc, B = self.pc, exp.sequences.shape[0]
-        adv = exp.advantages
-        if self.lagrangian:
-            adv = F.lagrangian_advantages(exp.advantages, exp.cost_advantages, self.lam.value)
-        critics = [(self.critic, self.opt_c, exp.values, exp.returns, "loss/value", "values/clipfrac")]
-        if self.lagrangian:
-            critics.append((self.cost_critic, self.opt_cc, exp.cost_values, exp.cost_returns,
-                            "loss/cost_value", "cost_values/clipfrac"))
+        """PPO epochs over mini-batches; every token's loss weighted equally (masked means). Each
+        mini-batch updates the critics, then the actor (separate models and optimisers: the order
+        changes nothing); an experience without values gets them from the first critic pass."""
+        pc, (B, R) = self.pc, exp.mask.shape
+        pending = exp.values is None
+        if pending:
+            exp = replace(exp)  # filled in below; the caller's stays as it was
         sums: dict[str, float] = {}
+        value_stats: dict[str, float] = {}
         n = 0
         for _ in range(pc.ppo_epochs):
             for idx in torch.randperm(B, device=exp.mask.device).split(pc.mini_batch_size):
+                if pending and len(idx) < B:
+                    raise RuntimeError("values from the first epoch need one mini-batch per epoch")
                 micro = list(self._micro_batches(exp.sequences, exp.attention_mask, exp.position_ids, exp.mask, idx))
                 total = exp.mask[idx].sum().clamp(min=1.0)
                 stats: dict[str, torch.Tensor] = {}
+                # critics: clipped value loss, accumulated over micro-batches
+                fresh = []
+                for critic, opt, field in self._critics():
+                    old = torch.zeros(B, R, device=exp.mask.device) if pending else getattr(exp, f"{field}values")
+                    opt.zero_grad(set_to_none=True)
+                    for k, mb in enumerate(micro):
+                        rows, r = mb.rows, mb.r
+                        mask = exp.mask[rows, :r]
+                        w = mask.sum() / total  # this micro-batch's share of the mini-batch's tokens
+                        values = self._values(critic, mb)
+                        if pending:  # this is the rollout's critic: its values are the old ones
+                            old[rows, :r] = values.detach() * mask
+                            rewards = getattr(exp, f"{field}rewards")[rows, :r]
+                            returns = F.gae(rewards, old[rows, :r], mask, pc.gamma, pc.lam)[1]
+                        else:
+                            returns = getattr(exp, f"{field}returns")[rows, :r]
+                        vf_loss, vf_stats = F.value_loss(values, old[rows, :r], returns, mask, pc.value_clip_eps)
+                        self._backward(critic, pc.vf_coef * vf_loss * w, last=k == len(micro) - 1)
+                        for stat, v in ((f"loss/{field}value", vf_loss),
+                                        (f"{field}values/clipfrac", vf_stats["vf_clipfrac"])):
+                            stats[stat] = stats.get(stat, 0.0) + w * v.detach()
+                    self._step(critic, opt)
+                    fresh.append(old)
+                if pending:
+                    value_stats = self._reduce(self._advantages(exp, *fresh))
+                    pending = False
+                adv = exp.advantages
+                if self.lagrangian:
+                    adv = F.lagrangian_advantages(exp.advantages, exp.cost_advantages, self.lam.value)
                 # actor: clipped surrogate (+ entropy bonus), accumulated over micro-batches
                 self.opt_a.zero_grad(set_to_none=True)
                 for k, mb in enumerate(micro):
                     rows, r = mb.rows, mb.r
                     mask = exp.mask[rows, :r]
-                    w = mask.sum() / total  # this micro-batch's share of the mini-batch's tokens
+                    w = mask.sum() / total
                     logits = self._response_logits(self.actor, mb)  # size = (b, r, V)
                     logprobs = F.logprobs_from_logits(logits, mb.seq[:, -r:])
                     pg_loss, pg_stats = F.policy_loss(logprobs, exp.old_logprobs[rows, :r], adv[rows, :r], mask,
@@ -287,24 +341,10 @@ class PPOTrainer:
                     self._backward(self.actor, pc.ptx_coef * ptx_loss, last=True)
                     stats["loss/ptx"] = ptx_loss.detach()
                 self._step(self.actor, self.opt_a)
-                # critics: clipped value loss, same micro-batches
-                for critic, opt, old_values, returns, loss_name, clip_name in critics:
-                    opt.zero_grad(set_to_none=True)
-                    for k, mb in enumerate(micro):
-                        rows, r = mb.rows, mb.r
-                        mask = exp.mask[rows, :r]
-                        w = mask.sum() / total
-                        values = self._values(critic, mb)
-                        vf_loss, vf_stats = F.value_loss(values, old_values[rows, :r], returns[rows, :r], mask,
-                                                         pc.value_clip_eps)
-                        self._backward(critic, pc.vf_coef * vf_loss * w, last=k == len(micro) - 1)
-                        stats[loss_name] = stats.get(loss_name, 0.0) + w * vf_loss.detach()
-                        stats[clip_name] = stats.get(clip_name, 0.0) + w * vf_stats["vf_clipfrac"]
-                    self._step(critic, opt)
                 for name, v in stats.items():
                     sums[name] = sums.get(name, 0.0) + float(v)
                 n += 1
-        return self._reduce({k: torch.tensor(v / n) for k, v in sums.items()})
+        return {**value_stats, **self._reduce({k: torch.tensor(v / n) for k, v in sums.items()})}
 
     def _micro_batches(self, seq: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor,
                        idx: torch.Tensor) -> Iterator[MicroBatch]:
