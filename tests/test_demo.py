@@ -109,4 +109,5 @@ def test_seeds_train_each_seed_and_judge_it_by_the_other_seeds_reward_models(qui
     assert {p.parent.name for p in stamps} >= {"reward", "sft", "rlhf", "eval"}
     before = [p.stat().st_mtime_ns for p in stamps]
     assert main(["-q", "demo", "--quick", "--seeds", "2", "--out", str(moved), f"model.base={base}"]) == 0
-    assert [p.parent.parent.name + "/" + p.parent.name for p, t in zip(stamps, before) if p.stat().st_mtime_ns != t] == []
+    remade = [f"{p.parent.parent.name}/{p.parent.name}" for p, t in zip(stamps, before) if p.stat().st_mtime_ns != t]
+    assert remade == []
