@@ -282,6 +282,7 @@ class PPOTrainer:
             exp = replace(exp)  # filled in below; the caller's stays as it was
         sums: dict[str, float] = {}
         value_stats: dict[str, float] = {}
+        adv = None  # the actor's advantages: known once the critics' values are
         n = 0
         for _ in range(pc.ppo_epochs):
             for idx in torch.randperm(B, device=exp.mask.device).split(pc.mini_batch_size):
@@ -316,9 +317,10 @@ class PPOTrainer:
                 if pending:
                     value_stats = self._reduce(self._advantages(exp, *fresh))
                     pending = False
-                adv = exp.advantages
-                if self.lagrangian:
-                    adv = F.lagrangian_advantages(exp.advantages, exp.cost_advantages, self.lam.value)
+                if adv is None:
+                    adv = exp.advantages
+                    if self.lagrangian:
+                        adv = F.lagrangian_advantages(exp.advantages, exp.cost_advantages, self.lam.value)
                 # actor: clipped surrogate (+ entropy bonus), accumulated over micro-batches
                 self.opt_a.zero_grad(set_to_none=True)
                 for k, mb in enumerate(micro):
