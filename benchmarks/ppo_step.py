@@ -78,7 +78,8 @@ def time_ours(base: Path, reward: Path, prompts: Path, workdir: Path, steps: int
 
     def counting_micro_batches(*args):
         for mb in micro_batches(*args):
-            count["tokens"] += mb.seq.numel() if count["on"] else 0
+            seq = mb.seq if mb.packed is None else mb.packed.seq  # positions the models process
+            count["tokens"] += seq.numel() if count["on"] else 0
             yield mb
 
     def counting_rl_step(exp):
@@ -103,7 +104,7 @@ def time_ours(base: Path, reward: Path, prompts: Path, workdir: Path, steps: int
             trainer.rl_step = counting_rl_step
         rows.append({"step_s": r["time/step_s"], **{f"{k}_s": r[f"time/{k}_s"] for k in PHASES},
                      "generated_tokens": r["response/length"] * cfg.ppo.rollout_batch_size,
-                     "train_tokens": count["tokens"],  # rows x width over the epochs, per model
+                     "train_tokens": count["tokens"],  # positions over the epochs, per model
                      "train_flop_per_s": flops_per_token * count["tokens"] / r["time/train_s"]})
     return {"rows": rows[warmup:], "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "train_flops_per_token": flops_per_token, "threads": torch.get_num_threads(), "torch": torch.__version__}

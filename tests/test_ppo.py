@@ -152,10 +152,47 @@ def test_bf16_autocast_runs_every_model_in_bfloat16_and_keeps_float32_weights(mi
 
 def test_attn_implementation_reaches_every_role(micro_run, tmp_path):
     for lora in ("true", "false"):
-        trainer = _trainer(micro_run, tmp_path / lora, ["ppo.attn_implementation=eager", f"ppo.lora.enabled={lora}"])
-        models = [trainer.actor, trainer.critic.backbone, trainer.reward.model] + ([trainer.ref] if trainer.ref else [])
-        models += [trainer.rollout_copy.model] if trainer.rollout_copy else []
-        assert len(models) == 4 and [m.config._attn_implementation for m in models] == ["eager"] * 4
+        for pack in ("true", "false"):  # packed rows: the models that read them attend row by row
+            trainer = _trainer(micro_run, tmp_path / f"{lora}{pack}",
+                               ["ppo.attn_implementation=eager", f"ppo.lora.enabled={lora}", f"ppo.pack_rows={pack}"])
+            trained = [trainer.actor, trainer.critic.backbone] + ([trainer.ref] if trainer.ref else [])
+            others = [trainer.reward.model] + ([trainer.rollout_copy.model] if trainer.rollout_copy else [])
+            assert len(trained + others) == 4
+            assert [m.config._attn_implementation for m in trained] == [
+                "direct_rlhf_packed" if pack == "true" else "eager"] * len(trained)
+            assert [m.config._attn_implementation for m in others] == ["eager"] * len(others)
+
+
+@pytest.mark.parametrize("lora", ["false", "true"])
+def test_packed_rows_give_the_same_rollout_experience_and_update_as_padded_ones(micro_run, tmp_path, lora):
+    """ppo.pack_rows: micro-batches read as one row of real tokens, attention row by row, give the
+    same samples (full fine-tuning samples through the packed actor), reference log-probs, values,
+    scores (a LoRA critic's reward pass) and updated weights as micro-batches padded per group."""
+    extra = ["ppo.micro_batch_size=3", f"ppo.lora.enabled={lora}", f"ppo.critic_lora.enabled={lora}"]
+    packed, padded = (_trainer(micro_run, tmp_path / p, [*extra, f"ppo.pack_rows={p}"]) for p in ("true", "false"))
+    assert not packed.values_in_first_epoch  # two mini-batches: the experience pass computes the values
+    prompts = packed.next_prompts()
+    runs = []
+    for t in (packed, padded):
+        torch.manual_seed(0)
+        samples = t._rollout(prompts)
+        score = t.reward.score(prompts, samples.texts)
+        exp, _ = t.make_experience(prompts, samples, score, None)
+        runs.append((samples, score, exp))
+    (s_a, score_a, exp_a), (s_b, score_b, exp_b) = runs
+    assert s_a.response_ids == s_b.response_ids
+    torch.testing.assert_close(score_a, score_b, atol=1e-5, rtol=1e-5)
+    rows = packed._micro_batches(exp_a.sequences, exp_a.attention_mask, exp_a.position_ids, exp_a.mask,
+                                 torch.arange(len(prompts)))
+    assert all(mb.packed.seq.shape[1] == int(mb.attn.sum()) < mb.attn.numel() for mb in rows)  # no padding left
+    for field in ("old_logprobs", "rewards", "values", "advantages", "returns"):
+        torch.testing.assert_close(getattr(exp_a, field), getattr(exp_b, field), atol=1e-5, rtol=1e-5, msg=field)
+    for t in (packed, padded):
+        torch.manual_seed(0)
+        t.rl_step(exp_a)
+    for model in ("actor", "critic"):
+        for (name, a), b in zip(getattr(packed, model).named_parameters(), getattr(padded, model).parameters()):
+            torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=f"{model}.{name}")
 
 
 def test_a_lora_actor_samples_through_its_merged_copy_as_through_itself(micro_run, tmp_path):

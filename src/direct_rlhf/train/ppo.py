@@ -43,6 +43,7 @@ from ..rollout.hf_generate import Samples, sample
 from ..rollout.policy_weights import MergedRolloutCopy
 from ..tracking import MetricsLogger, open_step_log, seed_everything
 from . import checkpoint
+from .packed_rows import Packed, longest_packable, pack, use_packed_attention
 from .ppo_models import SharedRewardModel, ValueModel, load_actor, load_reference, merged_policy, reference_mode
 
 log = logging.getLogger("direct_rlhf")
@@ -70,13 +71,20 @@ class Experience:
 
 
 class MicroBatch(NamedTuple):
-    """Rows of similar length, cut to the columns they need (see `PPOTrainer._micro_batches`)."""
+    """Rows of similar length, cut to the columns they need (see `PPOTrainer._micro_batches`);
+    with ppo.pack_rows the model reads them `packed` end to end instead, without padding."""
 
     rows: torch.Tensor  # indices into the batch
     r: int              # response width of these rows
     seq: torch.Tensor   # size = (b, p + r)
     attn: torch.Tensor  # size = (b, p + r)
     pos: torch.Tensor   # size = (b, p + r)
+    packed: Packed | None = None
+
+    def inputs(self) -> dict[str, Any]:
+        if self.packed is None:
+            return {"input_ids": self.seq, "attention_mask": self.attn, "position_ids": self.pos}
+        return {"input_ids": self.packed.seq, "position_ids": self.packed.pos, "packed_bounds": self.packed.bounds}
 
 
 class PPOTrainer:
@@ -113,6 +121,9 @@ class PPOTrainer:
         opt_a, opt_c = self._adamw(actor, self.pc.actor_lr), self._adamw(critic, self.pc.critic_lr)
         rollout_model = self.rollout_copy.model if self.rollout_copy else None
         self._use_attn_implementation(actor, critic.backbone, self.ref, self._own_model(self.reward), rollout_model)
+        self._use_packed_attention(actor, critic.backbone, self.ref)
+        windows = [w for w in (longest_packable(actor.config), longest_packable(critic.backbone.config)) if w]
+        self._pack_limit = min(windows, default=None)
         self.actor, self.critic, self.opt_a, self.opt_c = self.acc.prepare(actor, critic, opt_a, opt_c)
         for frozen in (self.ref, rollout_model):
             if frozen is not None:
@@ -124,6 +135,7 @@ class PPOTrainer:
             cost_critic = ValueModel.from_reward_model(cost_path, dtype, self.pc.critic_lora)
             self.cost = self._scorer(cost_path, cost_critic)
             self._use_attn_implementation(self._own_model(self.cost), cost_critic.backbone)
+            self._use_packed_attention(cost_critic.backbone)
             opt_cc = self._adamw(cost_critic, self.pc.critic_lr)
             self.cost_critic, self.opt_cc = self.acc.prepare(cost_critic, opt_cc)
             self.lam = F.LagrangeMultiplier(self.pc.lambda_init, self.pc.lambda_lr)
@@ -360,7 +372,10 @@ class PPOTrainer:
         for rows in order.split(self.pc.micro_batch_size):
             r = max(1, int(resp_len[rows].max()))
             cols = slice(P - int(prompt_len[rows].max()), P + r)
-            yield MicroBatch(rows, r, seq[rows][:, cols], attn[rows][:, cols], pos[rows][:, cols])
+            mb = MicroBatch(rows, r, seq[rows][:, cols], attn[rows][:, cols], pos[rows][:, cols])
+            if self.pc.pack_rows and (self._pack_limit is None or mb.seq.shape[1] <= self._pack_limit):
+                mb = mb._replace(packed=pack(mb.seq, mb.attn, mb.pos, prompt_len[rows], resp_len[rows], r))
+            yield mb
 
     # ------------------------------------------------------------------ helpers
     def _autocast(self):
@@ -372,6 +387,13 @@ class PPOTrainer:
             for model in models:
                 if model is not None:
                     model.set_attn_implementation(self.pc.attn_implementation)
+
+    def _use_packed_attention(self, *models) -> None:
+        """The models that read packed micro-batches (ppo.pack_rows) attend row by row."""
+        if self.pc.pack_rows:
+            for model in models:
+                if model is not None:
+                    use_packed_attention(model)
 
     def _scorer(self, path: str, critic: ValueModel):
         """The reward (or cost) model; with a LoRA critic, the one inside it (no second copy)."""
@@ -425,8 +447,11 @@ class PPOTrainer:
     def _response_logits(self, model, mb: MicroBatch) -> torch.Tensor:
         # only the r positions that predict response tokens go through the LM head
         with self._autocast():
-            out = model(input_ids=mb.seq, attention_mask=mb.attn, position_ids=mb.pos, logits_to_keep=mb.r + 1)
-        return out.logits[:, :-1].float() / self.pc.temperature
+            if mb.packed is None:
+                logits = model(**mb.inputs(), logits_to_keep=mb.r + 1).logits[:, :-1]
+            else:
+                logits = model(**mb.inputs(), logits_to_keep=mb.packed.keep).logits.view(len(mb.rows), mb.r, -1)
+        return logits.float() / self.pc.temperature
 
     def _logprobs(self, model, mb: MicroBatch) -> torch.Tensor:
         return F.logprobs_from_logits(self._response_logits(model, mb), mb.seq[:, -mb.r:])
@@ -434,7 +459,8 @@ class PPOTrainer:
     def _values(self, critic, mb: MicroBatch) -> torch.Tensor:
         """The critic's value before each response token; size = (b, r)."""
         with self._autocast():
-            return critic(mb.seq, mb.attn, mb.pos)[:, -mb.r - 1:-1]
+            values = critic(**mb.inputs())
+        return values[:, -mb.r - 1:-1] if mb.packed is None else values[0, mb.packed.keep].view(len(mb.rows), mb.r)
 
     def _all_sum(self, x: torch.Tensor) -> torch.Tensor:
         return self.acc.reduce(x, reduction="sum")

@@ -52,9 +52,9 @@ class ValueModel(nn.Module):
         return cls(add_lora(backbone, lora, "FEATURE_EXTRACTION"), rm.score,
                    copy.deepcopy(rm.score).requires_grad_(False))
 
-    def forward(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
-                               position_ids=position_ids).last_hidden_state  # size = (B, T, H)
+    def forward(self, input_ids, attention_mask=None, position_ids=None, **kwargs) -> torch.Tensor:
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               **kwargs).last_hidden_state  # size = (B, T, H)
         return self.head(hidden).squeeze(-1).float()  # size = (B, T)
 
 
