@@ -90,17 +90,17 @@ def matmul_peak_gflops(n: int = 2048, reps: int = 10, dtype: torch.dtype = torch
     return 2 * n ** 3 / best / 1e9
 
 
-def run_side(side: str, models: Path, steps: int, warmup: int, trl_py: Path, bf16: bool, attn: str | None) -> dict:
+def run_side(side: str, models: Path, steps: int, warmup: int, trl_py: Path, bf16: bool, attn: str) -> dict:
     out = models / f"{side}-{time.monotonic_ns()}.json"
     if side == "ours":
         cmd = [sys.executable, str(HERE / "ppo_step.py"), "--models", str(models), "--prompts", str(models / PROMPTS),
                "--set", f"ppo.micro_batch_size={MICRO_BATCH}", f"ppo.bf16={str(bf16).lower()}",
-               *([f"ppo.attn_implementation={attn}"] if attn else [])]
+               f"ppo.attn_implementation={attn}"]
     else:
         cmd = [str(trl_py), str(HERE / "trl_ppo_worker.py"), "--base", str(models / "base"),
                "--reward", str(models / "reward"), "--prompts", str(models / PROMPTS),
                "--workdir", tempfile.mkdtemp(), "--micro-batch", str(MICRO_BATCH), *(["--bf16"] if bf16 else []),
-               *(["--attn", attn] if attn else [])]
+               "--attn", attn]
     proc = subprocess.run(cmd + ["--steps", str(steps), "--warmup", str(warmup), "--out", str(out)],
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if proc.returncode:
@@ -125,7 +125,7 @@ def write_prompts(models: Path, history_turns: int, seed: int = 0) -> dict:
 
 
 def bench_size(hidden: int, layers: int, rounds: int, steps: int, warmup: int, trl_py: Path, tmp: Path,
-               bf16: bool, attn: str | None, history_turns: int = 0) -> dict:
+               bf16: bool, attn: str, history_turns: int = 0) -> dict:
     models = tmp / f"h{hidden}-l{layers}"
     models.mkdir()
     build(models, hidden, layers)
@@ -156,7 +156,7 @@ def bench_size(hidden: int, layers: int, rounds: int, steps: int, warmup: int, t
 def print_table(result: dict) -> None:
     peak = result["matmul_peak_gflop_per_s"]
     print(f"\nPPO step, ours vs TRL {TRL_VERSION} (32 prompts x 48 tokens, 4 epochs, 1 mini-batch, "
-          f"{result['precision']}, attention {result['attn_implementation'] or 'default'}, "
+          f"{result['precision']}, attention {result['attn_implementation']}, "
           f"{result['threads']} threads); matmul peak {peak:.0f} GFLOP/s")
     print(f"{'size':<12}{'side':<6}{'s/step':>8}{'RSS MiB':>9}  {'gen / score / exp / train (s)':<32}{'gen tok/s':>10}")
     for s in result["sizes"]:
@@ -182,8 +182,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--trl-venv", type=Path, default=TRL_VENV)
     p.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision on both sides")
-    p.add_argument("--attn", choices=("eager", "sdpa"), help="attention implementation on both sides "
-                   "(default: transformers' own, sdpa)")
+    p.add_argument("--attn", choices=("eager", "sdpa"), default="sdpa",
+                   help="attention implementation on both sides (default: sdpa, transformers' own); with our "
+                   "packed rows (ppo.pack_rows) our actor, reference and critic run SDPA row by row either way")
     p.add_argument("--history-turns", type=int, default=0, metavar="N",
                    help="put 0..N earlier exchanges before each prompt (longer, more spread prompt lengths)")
     p.add_argument("--out", type=Path)
