@@ -110,7 +110,8 @@ def time_ours(base: Path, reward: Path, prompts: Path, workdir: Path, steps: int
                      "train_tokens": count["tokens"],  # positions over the epochs, per model
                      "train_flop_per_s": flops_per_token * count["tokens"] / r["time/train_s"]})
     return {"rows": rows[warmup:], "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "train_flops_per_token": flops_per_token, "threads": torch.get_num_threads(), "torch": torch.__version__}
+            "train_flops_per_token": flops_per_token, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "attn_implementation": cfg.ppo.attn_implementation, "pack_rows": cfg.ppo.pack_rows}
 
 
 def summarise(res: dict) -> dict:
@@ -123,7 +124,8 @@ def summarise(res: dict) -> dict:
             "median_train_tokens": statistics.median(r["train_tokens"] for r in rows),
             **({"train_flop_per_s": statistics.median(r["train_flop_per_s"] for r in rows)}
                if "train_flop_per_s" in rows[0] else {}),
-            "peak_rss_mib": res["peak_rss_mib"]}
+            "peak_rss_mib": res["peak_rss_mib"],
+            **{k: res[k] for k in ("attn_implementation", "pack_rows") if k in res}}  # as the run reports them
 
 
 def run(hidden: int, layers: int, steps: int, warmup: int, overrides: list[str] = ()) -> dict:

@@ -139,7 +139,8 @@ def bench_size(hidden: int, layers: int, rounds: int, steps: int, warmup: int, t
     res = {}
     for side, runs in raw.items():
         merged = {"rows": [row for run in runs for row in run["rows"]],
-                  "peak_rss_mib": max(run["peak_rss_mib"] for run in runs)}
+                  "peak_rss_mib": max(run["peak_rss_mib"] for run in runs),
+                  **{k: runs[0][k] for k in ("attn_implementation", "pack_rows") if k in runs[0]}}
         res[side] = summarise(merged)
     # TRL's training FLOP/s, estimated: our FLOPs per token position x the positions TRL processes
     # (it also runs the LM head over prompt positions, so this slightly underestimates its FLOPs)

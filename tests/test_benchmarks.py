@@ -21,6 +21,8 @@ def test_ppo_step_benchmark_reports_times_throughput_and_flops(tmp_path):
     assert set(res["median_split_s"]) == {"generate", "score", "experience", "train"}
     assert {"generation_tokens_per_s", "train_flop_per_s", "peak_rss_mib"} <= set(res)
     assert res["median_train_tokens"] > 0
+    # the library's defaults, not the toy recipe's (whose eager attention once leaked in here)
+    assert (res["attn_implementation"], res["pack_rows"]) == ("sdpa", True)
 
 
 def test_reward_packing_benchmark_runs_both_paths(tmp_path):
