@@ -184,7 +184,13 @@ def test_packed_rows_give_the_same_rollout_experience_and_update_as_padded_ones(
     torch.testing.assert_close(score_a, score_b, atol=1e-5, rtol=1e-5)
     rows = packed._micro_batches(exp_a.sequences, exp_a.attention_mask, exp_a.position_ids, exp_a.mask,
                                  torch.arange(len(prompts)))
+    rows = list(rows)
     assert all(mb.packed.seq.shape[1] == int(mb.attn.sum()) < mb.attn.numel() for mb in rows)  # no padding left
+    packed._pack_limit = min(mb.seq.shape[1] for mb in rows)  # as a sliding window: longer rows stay padded
+    widths = [(mb.seq.shape[1], mb.packed is not None) for mb in packed._micro_batches(
+        exp_a.sequences, exp_a.attention_mask, exp_a.position_ids, exp_a.mask, torch.arange(len(prompts)))]
+    assert [w <= packed._pack_limit for w, _ in widths] == [p for _, p in widths] and not all(p for _, p in widths)
+    packed._pack_limit = None
     for field in ("old_logprobs", "rewards", "values", "advantages", "returns"):
         torch.testing.assert_close(getattr(exp_a, field), getattr(exp_b, field), atol=1e-5, rtol=1e-5, msg=field)
     for t in (packed, padded):
