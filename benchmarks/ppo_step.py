@@ -3,8 +3,9 @@
 Fixed config (the one issue #4 names, so numbers compare across commits and with peers): a tiny
 Mistral built from config (hidden 128, 4 layers, vocab ~2k, toy tokenizer), a reward model with a
 head on the same backbone, 32 prompts, 48 new tokens, 4 PPO epochs, 1 mini-batch (of 32),
-full fine-tuning, no PPO-ptx, SDPA attention, packed rows (the library's defaults). Random weights rarely end a turn early (about 45 of 48 tokens on
-average), close to the worst case for generation. Everything is built offline.
+full fine-tuning, no PPO-ptx, SDPA attention, packed rows (the library's defaults). Random weights
+rarely end a turn early (about 45 of 48 tokens on average), close to the worst case for generation.
+Everything is built offline.
 
     .venv/bin/python benchmarks/ppo_step.py [--steps 8] [--warmup 2] [--hidden 128 --layers 4] [--out FILE]
                                             [--set ppo.micro_batch_size=32 ...]

@@ -42,12 +42,11 @@ def pack(seq: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, prompt_len: t
     response (masked out by the caller) repeat its last one, so every index stays inside the row."""
     real = attn.bool()
     lengths = real.sum(1)                                                    # size = (b,)
-    starts = lengths.cumsum(0) - lengths
+    ends = lengths.cumsum(0)
     slot = torch.arange(r, device=seq.device).expand(len(seq), r)
     slot = torch.minimum(slot, (resp_len.long() - 1).clamp(min=0)[:, None])  # size = (b, r)
-    keep = (starts + prompt_len.long() - 1)[:, None] + slot
-    bounds = [0] + lengths.cumsum(0).tolist()
-    return Packed(seq[real][None], pos[real][None], keep.flatten(), bounds)
+    keep = (ends - lengths + prompt_len.long() - 1)[:, None] + slot           # row start + prompt - 1 + slot
+    return Packed(seq[real][None], pos[real][None], keep.flatten(), [0] + ends.tolist())
 
 
 def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,

@@ -120,8 +120,8 @@ class PPOTrainer:
         self.reward_fn = reward_fn or self.reward.score
         opt_a, opt_c = self._adamw(actor, self.pc.actor_lr), self._adamw(critic, self.pc.critic_lr)
         rollout_model = self.rollout_copy.model if self.rollout_copy else None
-        self._use_attn_implementation(actor, critic.backbone, self.ref, self._own_model(self.reward), rollout_model)
-        self._use_packed_attention(actor, critic.backbone, self.ref)
+        self._use_attention(actor, critic.backbone, self.ref, packed=True)
+        self._use_attention(self._own_model(self.reward), rollout_model)
         windows = [w for w in (longest_packable(actor.config), longest_packable(critic.backbone.config)) if w]
         self._pack_limit = min(windows, default=None)
         self.actor, self.critic, self.opt_a, self.opt_c = self.acc.prepare(actor, critic, opt_a, opt_c)
@@ -134,8 +134,8 @@ class PPOTrainer:
                 raise UserError("ppo.lagrangian needs a cost model (train one with `direct-rlhf reward --cost`)")
             cost_critic = ValueModel.from_reward_model(cost_path, dtype, self.pc.critic_lora)
             self.cost = self._scorer(cost_path, cost_critic)
-            self._use_attn_implementation(self._own_model(self.cost), cost_critic.backbone)
-            self._use_packed_attention(cost_critic.backbone)
+            self._use_attention(cost_critic.backbone, packed=True)
+            self._use_attention(self._own_model(self.cost))
             opt_cc = self._adamw(cost_critic, self.pc.critic_lr)
             self.cost_critic, self.opt_cc = self.acc.prepare(cost_critic, opt_cc)
             self.lam = F.LagrangeMultiplier(self.pc.lambda_init, self.pc.lambda_lr)
@@ -382,18 +382,14 @@ class PPOTrainer:
         """bfloat16 autocast for forward passes when ppo.bf16 (backward passes run outside it)."""
         return torch.autocast(self.acc.device.type, dtype=torch.bfloat16, enabled=self.pc.bf16)
 
-    def _use_attn_implementation(self, *models) -> None:
-        if self.pc.attn_implementation:
-            for model in models:
-                if model is not None:
-                    model.set_attn_implementation(self.pc.attn_implementation)
-
-    def _use_packed_attention(self, *models) -> None:
-        """The models that read packed micro-batches (ppo.pack_rows) attend row by row."""
-        if self.pc.pack_rows:
-            for model in models:
-                if model is not None:
-                    use_packed_attention(model)
+    def _use_attention(self, *models, packed: bool = False) -> None:
+        """ppo.attn_implementation for each model; with ppo.pack_rows, the models that read packed
+        micro-batches (`packed`) then attend row by row."""
+        for model in filter(None, models):
+            if self.pc.attn_implementation:
+                model.set_attn_implementation(self.pc.attn_implementation)
+            if packed and self.pc.pack_rows:
+                use_packed_attention(model)
 
     def _scorer(self, path: str, critic: ValueModel):
         """The reward (or cost) model; with a LoRA critic, the one inside it (no second copy)."""
