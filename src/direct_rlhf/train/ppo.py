@@ -84,7 +84,7 @@ class MicroBatch(NamedTuple):
     def inputs(self) -> dict[str, Any]:
         if self.packed is None:
             return {"input_ids": self.seq, "attention_mask": self.attn, "position_ids": self.pos}
-        return {"input_ids": self.packed.seq, "position_ids": self.packed.pos, "packed_bounds": self.packed.bounds}
+        return {"input_ids": self.packed.seq, "position_ids": self.packed.pos, "packed_rows": self.packed.grid}
 
 
 class PPOTrainer:
