@@ -169,10 +169,12 @@ def test_packed_rows_give_the_same_rollout_experience_and_update_as_padded_ones(
     """ppo.pack_rows: micro-batches read as one row of real tokens, attention row by row, give the
     same samples (full fine-tuning samples through the packed actor), reference log-probs, values,
     scores (a LoRA critic's reward pass) and updated weights as micro-batches padded per group;
-    with gradient checkpointing too, whose recomputation must get the rows' bounds again."""
+    with gradient checkpointing too, whose recomputation must get the rows' layout again."""
     extra = ["ppo.micro_batch_size=3", f"ppo.lora.enabled={lora}", f"ppo.critic_lora.enabled={lora}",
              f"model.gradient_checkpointing={checkpointing}"]
     packed, padded = (_trainer(micro_run, tmp_path / p, [*extra, f"ppo.pack_rows={p}"]) for p in ("true", "false"))
+    layers = [m for m in packed.actor.modules() if hasattr(m, "gradient_checkpointing")]
+    assert layers and all(m.gradient_checkpointing == (checkpointing == "true") for m in layers)
     assert not packed.values_in_first_epoch  # two mini-batches: the experience pass computes the values
     prompts = packed.next_prompts()
     runs = []

@@ -82,7 +82,12 @@ def load_actor(base: str, dtype: str, lora: LoraConfig, trust_remote_code: bool 
                gradient_checkpointing: bool = False) -> nn.Module:
     model = load_causal_lm(base, dtype, trust_remote_code)
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers renamed it activation checkpointing (5.x; the old name warns); older versions have only the old
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False  # generation turns it back on per call
     if lora.enabled:
         model = add_lora(model, lora, "CAUSAL_LM")
