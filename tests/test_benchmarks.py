@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -65,3 +67,16 @@ def test_side_by_side_prompts_spread_longer_stay_valid_and_reach_our_step(tmp_pa
                     "--set", "ppo.max_new_tokens=4", "ppo.rollout_batch_size=4", "ppo.mini_batch_size=4",
                     "threads=1", "--out", str(out)], check=True, capture_output=True)
     assert len(json.loads(out.read_text())["rows"]) == 1
+
+
+def test_the_floor_at_the_matmul_peak_puts_only_training_at_the_peak():
+    """2 TFLOP of PPO epochs at a 100 GFLOP/s peak: 20 s; plus the 1 + 0.5 + 0.5 s the other phases
+    took: 22 s a step, 0.55 of TRL's 40 s."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import ppo_vs_trl
+
+    size = {"ours": {"train_flop_per_step": 2e12,
+                     "median_split_s": {"generate": 1.0, "score": 0.5, "experience": 0.5, "train": 30.0}},
+            "trl": {"median_step_s": 40.0}}
+    assert ppo_vs_trl.at_matmul_peak(size, 100.0) == pytest.approx({"train_s": 20.0, "step_s": 22.0,
+                                                                    "time_ratio": 0.55})
