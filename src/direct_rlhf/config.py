@@ -141,8 +141,9 @@ class PPOConfig:
     micro_batch_size: int = 8         # rows per forward pass; rows are grouped by length and each group
                                       # cut to its own width, gradients accumulated
     pack_rows: bool = True            # each micro-batch's rows packed end to end, no padding at all, attention
-                                      # row by row (SDPA; flash-attention 2 models keep theirs); false: padded
-                                      # to the group's longest, ppo.attn_implementation in the PPO epochs too
+                                      # on a grid of the rows (SDPA; flash-attention 2 models keep theirs);
+                                      # false: padded to the group's longest, ppo.attn_implementation in the
+                                      # PPO epochs too
     ppo_epochs: int = 2               # (toy world, seeds 0/2, 8 samples a held-out prompt: gold +3.4 points,
                                       # win-rate +0.02 over 150 x 4; the same PPO time on one thread)
     max_new_tokens: int = 48
@@ -182,7 +183,7 @@ class PPOConfig:
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None  # attention kernel of
                                       # actor, reference, critic and reward model; null = transformers' default
                                       # (sdpa). With pack_rows, actor, reference and critic run SDPA instead
-                                      # (row by row on packed rows), unless flash_attention_2
+                                      # (on a grid of the packed rows), unless flash_attention_2
     rollout_backend: Literal["hf", "vllm"] = "hf"   # generation: Hugging Face generate, or vLLM colocated on
                                       # the trainer's GPU (needs CUDA and `pip install vllm`)
     vllm_gpu_memory_utilization: float = 0.3  # the GPU memory fraction vLLM takes (weights + KV cache)

@@ -88,8 +88,8 @@ AttentionMaskInterface.register(ATTENTION, sdpa_mask)
 
 
 def longest_packable(config) -> int | None:
-    """Rows up to this long can be packed (row-by-row causal attention is exact only inside a
-    sliding window); None: any length."""
+    """Rows up to this long can be packed (plain causal attention over a row is exact only inside
+    a sliding window); None: any length."""
     return getattr(config, "sliding_window", None)
 
 

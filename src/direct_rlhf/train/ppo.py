@@ -384,7 +384,7 @@ class PPOTrainer:
 
     def _use_attention(self, *models, packed: bool = False) -> None:
         """ppo.attn_implementation for each model; with ppo.pack_rows, the models that read packed
-        micro-batches (`packed`) then attend row by row."""
+        micro-batches (`packed`) then attend on a grid of the rows."""
         for model in filter(None, models):
             if self.pc.attn_implementation:
                 model.set_attn_implementation(self.pc.attn_implementation)
