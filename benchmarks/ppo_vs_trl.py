@@ -199,7 +199,7 @@ def main() -> None:
     p.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision on both sides")
     p.add_argument("--attn", choices=("eager", "sdpa"), default="sdpa",
                    help="attention implementation on both sides (default: sdpa, transformers' own); with our "
-                   "packed rows (ppo.pack_rows) our actor, reference and critic run SDPA on the rows' grid either way")
+                   "packed rows (ppo.pack_rows) our actor, reference and critic run it on the rows' grid")
     p.add_argument("--history-turns", type=int, default=0, metavar="N",
                    help="put 0..N earlier exchanges before each prompt (longer, more spread prompt lengths)")
     p.add_argument("--out", type=Path)

@@ -152,26 +152,28 @@ def test_bf16_autocast_runs_every_model_in_bfloat16_and_keeps_float32_weights(mi
 
 def test_attn_implementation_reaches_every_role(micro_run, tmp_path):
     for lora in ("true", "false"):
-        for pack in ("true", "false"):  # packed rows: the models that read them attend row by row
+        for pack in ("true", "false"):  # packed rows: the models that read them attend on the rows' grid
             trainer = _trainer(micro_run, tmp_path / f"{lora}{pack}",
                                ["ppo.attn_implementation=eager", f"ppo.lora.enabled={lora}", f"ppo.pack_rows={pack}"])
             trained = [trainer.actor, trainer.critic.backbone] + ([trainer.ref] if trainer.ref else [])
             others = [trainer.reward.model] + ([trainer.rollout_copy.model] if trainer.rollout_copy else [])
             assert len(trained + others) == 4
             assert [m.config._attn_implementation for m in trained] == [
-                "direct_rlhf_packed" if pack == "true" else "eager"] * len(trained)
+                "direct_rlhf_packed_eager" if pack == "true" else "eager"] * len(trained)
             assert [m.config._attn_implementation for m in others] == ["eager"] * len(others)
 
 
-@pytest.mark.parametrize("lora,checkpointing", [("false", "false"), ("true", "false"), ("false", "true")])
+@pytest.mark.parametrize("lora,checkpointing,attn", [("false", "false", "eager"), ("true", "false", "eager"),
+                                                    ("false", "true", "eager"), ("false", "false", "sdpa")])
 def test_packed_rows_give_the_same_rollout_experience_and_update_as_padded_ones(micro_run, tmp_path, lora,
-                                                                                checkpointing):
-    """ppo.pack_rows: micro-batches read as one row of real tokens, attention row by row, give the
-    same samples (full fine-tuning samples through the packed actor), reference log-probs, values,
-    scores (a LoRA critic's reward pass) and updated weights as micro-batches padded per group;
-    with gradient checkpointing too, whose recomputation must get the rows' layout again."""
+                                                                                checkpointing, attn):
+    """ppo.pack_rows: micro-batches read as one row of real tokens, attention on the rows' grid
+    (eager or SDPA), give the same samples (full fine-tuning samples through the packed actor),
+    reference log-probs, values, scores (a LoRA critic's reward pass) and updated weights as
+    micro-batches padded per group; with gradient checkpointing too, whose recomputation must get
+    the rows' layout again."""
     extra = ["ppo.micro_batch_size=3", f"ppo.lora.enabled={lora}", f"ppo.critic_lora.enabled={lora}",
-             f"model.gradient_checkpointing={checkpointing}"]
+             f"model.gradient_checkpointing={checkpointing}", f"ppo.attn_implementation={attn}"]
     packed, padded = (_trainer(micro_run, tmp_path / p, [*extra, f"ppo.pack_rows={p}"]) for p in ("true", "false"))
     layers = [m for m in packed.actor.modules() if hasattr(m, "gradient_checkpointing")]
     assert layers and all(m.gradient_checkpointing == (checkpointing == "true") for m in layers)

@@ -141,7 +141,7 @@ class PPOConfig:
     micro_batch_size: int = 8         # rows per forward pass; rows are grouped by length and each group
                                       # cut to its own width, gradients accumulated
     pack_rows: bool = True            # each micro-batch's rows packed end to end, no padding at all, attention
-                                      # on a grid of the rows (SDPA; flash-attention 2 models keep theirs);
+                                      # on a grid of the rows (SDPA or eager; flash-attention 2 keeps its own);
                                       # false: padded to the group's longest, ppo.attn_implementation in the
                                       # PPO epochs too
     ppo_epochs: int = 2               # (toy world, seeds 0/2, 8 samples a held-out prompt: gold +3.4 points,
@@ -182,8 +182,8 @@ class PPOConfig:
     sample_every: int = 10
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None  # attention kernel of
                                       # actor, reference, critic and reward model; null = transformers' default
-                                      # (sdpa). With pack_rows, actor, reference and critic run SDPA instead
-                                      # (on a grid of the packed rows), unless flash_attention_2
+                                      # (sdpa). With pack_rows, actor, reference and critic run it on a grid
+                                      # of the packed rows (flash_attention_2 reads them from position ids)
     rollout_backend: Literal["hf", "vllm"] = "hf"   # generation: Hugging Face generate, or vLLM colocated on
                                       # the trainer's GPU (needs CUDA and `pip install vllm`)
     vllm_gpu_memory_utilization: float = 0.3  # the GPU memory fraction vLLM takes (weights + KV cache)
