@@ -142,8 +142,7 @@ class PPOConfig:
                                       # cut to its own width, gradients accumulated
     pack_rows: bool = True            # each micro-batch's rows packed end to end, no padding at all, attention
                                       # on a grid of the rows (SDPA or eager; flash-attention 2 keeps its own);
-                                      # false: padded to the group's longest, ppo.attn_implementation in the
-                                      # PPO epochs too
+                                      # false: each row padded to its group's longest
     ppo_epochs: int = 2               # (toy world, seeds 0/2, 8 samples a held-out prompt: gold +3.4 points,
                                       # win-rate +0.02 over 150 x 4; the same PPO time on one thread)
     max_new_tokens: int = 48
