@@ -82,8 +82,8 @@ def test_generation_logprobs_equal_a_forward_pass_and_micro_batches_equal_one_pa
     assert len(set(attn[:, :-mask.shape[1]].sum(1).tolist())) > 1  # prompts of different lengths
     with torch.no_grad():
         full = trainer._logprobs(trainer.actor, MicroBatch(torch.arange(len(prompts)), mask.shape[1], seq, attn, pos))
-    for i, lp in enumerate(samples.logprobs):
-        torch.testing.assert_close(lp, full[i, :len(lp)], atol=1e-4, rtol=1e-4)
+    for i, lp in enumerate(samples.logprobs):  # samples are returned on the CPU
+        torch.testing.assert_close(lp, full[i, :len(lp)].cpu(), atol=1e-4, rtol=1e-4)
 
     exp, _ = trainer.make_experience(prompts, samples, torch.randn(len(prompts)), None)
     one = _trainer(micro_run, tmp_path / "b", ["ppo.micro_batch_size=8", "ppo.temperature=0.7"])
@@ -141,7 +141,7 @@ def test_bf16_autocast_runs_every_model_in_bfloat16_and_keeps_float32_weights(mi
         seq, attn, pos, mask = trainer._assemble(prompts, samples.response_ids)
         full = trainer._logprobs(trainer.actor, MicroBatch(torch.arange(len(prompts)), mask.shape[1], seq, attn, pos))
     for i, lp in enumerate(samples.logprobs):
-        torch.testing.assert_close(lp, full[i, :len(lp)], atol=0.05, rtol=0.02)
+        torch.testing.assert_close(lp, full[i, :len(lp)].cpu(), atol=0.05, rtol=0.02)
     seen["actor"].clear()
     stats = trainer.step()
     assert seen == {"actor": {torch.bfloat16}, "critic": {torch.bfloat16}, "reward": {torch.bfloat16}}
@@ -189,13 +189,13 @@ def test_packed_rows_give_the_same_rollout_experience_and_update_as_padded_ones(
     (s_a, score_a, exp_a), (s_b, score_b, exp_b) = runs
     assert s_a.response_ids == s_b.response_ids
     torch.testing.assert_close(score_a, score_b, atol=1e-5, rtol=1e-5)
-    rows = packed._micro_batches(exp_a.sequences, exp_a.attention_mask, exp_a.position_ids, exp_a.mask,
-                                 torch.arange(len(prompts)))
-    rows = list(rows)
+    everything = torch.arange(len(prompts), device=exp_a.mask.device)
+    rows = list(packed._micro_batches(exp_a.sequences, exp_a.attention_mask, exp_a.position_ids, exp_a.mask,
+                                      everything))
     assert all(mb.packed.seq.shape[1] == int(mb.attn.sum()) < mb.attn.numel() for mb in rows)  # no padding left
     packed._pack_limit = min(mb.seq.shape[1] for mb in rows)  # as a sliding window: longer rows stay padded
     widths = [(mb.seq.shape[1], mb.packed is not None) for mb in packed._micro_batches(
-        exp_a.sequences, exp_a.attention_mask, exp_a.position_ids, exp_a.mask, torch.arange(len(prompts)))]
+        exp_a.sequences, exp_a.attention_mask, exp_a.position_ids, exp_a.mask, everything)]
     assert [w <= packed._pack_limit for w, _ in widths] == [p for _, p in widths] and not all(p for _, p in widths)
     packed._pack_limit = None
     for field in ("old_logprobs", "rewards", "values", "advantages", "returns"):
@@ -288,7 +288,7 @@ def test_experience_is_built_from_the_score_the_frozen_base_and_the_reward_model
         n = len(samples.response_ids[i])
         prefixes = [pids[i] + samples.response_ids[i][:k] for k in range(n)]
         expected = score_ids(rm, prefixes, tok.pad_token_id, batch_size=16)
-        torch.testing.assert_close(exp.values[i, :n], expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(exp.values[i, :n].cpu(), expected, atol=1e-4, rtol=1e-4)
         assert torch.all(exp.values[i, n:] == 0)
 
     trainer.step()  # the actor (and critic) train
@@ -297,7 +297,7 @@ def test_experience_is_built_from_the_score_the_frozen_base_and_the_reward_model
     torch.testing.assert_close(fed["score"], raw.clamp(-3, 3) - 0.75 * (1 - ended))
 
     # the reference after training: still the base folder's log-probs, and the actor's are not
-    base = AutoModelForCausalLM.from_pretrained(micro_run / "base").eval()
+    base = AutoModelForCausalLM.from_pretrained(micro_run / "base").eval().to(trainer.acc.device)
     assert (trainer.ref is None) == (lora == "true")  # LoRA: no second copy of the weights
     prompts = trainer.next_prompts()
     samples = trainer._rollout(prompts)
@@ -404,13 +404,13 @@ def test_kl_runaway_rolls_the_policy_back_to_the_newest_checkpoint_before_the_wi
     assert trainer.train() is True
     stop = trainer.stopped_early
     assert (stop["step"], stop["rolled_back_to"]) == (5, 2) and "the policy is step 2's" in stop["reason"]
-    actor = dict(trainer.acc.unwrap_model(trainer.actor).named_parameters())
+    actor = {n: p.cpu() for n, p in trainer.acc.unwrap_model(trainer.actor).named_parameters()}
     assert all(torch.equal(actor[n], w) for n, w in step2.items())
     assert any(not torch.equal(actor[n], w) for n, w in step4.items())
     # the stop's own checkpoint holds the rolled-back policy, so a resume saves the same one
     again = _trainer(micro_run, tmp_path, ["ppo.steps=8", "ppo.kl_stop=1000", "ppo.kl_stop_window=2"])
     assert again.train(resume=True) is True and again.stopped_early["rolled_back_to"] == 2
-    resumed = dict(again.acc.unwrap_model(again.actor).named_parameters())
+    resumed = {n: p.cpu() for n, p in again.acc.unwrap_model(again.actor).named_parameters()}
     assert all(torch.equal(resumed[n], w) for n, w in step2.items())
 
 
@@ -605,6 +605,6 @@ def test_ptx_pulls_the_update_towards_the_pretraining_text(micro_run, tmp_path):
         stats = t.rl_step(exp)
         assert ("loss/ptx" in stats) == (coef == "5")
         with torch.no_grad():
-            blocks = trainers["5"].ptx_blocks
+            blocks = trainers["5"].ptx_blocks.to(t.acc.device)
             losses[coef] = t.actor(input_ids=blocks, labels=blocks).loss.item()
     assert losses["5"] < losses["0"], losses

@@ -34,10 +34,14 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def rng_state() -> dict[str, Any]:
-    """Every RNG a step draws from, as tensors and plain data (loadable with weights_only=True)."""
+    """Every RNG a step draws from, as tensors and plain data (loadable with weights_only=True): on a
+    GPU, sampling draws from the GPU's own generator (this process's device), so that one too."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.copy()), pos, has_gauss, cached),
-            "torch": torch.get_rng_state()}
+    state = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.copy()), pos, has_gauss, cached),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -45,6 +49,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, keys.numpy(), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():  # a CPU run's checkpoint has none to restore
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def save(root: Path, step: int, models: dict[str, torch.nn.Module], states: dict[str, Any],
