@@ -24,6 +24,7 @@ from direct_rlhf.models.reward_model import (RewardScorer, build_reward_model, e
                                              rewards, score_ids)
 from direct_rlhf.models.tokenizer import train_tokenizer
 from direct_rlhf.tracking import seed_everything
+from direct_rlhf.train.common import training_device
 from direct_rlhf.train.pair_packing import can_pack, packed_len, packed_rewards
 from direct_rlhf.train.reward import (PreferenceData, accuracy_table, cost_pairs, encode_pairs, pair_loss, pairwise_accuracy,
                                       train_preference_model)
@@ -381,7 +382,9 @@ def test_cli_reward_and_cost_save_plain_hf_folders_scored_alike(tmp_path, capsys
     train, _ = load_pairs(run / "world" / "pairs_train.jsonl")
     every = scorer.score([p.prompt for p in train] * 2, [p.chosen for p in train] + [p.rejected for p in train])
     assert stats["n"] == len(every)
-    assert (stats["mean"], stats["std"]) == pytest.approx((every.mean().item(), every.std().item()), abs=1e-4)
+    # (trained on a GPU, the stats come from its attention kernels: 2.9e-4 off the CPU's mean on an H200)
+    close = 1e-4 if training_device().type == "cpu" else 1e-3
+    assert (stats["mean"], stats["std"]) == pytest.approx((every.mean().item(), every.std().item()), abs=close)
     torch.testing.assert_close(scorer.normalise(ours), (ours - stats["mean"]) / stats["std"])
     # held-out accuracy as recorded during training equals what --eval-only reports
     capsys.readouterr()

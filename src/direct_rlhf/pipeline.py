@@ -140,10 +140,11 @@ def ensure_policy(cfg: Config, progress: bool = True, resume: bool = False, init
     from accelerate import PartialState
 
     from .data.prompt_files import prompt_texts
+    from .train.common import on_cpu
     from .train.ppo import PPOTrainer
 
     pc = cfg.ppo
-    with PartialState().main_process_first():
+    with PartialState(cpu=on_cpu()).main_process_first():
         from_pairs = pc.prompts is None and cfg.reward.data is not None
         if pc.ptx_coef > 0 and pc.ptx_data is None and cfg.reward.data is not None:
             raise UserError("ppo.ptx_coef > 0 mixes in pretraining text: give ppo.ptx_data (JSONL with 'text') "

@@ -7,10 +7,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import parse_flag_from_env
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from ..io import atomic_dir
 from ..tracking import versions
+
+
+def on_cpu() -> bool:
+    """Whether accelerate should run on the CPU: no GPU, or `accelerate launch --cpu` on a machine
+    with one. Every Accelerator and PartialState must be told the same, or accelerate refuses."""
+    return not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU")
+
+
+def training_device() -> torch.device:
+    """Where a single-process trainer (reward model, SFT) runs: the GPU where there is one."""
+    return torch.device("cpu" if on_cpu() else "cuda")
 
 
 def adamw(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:

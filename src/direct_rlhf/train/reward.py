@@ -28,7 +28,7 @@ from ..data.preferences import Pair, PairStats, has_splits, load_pairs, split_ho
 from ..models.reward_model import STATS_FILE, build_reward_model, encode, pad_right, plain_model, rewards, score_ids
 from ..tracking import MetricsLogger, seed_everything
 from . import checkpoint
-from .common import adamw, cosine_schedule, save_model_folder
+from .common import adamw, cosine_schedule, save_model_folder, training_device
 from .pair_packing import EncodedPair, can_pack, packed_rewards, packed_scores, row_lengths
 
 log = logging.getLogger("direct_rlhf")
@@ -111,8 +111,10 @@ def pair_loss(model: torch.nn.Module, batch: Sequence[EncodedPair], pad_id: int,
         r_chosen, r_rejected = packed_rewards(model, batch, pad_id)  # size = (B,) each
     else:
         input_ids, mask = pad_right([c for c, _ in batch] + [r for _, r in batch], pad_id)  # size = (2B, T)
-        scores = rewards(model, input_ids, mask)  # size = (2B,)
+        device = next(model.parameters()).device
+        scores = rewards(model, input_ids.to(device), mask.to(device))  # size = (2B,)
         r_chosen, r_rejected = scores[: len(batch)], scores[len(batch):]  # size = (B,) each
+    margins = None if margins is None else margins.to(r_chosen.device)
     return bradley_terry_loss(r_chosen, r_rejected, margin=margins, center_coef=center_coef)
 
 
@@ -126,7 +128,8 @@ def pairwise_accuracy(model: torch.nn.Module, encoded: Sequence[EncodedPair], pa
         chosen, rejected = packed_scores(model, encoded, pad_id, batch_size)  # size = (N,) each
         scores = torch.cat([chosen, rejected])  # size = (2N,)
     else:
-        scores = score_ids(model, [c for c, _ in encoded] + [r for _, r in encoded], pad_id, 2 * batch_size)
+        scores = score_ids(model, [c for c, _ in encoded] + [r for _, r in encoded], pad_id, 2 * batch_size,
+                           next(model.parameters()).device)
     model.train(was_training)
     win = (scores[: len(encoded)] > scores[len(encoded):]).float()  # size = (N,)
     return accuracy_table(win, [p.subset for p in pairs]), scores
@@ -188,6 +191,7 @@ def train_preference_model(cfg: Config, init: str, data: PreferenceData, out: Pa
     rc = cfg.reward
     seed_everything(cfg.seed)
     model, tokenizer = build_reward_model(init, cfg)
+    model.to(training_device())
     pad_id = tokenizer.pad_token_id
     train_enc, n_trunc = encode_pairs(tokenizer, data.train, rc.max_len)
     eval_enc, n_trunc_eval = encode_pairs(tokenizer, data.eval, rc.max_len)
@@ -275,7 +279,7 @@ def evaluate_folder(model_dir: str | Path, data: str, subset: str = "all", split
     from ..models.reward_model import RewardScorer
 
     pairs, _ = load_pairs(data, subset, split, skip_invalid)  # type: ignore[arg-type]
-    scorer = RewardScorer(model_dir)
+    scorer = RewardScorer(model_dir, device=str(training_device()))
     prompts = [p.prompt for p in pairs]
     chosen = scorer.score(prompts, [p.chosen for p in pairs])  # size = (N,)
     rejected = scorer.score(prompts, [p.rejected for p in pairs])  # size = (N,)

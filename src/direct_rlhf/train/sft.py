@@ -17,7 +17,7 @@ from ..config import Config
 from ..data.preferences import Pair
 from ..models.loading import load_tokenizer
 from ..tracking import MetricsLogger, seed_everything
-from .common import cosine_schedule, save_model_folder
+from .common import cosine_schedule, save_model_folder, training_device
 from .ppo_models import load_actor, merged_policy
 
 IGNORE = -100
@@ -48,6 +48,8 @@ def train_sft(cfg: Config, base: str, pairs: list[Pair], out: Path, log_dir: Pat
     seed_everything(cfg.seed)
     tokenizer = load_tokenizer(base, cfg.model.trust_remote_code)
     model = load_actor(base, cfg.model.dtype, sc.lora, cfg.model.trust_remote_code, cfg.model.gradient_checkpointing)
+    device = training_device()
+    model.to(device)
     examples = [sft_example(tokenizer, p.prompt, p.chosen, sc.max_len) for p in pairs]
     steps = max(1, sc.epochs * len(examples) // sc.batch_size)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=sc.lr)
@@ -60,7 +62,7 @@ def train_sft(cfg: Config, base: str, pairs: list[Pair], out: Path, log_dir: Pat
         if len(order) < sc.batch_size:
             order += torch.randperm(len(examples), generator=gen).tolist()
         batch, order = order[:sc.batch_size], order[sc.batch_size:]
-        ids, attn, labels = collate([examples[i] for i in batch], tokenizer.pad_token_id)
+        ids, attn, labels = (t.to(device) for t in collate([examples[i] for i in batch], tokenizer.pad_token_id))
         loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
