@@ -54,6 +54,30 @@ def build(tmp: Path, hidden: int, layers: int) -> tuple[Path, Path, Path]:
     return base, tmp / "reward", world / "ppo_prompts.jsonl"
 
 
+def attention_flop_formulas() -> dict:
+    """torch's FLOP formulas for the fused attention kernels, taking grouped-query attention: on a GPU
+    transformers hands them key/value tensors with fewer heads than the query's (`enable_gqa`), which
+    older torch rejects (2.11 did, on an H200). The kernel broadcasts those heads, so they count as the
+    query's."""
+    from torch.utils import flop_counter as fc
+
+    def widened(q, *kv):
+        return [(s[0], q[1], *s[2:]) for s in kv]
+
+    def forward(q, k, v, *args, out_shape=None, **kwargs):
+        return fc.sdpa_flop_count(q, *widened(q, k, v))
+
+    def backward(grad_out, q, k, v, *args, out_shape=None, **kwargs):
+        return fc.sdpa_backward_flop_count(grad_out, q, *widened(q, k, v))
+
+    aten, out = torch.ops.aten, {}
+    for kernel in ("efficient", "flash", "cudnn"):
+        name = f"_scaled_dot_product_{kernel}_attention"
+        if hasattr(aten, name):
+            out.update({getattr(aten, name): forward, getattr(aten, f"{name}_backward"): backward})
+    return out
+
+
 def time_ours(base: Path, reward: Path, prompts: Path, workdir: Path, steps: int, warmup: int,
               overrides: list[str] = ()) -> dict:
     """Per-step times of our PPOTrainer on prebuilt models, and the training phase's FLOP/s.
@@ -95,7 +119,7 @@ def time_ours(base: Path, reward: Path, prompts: Path, workdir: Path, steps: int
             count["on"] = False
 
     def flop_counting_rl_step(exp):  # the counter stops once the first mini-batch has updated the actor
-        counter = FlopCounterMode(display=False)
+        counter = FlopCounterMode(display=False, custom_mapping=attention_flop_formulas())
 
         def stop_after_the_actor(model, opt):
             opt_step(model, opt)
@@ -125,9 +149,18 @@ def time_ours(base: Path, reward: Path, prompts: Path, workdir: Path, steps: int
                      "generated_tokens": r["response/length"] * cfg.ppo.rollout_batch_size,
                      "train_tokens": count["tokens"],  # positions over the epochs, per model
                      "train_flop_per_s": flops_per_token * count["tokens"] / r["time/train_s"]})
-    return {"rows": rows[warmup:], "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    return {"rows": rows[warmup:], **peak_memory(),
             "train_flops_per_token": flops_per_token, "threads": torch.get_num_threads(), "torch": torch.__version__,
             "attn_implementation": cfg.ppo.attn_implementation, "pack_rows": cfg.ppo.pack_rows}
+
+
+def peak_memory() -> dict:
+    """This process's peak resident memory and, on a GPU, the most device memory torch held allocated
+    at once (what a model's tensors need, without the allocator's cache)."""
+    out = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available():
+        out.update(peak_gpu_mib=torch.cuda.max_memory_allocated() / 2 ** 20, device=torch.cuda.get_device_name())
+    return out
 
 
 def summarise(res: dict) -> dict:
@@ -140,8 +173,8 @@ def summarise(res: dict) -> dict:
             "median_train_tokens": statistics.median(r["train_tokens"] for r in rows),
             **({"train_flop_per_s": statistics.median(r["train_flop_per_s"] for r in rows)}
                if "train_flop_per_s" in rows[0] else {}),
-            "peak_rss_mib": res["peak_rss_mib"],
-            **{k: res[k] for k in ("attn_implementation", "pack_rows") if k in res}}  # as the run reports them
+            **{k: res[k] for k in ("peak_rss_mib", "peak_gpu_mib", "device", "attn_implementation", "pack_rows")
+               if k in res}}  # as the run reports them
 
 
 def run(hidden: int, layers: int, steps: int, warmup: int, overrides: list[str] = ()) -> dict:
@@ -176,7 +209,8 @@ def main() -> None:
     res.update({"machine": platform.platform(), "threads": torch.get_num_threads(),
                 "date": time.strftime("%Y-%m-%d"), "python": sys.version.split()[0], "torch": torch.__version__})
     print(f"PPO step (hidden {res['hidden']}, {res['layers']} layers, 32 prompts x 48 tokens, 4 epochs, 1 mini-batch)")
-    print(f"  median step: {res['median_step_s']:.2f} s   peak RSS: {res['peak_rss_mib']:.0f} MiB")
+    gpu = f"   peak GPU memory: {res['peak_gpu_mib']:.0f} MiB" if "peak_gpu_mib" in res else ""
+    print(f"  median step: {res['median_step_s']:.2f} s   peak RSS: {res['peak_rss_mib']:.0f} MiB{gpu}")
     print("  split (median s): " + ", ".join(f"{k} {v:.2f}" for k, v in res["median_split_s"].items()))
     print(f"  generation: {res['generation_tokens_per_s']:.0f} tokens/s   "
           f"training: {res['train_flop_per_s'] / 1e9:.1f} GFLOP/s")

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import statistics
@@ -76,21 +77,25 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def matmul_peak_gflops(n: int = 2048, reps: int = 10, dtype: torch.dtype = torch.float32) -> float:
+def matmul_peak_gflops(n: int = 2048, reps: int = 10, dtype: torch.dtype = torch.float32, device: str = "cpu") -> float:
     """The machine's matrix-product rate: the best of `reps` n x n products (a peak, so the
     best, not the median: a shared machine only ever slows a product down)."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for _ in range(3):
         a @ b
     best = float("inf")
     for _ in range(reps):
+        sync()
         t = time.perf_counter()
         a @ b
+        sync()
         best = min(best, time.perf_counter() - t)
     return 2 * n ** 3 / best / 1e9
 
 
-def run_side(side: str, models: Path, steps: int, warmup: int, trl_py: Path, bf16: bool, attn: str) -> dict:
+def run_side(side: str, models: Path, steps: int, warmup: int, trl_py: Path, bf16: bool, attn: str,
+             cpu: bool) -> dict:
     out = models / f"{side}-{time.monotonic_ns()}.json"
     if side == "ours":
         cmd = [sys.executable, str(HERE / "ppo_step.py"), "--models", str(models), "--prompts", str(models / PROMPTS),
@@ -101,11 +106,15 @@ def run_side(side: str, models: Path, steps: int, warmup: int, trl_py: Path, bf1
                "--reward", str(models / "reward"), "--prompts", str(models / PROMPTS),
                "--workdir", tempfile.mkdtemp(), "--micro-batch", str(MICRO_BATCH), *(["--bf16"] if bf16 else []),
                "--attn", attn]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""} if cpu else None
     proc = subprocess.run(cmd + ["--steps", str(steps), "--warmup", str(warmup), "--out", str(out)],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     if proc.returncode:
         sys.exit(f"{side} run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(out.read_text())
+    res = json.loads(out.read_text())
+    if side == "trl" and res["trl"] != TRL_VERSION:
+        sys.exit(f"{trl_py} has trl {res['trl']}; this benchmark compares with trl {TRL_VERSION}")
+    return res
 
 
 def write_prompts(models: Path, history_turns: int, seed: int = 0) -> dict:
@@ -125,7 +134,7 @@ def write_prompts(models: Path, history_turns: int, seed: int = 0) -> dict:
 
 
 def bench_size(hidden: int, layers: int, rounds: int, steps: int, warmup: int, trl_py: Path, tmp: Path,
-               bf16: bool, attn: str, history_turns: int = 0) -> dict:
+               bf16: bool, attn: str, history_turns: int = 0, cpu: bool = True) -> dict:
     models = tmp / f"h{hidden}-l{layers}"
     models.mkdir()
     build(models, hidden, layers)
@@ -135,11 +144,11 @@ def bench_size(hidden: int, layers: int, rounds: int, steps: int, warmup: int, t
         order = ("ours", "trl") if r % 2 == 0 else ("trl", "ours")  # alternate who runs first
         for side in order:
             print(f"  hidden {hidden} x {layers} layers, round {r + 1}/{rounds}: {side} ...", flush=True)
-            raw[side].append(run_side(side, models, steps, warmup, trl_py, bf16, attn))
+            raw[side].append(run_side(side, models, steps, warmup, trl_py, bf16, attn, cpu))
     res = {}
     for side, runs in raw.items():
         merged = {"rows": [row for run in runs for row in run["rows"]],
-                  "peak_rss_mib": max(run["peak_rss_mib"] for run in runs),
+                  **{k: max(run[k] for run in runs) for k in ("peak_rss_mib", "peak_gpu_mib") if k in runs[0]},
                   **{k: runs[0][k] for k in ("attn_implementation", "pack_rows") if k in runs[0]}}
         res[side] = summarise(merged)
     # TRL's training FLOP/s, estimated: our FLOPs per token position x the positions TRL processes
@@ -150,7 +159,8 @@ def bench_size(hidden: int, layers: int, rounds: int, steps: int, warmup: int, t
     res["ours"]["train_flop_per_step"] = per_token * res["ours"]["median_train_tokens"]
     res["train_tokens_ratio"] = res["ours"]["median_train_tokens"] / trl["median_train_tokens"]
     res["time_ratio"] = res["ours"]["median_step_s"] / res["trl"]["median_step_s"]
-    res["memory_ratio"] = res["ours"]["peak_rss_mib"] / res["trl"]["peak_rss_mib"]
+    memory = "peak_rss_mib" if cpu else "peak_gpu_mib"  # on a GPU, what counts is the GPU's memory
+    res["memory_ratio"] = res["ours"][memory] / res["trl"][memory]
     return {"hidden": hidden, "layers": layers, "steps_timed_per_side": rounds * steps, "prompt_tokens": prompt_tokens,
             **res}
 
@@ -167,17 +177,21 @@ def at_matmul_peak(size: dict, peak_gflop_per_s: float) -> dict:
 
 def print_table(result: dict) -> None:
     peak = result["matmul_peak_gflop_per_s"]
+    on_gpu = result["device_type"] == "cuda"
+    memory = "peak_gpu_mib" if on_gpu else "peak_rss_mib"
+    where = result["device"] if on_gpu else f"{result['threads']} threads"
     print(f"\nPPO step, ours vs TRL {TRL_VERSION} (32 prompts x 48 tokens, 4 epochs, 1 mini-batch, "
           f"{result['precision']}, attention {result['attn_implementation']}, "
-          f"{result['threads']} threads); matmul peak {peak:.0f} GFLOP/s")
-    print(f"{'size':<12}{'side':<6}{'s/step':>8}{'RSS MiB':>9}  {'gen / score / exp / train (s)':<32}{'gen tok/s':>10}")
+          f"{where}); matmul peak {peak:.0f} GFLOP/s")
+    print(f"{'size':<12}{'side':<6}{'s/step':>8}{'GPU MiB' if on_gpu else 'RSS MiB':>9}  "
+          f"{'gen / score / exp / train (s)':<32}{'gen tok/s':>10}")
     for s in result["sizes"]:
         pt = s["prompt_tokens"]
         print(f"{s['hidden']}x{s['layers']}: prompts of {pt['min']}-{pt['max']} tokens (median {pt['median']:g})")
         for side in ("ours", "trl"):
             r = s[side]
             split = " / ".join(f"{r['median_split_s'][k]:.2f}" for k in PHASES)
-            print(f"{s['hidden']}x{s['layers']:<8}{side:<6}{r['median_step_s']:>8.2f}{r['peak_rss_mib']:>9.0f}  "
+            print(f"{s['hidden']}x{s['layers']:<8}{side:<6}{r['median_step_s']:>8.2f}{r[memory]:>9.0f}  "
                   f"{split:<32}{r['generation_tokens_per_s']:>10.0f}")
         fl, tfl = s["ours"]["train_flop_per_s"] / 1e9, s["trl"]["train_flop_per_s_estimated"] / 1e9
         print(f"{'':<12}ratio ours/TRL: time {s['time_ratio']:.2f}, memory {s['memory_ratio']:.2f}, "
@@ -196,6 +210,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3, help="timed steps per run (after warm-up)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--trl-venv", type=Path, default=TRL_VENV)
+    p.add_argument("--trl-python", type=Path, help=f"a Python that already has trl=={TRL_VERSION} and our torch and "
+                   "transformers, used instead of creating --trl-venv (e.g. on a machine with no package registry)")
+    p.add_argument("--cpu", action="store_true", help="run on the CPU where a GPU is present (default: the GPU)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision on both sides")
     p.add_argument("--attn", choices=("eager", "sdpa"), default="sdpa",
                    help="attention implementation on both sides (default: sdpa, transformers' own); with our "
@@ -205,20 +222,26 @@ def main() -> None:
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     dtype = torch.bfloat16 if args.bf16 else torch.float32
-    trl_py = trl_python(args.trl_venv)
+    trl_py = args.trl_python or trl_python(args.trl_venv)
+    cpu = args.cpu or not torch.cuda.is_available()
+    device = "cpu" if cpu else "cuda"
     t0 = time.perf_counter()
     result = {"date": time.strftime("%Y-%m-%d"), "machine": platform.platform(), "cpu": cpu_name(),
+              "device_type": device, "device": cpu_name() if cpu else torch.cuda.get_device_name(),
               "threads": torch.get_num_threads(), "torch": torch.__version__, "trl": TRL_VERSION,
               "precision": "bf16 mixed" if args.bf16 else "fp32",
               "attn_implementation": args.attn, "sizes": []}
-    peak_before = matmul_peak_gflops(dtype=dtype)
+    n = 2048 if cpu else 8192  # a product that fills the device
+    peak_before = matmul_peak_gflops(n, dtype=dtype, device=device)
     with tempfile.TemporaryDirectory() as d:
         for size in args.sizes.split(","):
             hidden, layers = (int(x) for x in size.lower().split("x"))
             result["sizes"].append(bench_size(hidden, layers, args.rounds, args.steps, args.warmup, trl_py, Path(d),
-                                             args.bf16, args.attn, args.history_turns))
+                                             args.bf16, args.attn, args.history_turns, cpu))
+            if args.out:  # what is done so far, should a later size not finish
+                args.out.write_text(json.dumps({**result, "partial": True}, indent=2))
     # measured before and after the runs; the higher is the peak
-    result["matmul_gflop_per_s_before_after"] = [peak_before, matmul_peak_gflops(dtype=dtype)]
+    result["matmul_gflop_per_s_before_after"] = [peak_before, matmul_peak_gflops(n, dtype=dtype, device=device)]
     result["matmul_peak_gflop_per_s"] = max(result["matmul_gflop_per_s_before_after"])
     for size in result["sizes"]:
         size["ours_at_matmul_peak"] = at_matmul_peak(size, result["matmul_peak_gflop_per_s"])

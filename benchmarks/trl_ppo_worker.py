@@ -1,5 +1,7 @@
 """TRL's PPOTrainer side of `ppo_vs_trl.py`. Runs inside the benchmark's own virtual env
-(trl==1.12.0, the last release with `trl.experimental.ppo`); it imports nothing from direct_rlhf.
+(trl==1.12.0, the last release with `trl.experimental.ppo`); it imports nothing from direct_rlhf
+(only `peak_memory` from ppo_step.py beside it, which needs torch alone). On a machine with a GPU
+it runs there, as our side does.
 
 TRL's `train()` is one loop, so the time split is taken by wrapping the module-level helpers it
 calls: `batch_generation` (generation), `get_reward` on the reward model (scoring), `get_reward` on
@@ -16,11 +18,11 @@ import argparse
 import contextlib
 import json
 import os
-import resource
 import time
 from collections import defaultdict
 
 import torch
+from ppo_step import peak_memory  # beside this file
 
 
 def main() -> None:
@@ -65,7 +67,8 @@ def main() -> None:
         num_mini_batches=1, num_ppo_epochs=a.epochs, response_length=a.new_tokens, temperature=1.0,
         local_rollout_forward_batch_size=a.batch, total_episodes=n, num_sample_generations=0,
         stop_token="eos", kl_estimator="k1", learning_rate=1e-5, seed=a.seed, report_to="none",
-        save_strategy="no", logging_steps=10_000, disable_tqdm=True, use_cpu=True, dataloader_num_workers=0,
+        save_strategy="no", logging_steps=10_000, disable_tqdm=True, dataloader_num_workers=0,
+        use_cpu=not torch.cuda.is_available(),
         bf16=a.bf16,
     )
 
@@ -73,13 +76,18 @@ def main() -> None:
     generated: list[int] = []
     train_tokens = [0]  # token positions the PPO epochs push through policy + value (padding included)
 
+    def now() -> float:  # after the GPU's queued work, so that each phase's kernels count in that phase
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
     @contextlib.contextmanager
     def clock(bucket: str):
-        t = time.perf_counter()
+        t = now()
         try:
             yield
         finally:
-            spent[bucket] += time.perf_counter() - t
+            spent[bucket] += now() - t
 
     _generate, _get_reward, _forward = T.batch_generation, T.get_reward, T.forward
 
@@ -105,12 +113,12 @@ def main() -> None:
 
     class StepTimer(TrainerCallback):
         def on_train_begin(self, *args, **kw):
-            self.t = time.perf_counter()
+            self.t = now()
             spent.clear()
 
         def on_step_end(self, *args, **kw):
-            now = time.perf_counter()
-            step = now - self.t
+            t = now()
+            step = t - self.t
             known = spent["generate"] + spent["score"] + spent["experience"]
             rows.append({"step_s": step, "generate_s": spent["generate"], "score_s": spent["score"],
                          "experience_s": spent["experience"], "train_s": step - known,
@@ -118,15 +126,17 @@ def main() -> None:
                          "train_tokens": train_tokens[0]})
             spent.clear()
             train_tokens[0] = 0
-            self.t = now
+            self.t = t
 
     trainer = PPOTrainer(args=cfg, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
                          value_model=value, train_dataset=ds, eval_dataset=ds.select(range(a.batch)),
                          callbacks=[StepTimer()])
     trainer.train()
     timed_rows = rows[a.warmup:]
-    json.dump({"rows": timed_rows, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-               "threads": torch.get_num_threads(), "torch": torch.__version__,
+    import trl
+
+    json.dump({"rows": timed_rows, **peak_memory(),
+               "threads": torch.get_num_threads(), "torch": torch.__version__, "trl": trl.__version__,
                "mixed_precision": trainer.accelerator.mixed_precision,
                "attn_implementation": policy.config._attn_implementation},
               open(a.out, "w"), indent=2)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,3 +81,18 @@ def test_the_floor_at_the_matmul_peak_puts_only_training_at_the_peak():
             "trl": {"median_step_s": 40.0}}
     assert ppo_vs_trl.at_matmul_peak(size, 100.0) == pytest.approx({"train_s": 20.0, "step_s": 22.0,
                                                                     "time_ratio": 0.55})
+
+
+def test_attention_flops_count_grouped_query_heads_as_the_querys():
+    """2 rows x 8 query heads over 2 key/value heads, 16 positions, head size 32: forward QK^T and PV
+    are 2 x (2 x 8 x 16 x 16 x 32) FLOP each; backward recomputes QK^T and runs four such products."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import ppo_step
+
+    formulas = ppo_step.attention_flop_formulas()
+    forward = formulas[torch.ops.aten._scaled_dot_product_flash_attention]
+    backward = formulas[torch.ops.aten._scaled_dot_product_flash_attention_backward]
+    one_product = 2 * 2 * 8 * 16 * 16 * 32
+    q, kv = (2, 8, 16, 32), (2, 2, 16, 32)
+    assert forward(q, kv, kv) == 2 * one_product
+    assert backward(q, q, kv, kv) == 5 * one_product
