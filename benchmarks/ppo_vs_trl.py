@@ -18,7 +18,11 @@ training phase's FLOP/s (torch's FLOP counter) against this machine's matrix-pro
 run's precision, measured here with 2048x2048 products.
 
     .venv/bin/python benchmarks/ppo_vs_trl.py [--out results.json] [--rounds 2 --steps 3 --warmup 1] [--bf16]
-                                              [--attn eager] [--history-turns N]
+                                              [--attn eager] [--history-turns N] [--cpu] [--trl-python PY]
+
+Where a GPU is present both sides run on it (`--cpu`: on the CPU), and memory is then compared as
+torch's peak GPU allocation rather than RSS. `--trl-python` uses a python that already has
+trl==1.12.0 instead of creating the env (benchmarks/gpu_check.sh does, on a machine with no registry).
 
 `--history-turns N` puts 0..N earlier exchanges before each prompt, so prompt lengths spread as in
 multi-turn chat data (the toy prompts alone are 10-79 tokens), to show what padding costs.
