@@ -10,6 +10,11 @@
 # stages (default: all three).
 #
 #     benchmarks/gpu_check.sh OUTDIR
+#
+# On a machine with CUDA torch but no registry, bring the rest as wheels and install them first, e.g.
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl transformers==5.24.0 \
+#     trl==1.12.0 datasets==5.2.0 peft==0.21.2 dill==0.4.1 multiprocess==0.70.19
+#   (there) pip install --no-index --no-deps --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site ...
 set -u
 out=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
 py=${PYTHON:-python3}

@@ -438,6 +438,21 @@ def test_ppo_cli_saves_the_trained_lora_policy_merged_into_a_plain_causal_lm(mic
     assert not (tmp_path / "y" / "reward").exists()
 
 
+def test_the_gpu_is_used_unless_there_is_none_or_accelerate_launch_said_cpu(monkeypatch):
+    """Every Accelerator and PartialState must agree on the device, or accelerate refuses the second
+    (on a GPU machine, `accelerate launch --cpu` once failed this way)."""
+    from direct_rlhf.train.common import on_cpu, training_device
+
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert (on_cpu(), training_device().type) == (False, "cuda")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")  # what `accelerate launch --cpu` sets
+    assert (on_cpu(), training_device().type) == (True, "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("ACCELERATE_USE_CPU")
+    assert (on_cpu(), training_device().type) == (True, "cpu")
+
+
 def test_two_process_accelerate_launch(micro_run, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
