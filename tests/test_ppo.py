@@ -453,6 +453,23 @@ def test_the_gpu_is_used_unless_there_is_none_or_accelerate_launch_said_cpu(monk
     assert (on_cpu(), training_device().type) == (True, "cpu")
 
 
+def test_on_a_gpu_attention_runs_without_cudnn_and_elsewhere_as_it_was():
+    """cuDNN's attention rebuilds a plan per shape (models/attention_kernels.py): on a GPU, generation
+    and the PPO step leave it out and keep the other fused kernels; on the CPU nothing changes."""
+    from direct_rlhf.models.attention_kernels import without_cudnn_attention
+
+    b = torch.backends.cuda
+    kernels = lambda: (b.cudnn_sdp_enabled(), b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled(),  # noqa: E731
+                       b.math_sdp_enabled())
+    before = kernels()
+    assert before[0], "torch's default has cuDNN's attention on"
+    with without_cudnn_attention("cpu"):
+        assert kernels() == before
+    with without_cudnn_attention(torch.device("cuda", 0)):
+        assert kernels() == (False, True, True, True)
+    assert kernels() == before
+
+
 def test_two_process_accelerate_launch(micro_run, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",

@@ -20,6 +20,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from ..data.chat_format import END_OF_TURN, truncate_at_end_of_turn
+from ..models.attention_kernels import without_cudnn_attention
 
 
 @dataclass
@@ -54,13 +55,14 @@ def sample(model, tokenizer, prompts: list[str], max_new_tokens: int, temperatur
             chunk = prompts[i:i + batch_size]
             enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
             recorder = TokenLogprobs(temperature) if logprobs else None
-            gen = model.generate(
-                **enc, max_new_tokens=max_new_tokens, do_sample=not greedy,
-                temperature=temperature if not greedy else None, top_p=top_p if not greedy else None,
-                top_k=0 if not greedy else None, stop_strings=list(END_OF_TURN), tokenizer=tokenizer,
-                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True,
-                logits_processor=LogitsProcessorList([recorder]) if recorder else None,
-            )
+            with without_cudnn_attention(model.device):  # a new key length every token
+                gen = model.generate(
+                    **enc, max_new_tokens=max_new_tokens, do_sample=not greedy,
+                    temperature=temperature if not greedy else None, top_p=top_p if not greedy else None,
+                    top_k=0 if not greedy else None, stop_strings=list(END_OF_TURN), tokenizer=tokenizer,
+                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True,
+                    logits_processor=LogitsProcessorList([recorder]) if recorder else None,
+                )
             new = gen[:, enc["input_ids"].shape[1]:]  # size = (b, S)
             lp = recorder.finish(new) if recorder else None
             for i, row in enumerate(new.tolist()):

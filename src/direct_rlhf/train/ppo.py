@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from ..algos import ppo as F
 from ..config import Config
 from ..errors import UserError
+from ..models.attention_kernels import without_cudnn_attention
 from ..models.loading import load_tokenizer
 from ..rollout.hf_generate import Samples, sample
 from ..rollout.policy_weights import MergedRolloutCopy
@@ -181,7 +182,7 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ the step
     def step(self) -> dict[str, Any]:
-        with self._attention_kernels():
+        with without_cudnn_attention(self.acc.device):  # shapes change all the time (models/attention_kernels.py)
             return self._run_step()
 
     def _run_step(self) -> dict[str, Any]:
@@ -218,18 +219,6 @@ class PPOTrainer:
         self.step_idx += 1
         self.last_samples = samples
         return stats
-
-    def _attention_kernels(self):
-        """On a GPU, SDPA's kernels other than cuDNN's. torch (2.11) prefers cuDNN for bf16 on Hopper,
-        and cuDNN builds a plan for each new shape, while a PPO step's shapes change with every
-        generated token and micro-batch. Measured on an H200 (bf16, hidden 512 x 6 layers, one run
-        of 3 steps each, with cuDNN switched off process-wide): 1.47 s a step without it, 1.90 s with
-        it (generation 0.37 vs 0.66 s, scoring 0.04 vs 0.17 s). The same attention, other kernels."""
-        if self.acc.device.type != "cuda":
-            return contextlib.nullcontext()
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
     def _clock(self) -> float:
         """Seconds, after the accelerator's queued work has run: on a GPU, kernels run after the call
