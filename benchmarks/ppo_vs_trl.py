@@ -35,6 +35,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -214,7 +215,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3, help="timed steps per run (after warm-up)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--trl-venv", type=Path, default=TRL_VENV)
-    p.add_argument("--trl-python", type=Path, help=f"a Python that already has trl=={TRL_VERSION} and our torch and "
+    p.add_argument("--trl-python", help=f"a Python that already has trl=={TRL_VERSION} and our torch and "
                    "transformers, used instead of creating --trl-venv (e.g. on a machine with no package registry)")
     p.add_argument("--cpu", action="store_true", help="run on the CPU where a GPU is present (default: the GPU)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision on both sides")
@@ -226,6 +227,8 @@ def main() -> None:
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     dtype = torch.bfloat16 if args.bf16 else torch.float32
+    if args.trl_python and not shutil.which(args.trl_python):
+        p.error(f"--trl-python {args.trl_python}: no such program")
     trl_py = args.trl_python or trl_python(args.trl_venv)
     cpu = args.cpu or not torch.cuda.is_available()
     device = "cpu" if cpu else "cuda"
