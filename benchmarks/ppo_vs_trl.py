@@ -99,7 +99,12 @@ def matmul_peak_gflops(n: int = 2048, reps: int = 10, dtype: torch.dtype = torch
     return 2 * n ** 3 / best / 1e9
 
 
-def run_side(side: str, models: Path, steps: int, warmup: int, trl_py: Path, bf16: bool, attn: str,
+def memory_key(cpu: bool) -> str:
+    """The peak that memory is compared by: RSS on the CPU, torch's peak allocation on a GPU."""
+    return "peak_rss_mib" if cpu else "peak_gpu_mib"
+
+
+def run_side(side: str, models: Path, steps: int, warmup: int, trl_py: Path | str, bf16: bool, attn: str,
              cpu: bool) -> dict:
     out = models / f"{side}-{time.monotonic_ns()}.json"
     if side == "ours":
@@ -138,7 +143,7 @@ def write_prompts(models: Path, history_turns: int, seed: int = 0) -> dict:
             "max": lengths[-1]}
 
 
-def bench_size(hidden: int, layers: int, rounds: int, steps: int, warmup: int, trl_py: Path, tmp: Path,
+def bench_size(hidden: int, layers: int, rounds: int, steps: int, warmup: int, trl_py: Path | str, tmp: Path,
                bf16: bool, attn: str, history_turns: int = 0, cpu: bool = True) -> dict:
     models = tmp / f"h{hidden}-l{layers}"
     models.mkdir()
@@ -164,8 +169,7 @@ def bench_size(hidden: int, layers: int, rounds: int, steps: int, warmup: int, t
     res["ours"]["train_flop_per_step"] = per_token * res["ours"]["median_train_tokens"]
     res["train_tokens_ratio"] = res["ours"]["median_train_tokens"] / trl["median_train_tokens"]
     res["time_ratio"] = res["ours"]["median_step_s"] / res["trl"]["median_step_s"]
-    memory = "peak_rss_mib" if cpu else "peak_gpu_mib"  # on a GPU, what counts is the GPU's memory
-    res["memory_ratio"] = res["ours"][memory] / res["trl"][memory]
+    res["memory_ratio"] = res["ours"][memory_key(cpu)] / res["trl"][memory_key(cpu)]
     return {"hidden": hidden, "layers": layers, "steps_timed_per_side": rounds * steps, "prompt_tokens": prompt_tokens,
             **res}
 
@@ -183,7 +187,7 @@ def at_matmul_peak(size: dict, peak_gflop_per_s: float) -> dict:
 def print_table(result: dict) -> None:
     peak = result["matmul_peak_gflop_per_s"]
     on_gpu = result["device_type"] == "cuda"
-    memory = "peak_gpu_mib" if on_gpu else "peak_rss_mib"
+    memory = memory_key(cpu=not on_gpu)
     where = result["device"] if on_gpu else f"{result['threads']} threads"
     print(f"\nPPO step, ours vs TRL {TRL_VERSION} (32 prompts x 48 tokens, 4 epochs, 1 mini-batch, "
           f"{result['precision']}, attention {result['attn_implementation']}, "
