@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from direct_rlhf.cli import main
 from direct_rlhf.errors import UserError
+from direct_rlhf.io import read_jsonl
 from direct_rlhf.config import load_config
 from direct_rlhf.models.reward_model import RewardScorer
 from direct_rlhf.rollout.hf_generate import cut_response, sample
@@ -404,6 +405,8 @@ def test_kl_runaway_rolls_the_policy_back_to_the_newest_checkpoint_before_the_wi
     assert trainer.train() is True
     stop = trainer.stopped_early
     assert (stop["step"], stop["rolled_back_to"]) == (5, 2) and "the policy is step 2's" in stop["reason"]
+    # the second train() went on after the first one's log rows, not over them
+    assert [r["step"] for r in read_jsonl(tmp_path / "logs" / "metrics.jsonl")] == [1, 2, 3, 4, 5]
     actor = {n: p.cpu() for n, p in trainer.acc.unwrap_model(trainer.actor).named_parameters()}
     assert all(torch.equal(actor[n], w) for n, w in step2.items())
     assert any(not torch.equal(actor[n], w) for n, w in step4.items())

@@ -544,7 +544,9 @@ class PPOTrainer:
             log.warning("ppo: --resume, but no checkpoint in %s yet; starting from step 0", self.out / "checkpoints")
         elif self.step_idx == 0 and self.acc.is_main_process:  # a fresh start: no other run's checkpoints
             checkpoint.clear(self.out / "checkpoints")
-        resume_from = self.step_idx if resume else None  # steps logged after the checkpoint run again
+        # a resumed run logs the steps after its checkpoint again; a trainer that already ran steps in
+        # this process (train(stop_after=...), then train()) goes on after its own rows
+        resume_from = self.step_idx if resume or self.step_idx else None
         logger = MetricsLogger(self.out / "logs", resume_from=resume_from) if self.acc.is_main_process else None
         samples_log = open_step_log(self.out / "logs" / "samples.jsonl", resume_from) \
             if self.acc.is_main_process else None
