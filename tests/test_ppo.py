@@ -88,13 +88,38 @@ def test_generation_logprobs_equal_a_forward_pass_and_micro_batches_equal_one_pa
 
     exp, _ = trainer.make_experience(prompts, samples, torch.randn(len(prompts)), None)
     one = _trainer(micro_run, tmp_path / "b", ["ppo.micro_batch_size=8", "ppo.temperature=0.7"])
-    for t in (trainer, one):
+    # micro-batches cut by a budget of token positions (the longest row's): groups of different sizes
+    budget = _trainer(micro_run, tmp_path / "c", ["ppo.micro_batch_size=8", "ppo.temperature=0.7",
+                                                   f"ppo.micro_batch_tokens={int(attn.sum(1).max())}"])
+    sizes, cut = [], budget._micro_batches
+    budget._micro_batches = lambda *a: (sizes.append(len(mb.rows)) or mb for mb in cut(*a))
+    for t in (trainer, one, budget):
         torch.manual_seed(0)
         t.rl_step(exp)
-    for (name, a), b in zip(trainer.actor.named_parameters(), one.actor.parameters()):
-        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=name)
-    for a, b in zip(trainer.critic.parameters(), one.critic.parameters()):
-        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+    assert 1 in sizes and max(sizes) > 1  # the longest rows alone, the shortest together
+    for other in (one, budget):
+        for (name, a), b in zip(trainer.actor.named_parameters(), other.actor.parameters()):
+            torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=name)
+        for a, b in zip(trainer.critic.parameters(), other.critic.parameters()):
+            torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
+def test_micro_batches_hold_at_most_their_rows_and_token_positions():
+    from direct_rlhf.train.micro_batching import length_groups
+
+    p, r = [30, 20, 10, 5, 5], [10, 10, 10, 5, 0]  # sorted by length: 40, 30, 20, 10, 5 tokens
+
+    def cut(**kw):
+        return [(g.start, g.stop) for g in length_groups(p, r, **kw)]
+
+    assert cut(max_rows=2) == [(0, 2), (2, 4), (4, 5)]
+    # packed: a group's real tokens; a row over the budget goes alone
+    assert cut(max_rows=8, max_tokens=60, pack_rows=True) == [(0, 1), (1, 4), (4, 5)]
+    assert cut(max_rows=8, max_tokens=35, pack_rows=True) == [(0, 1), (1, 2), (2, 5)]
+    # padded: rows x (longest prompt + longest response, at least one token)
+    assert cut(max_rows=8, max_tokens=60) == [(0, 1), (1, 3), (3, 5)]
+    # a group wider than the sliding window is not packed, so it counts as padded
+    assert cut(max_rows=8, max_tokens=60, pack_rows=True, pack_limit=25) == [(0, 1), (1, 3), (3, 5)]
 
 
 @pytest.mark.parametrize("lagrangian", ["false", "true"])

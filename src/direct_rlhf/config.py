@@ -140,6 +140,8 @@ class PPOConfig:
     mini_batch_size: int = 32
     micro_batch_size: int = 8         # rows per forward pass; rows are grouped by length and each group
                                       # cut to its own width, gradients accumulated
+    micro_batch_tokens: int = 0       # also at most this many token positions per forward pass (0: rows only):
+                                      # bounds a pass's memory on spread lengths, fills passes of short rows
     pack_rows: bool = True            # each micro-batch's rows packed end to end, no padding at all, attention
                                       # on a grid of the rows (SDPA or eager; flash-attention 2 keeps its own);
                                       # false: each row padded to its group's longest

@@ -48,6 +48,7 @@ RANGES: dict[str, tuple] = {
     "ppo.clip_eps": POSITIVE, "ppo.value_clip_eps": POSITIVE, "ppo.vf_coef": NON_NEGATIVE,
     "ppo.reward_clip": POSITIVE, "ppo.ptx_coef": NON_NEGATIVE, "ppo.lambda_init": NON_NEGATIVE,
     "ppo.lambda_lr": NON_NEGATIVE, "ppo.vllm_gpu_memory_utilization": OPEN_UNIT_RIGHT_CLOSED,
+    "ppo.micro_batch_tokens": NON_NEGATIVE,
     **{f"eval.{k}": COUNT for k in ("general_limit", "batch_size", "generation_batch_size", "samples_per_prompt",
                                     "conversation_samples", "max_new_tokens")},
     "eval.temperature": POSITIVE, "eval.top_p": OPEN_UNIT_RIGHT_CLOSED, "eval.toxicity_threshold": UNIT,

@@ -45,6 +45,7 @@ from ..rollout.policy_weights import MergedRolloutCopy
 from ..tracking import MetricsLogger, open_step_log, seed_everything
 from . import checkpoint
 from .common import on_cpu
+from .micro_batching import length_groups
 from .packed_rows import Packed, longest_packable, pack, use_packed_attention
 from .ppo_models import SharedRewardModel, ValueModel, load_actor, load_reference, merged_policy, reference_mode
 
@@ -375,14 +376,17 @@ class PPOTrainer:
 
     def _micro_batches(self, seq: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor,
                        idx: torch.Tensor) -> Iterator[MicroBatch]:
-        """Split rows `idx` into micro-batches of rows of similar length, each cut to the columns it
-        needs: its longest prompt's start .. its longest response's end. Left-padded prompts and
-        right-padded responses make that one contiguous slice per micro-batch."""
+        """Split rows `idx` into micro-batches of rows of similar length (`length_groups`: by rows,
+        and by token positions with ppo.micro_batch_tokens), each cut to the columns it needs: its
+        longest prompt's start .. its longest response's end. Left-padded prompts and right-padded
+        responses make that one contiguous slice per micro-batch."""
         R = mask.shape[1]
         P = attn.shape[1] - R
         prompt_len, resp_len = attn[:, :P].sum(1), mask.sum(1)
         order = idx[torch.argsort(prompt_len[idx] + resp_len[idx], descending=True, stable=True)]
-        for rows in order.split(self.pc.micro_batch_size):
+        groups = length_groups(prompt_len[order].long().tolist(), resp_len[order].long().tolist(),
+                               self.pc.micro_batch_size, self.pc.micro_batch_tokens, self.pc.pack_rows, self._pack_limit)
+        for rows in (order[g] for g in groups):
             r = max(1, int(resp_len[rows].max()))
             cols = slice(P - int(prompt_len[rows].max()), P + r)
             mb = MicroBatch(rows, r, seq[rows][:, cols], attn[rows][:, cols], pos[rows][:, cols])
