@@ -97,6 +97,7 @@ def test_generation_logprobs_equal_a_forward_pass_and_micro_batches_equal_one_pa
         torch.manual_seed(0)
         t.rl_step(exp)
     assert 1 in sizes and max(sizes) > 1  # the longest rows alone, the shortest together
+    assert budget.reward.max_tokens == int(attn.sum(1).max())  # scoring follows the same budget
     for other in (one, budget):
         for (name, a), b in zip(trainer.actor.named_parameters(), other.actor.parameters()):
             torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=name)

@@ -461,8 +461,22 @@ def test_a_run_killed_after_an_epoch_resumes_to_the_same_model(tmp_path, tiny_ba
 def test_score_ids_keeps_no_graph_of_a_trainable_model(tiny_base):
     model, tok = build_reward_model(str(tiny_base), _cfg())
     batch, _ = encode_pairs(tok, EXPECTED, 256)
-    scores = score_ids(model, [s for pair in batch for s in pair], tok.pad_token_id, batch_size=2)
+    seqs = [s for pair in batch for s in pair]
+    scores = score_ids(model, seqs, tok.pad_token_id, batch_size=2)
     assert not scores.requires_grad  # no autograd graph kept across batches (memory) when scoring
+    # batches cut by token positions score the same
+    budget = score_ids(model, seqs, tok.pad_token_id, batch_size=8, max_tokens=2 * max(map(len, seqs)))
+    torch.testing.assert_close(budget, scores, atol=1e-5, rtol=1e-5)
+
+
+def test_scoring_batches_hold_at_most_their_rows_and_padded_positions():
+    from direct_rlhf.models.reward_model import length_sorted_chunks
+
+    lengths = [5, 3, 9, 4, 8]  # shortest first: rows 1, 3, 0, 4, 2
+    assert list(length_sorted_chunks(lengths, 2)) == [[1, 3], [0, 4], [2]]
+    # padded to the batch's longest: 3 x 5 = 15 fits 16; 4 x 8 does not; 2 x 9 does not either
+    assert list(length_sorted_chunks(lengths, 8, max_tokens=16)) == [[1, 3, 0], [4], [2]]
+    assert list(length_sorted_chunks(lengths, 8, max_tokens=7)) == [[1], [3], [0], [4], [2]]  # over it: alone
 
 
 def test_length_grouped_batches_hold_every_pair_once_an_epoch_and_pad_less():

@@ -151,16 +151,17 @@ class RewardScorer:
     """
 
     def __init__(self, path: str | Path, device: str = "cpu", batch_size: int = 32,
-                 model: Callable[..., Any] | None = None):
+                 model: Callable[..., Any] | None = None, max_tokens: int = 0):
         """`model`: an already loaded stand-in for the folder's model, placed by the caller (PPO's
-        `SharedRewardModel`); the folder then gives only the statistics and the tokenizer."""
+        `SharedRewardModel`); the folder then gives only the statistics and the tokenizer.
+        `max_tokens`: a batch also holds at most that many token positions (0: rows only)."""
         self.path = Path(path)
         stats = json.loads(check_reward_folder(self.path).read_text())
         self.mean: float = float(stats["mean"])
         self.std: float = float(stats["std"])
         self.max_len: int = int(stats["max_len"])
         self.device = torch.device(device)
-        self.batch_size = batch_size
+        self.batch_size, self.max_tokens = batch_size, max_tokens
         self.tokenizer = load_tokenizer(self.path)
         if model is not None:
             self.model = model
@@ -178,26 +179,32 @@ class RewardScorer:
     def score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
         """Raw scores, size = (N,), fp32, on the CPU, in input order."""
         ids, _ = encode(self.tokenizer, prompts, responses, self.max_len)
-        return score_ids(self.model, ids, self.pad_id, self.batch_size, self.device)
+        return score_ids(self.model, ids, self.pad_id, self.batch_size, self.device, self.max_tokens)
 
     def normalise(self, scores: torch.Tensor) -> torch.Tensor:
         """(scores - mean) / std with the training-set statistics."""
         return (scores - self.mean) / max(self.std, 1e-6)
 
 
-def length_sorted_chunks(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
-    """Indices in batches of `batch_size`, shortest first, so each batch wastes little on padding."""
-    order = sorted(range(len(lengths)), key=lengths.__getitem__)
-    for start in range(0, len(order), batch_size):
-        yield order[start:start + batch_size]
+def length_sorted_chunks(lengths: Sequence[int], batch_size: int, max_tokens: int = 0) -> Iterator[list[int]]:
+    """Indices in batches of at most `batch_size`, shortest first, so each batch wastes little on
+    padding; with `max_tokens`, also at most that many positions once padded (a longer row alone)."""
+    chunk: list[int] = []
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if chunk and (len(chunk) == batch_size or max_tokens and (len(chunk) + 1) * lengths[i] > max_tokens):
+            yield chunk
+            chunk = []
+        chunk.append(i)
+    if chunk:
+        yield chunk
 
 
 @torch.no_grad()
 def score_ids(model: torch.nn.Module, ids: Sequence[Sequence[int]], pad_id: int, batch_size: int,
-              device: torch.device | str = "cpu") -> torch.Tensor:
-    """Batched no-grad scoring of token id lists, in length-sorted batches."""
+              device: torch.device | str = "cpu", max_tokens: int = 0) -> torch.Tensor:
+    """Batched no-grad scoring of token id lists, in length-sorted batches (`length_sorted_chunks`)."""
     out = torch.empty(len(ids), dtype=torch.float32)  # size = (N,)
-    for chunk in length_sorted_chunks([len(s) for s in ids], batch_size):
+    for chunk in length_sorted_chunks([len(s) for s in ids], batch_size, max_tokens):
         input_ids, mask = pad_right([ids[i] for i in chunk], pad_id)  # size = (b, T)
         out[chunk] = rewards(model, input_ids.to(device), mask.to(device)).cpu()
     return out

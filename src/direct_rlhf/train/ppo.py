@@ -116,7 +116,8 @@ class PPOTrainer:
         self.rollout_copy = (MergedRolloutCopy(base, dtype, cfg.model.trust_remote_code)
                              if self.vllm is None and self.pc.lora.enabled and self.pc.merged_rollout else None)
         critic = ValueModel.from_reward_model(reward_path, dtype, self.pc.critic_lora)
-        # scored in length-sorted chunks of micro_batch_size rows, like every other forward pass here:
+        # scored in length-sorted chunks of micro_batch_size rows (and micro_batch_tokens positions), like
+        # every other forward pass here:
         # one padded batch of the whole rollout took twice as long (README, Performance; docs/performance.md)
         self.reward = self._scorer(reward_path, critic)
         # tests and custom objectives may replace the learned reward by a function of the text
@@ -413,7 +414,8 @@ class PPOTrainer:
         from ..models.reward_model import RewardScorer
 
         shared = SharedRewardModel(critic) if critic.reward_head is not None else None
-        return RewardScorer(path, device=str(self.acc.device), batch_size=self.pc.micro_batch_size, model=shared)
+        return RewardScorer(path, device=str(self.acc.device), batch_size=self.pc.micro_batch_size, model=shared,
+                            max_tokens=self.pc.micro_batch_tokens)
 
     @staticmethod
     def _own_model(scorer) -> torch.nn.Module | None:
