@@ -4,7 +4,10 @@
 #               them runs there: packed rows against padded ones, LoRA, checkpointing, bf16, resume;
 #   bench-bf16  ours against TRL's PPOTrainer on the GPU (benchmarks/ppo_vs_trl.py), bf16 mixed
 #               precision, at the two sizes and hidden 1024 x 12 layers;
-#   bench-fp32  the same in fp32 at the two sizes.
+#   bench-fp32  the same in fp32 at the two sizes;
+#   budget      (not run by default) our step alone at 512 x 6 in bf16, 8-row micro-batches against
+#               32 rows within 4096 token positions (ppo.micro_batch_tokens): fewer launches per pass
+#               (BUDGET_HIDDEN / BUDGET_LAYERS change the size, e.g. 64 / 2 for a dry run on a CPU).
 # It needs a python with CUDA torch, our dependencies, pytest and trl==1.12.0 importable
 # (PYTHON, default python3; src/ is put on PYTHONPATH). Logs and JSON go to OUTDIR; STAGES picks
 # stages (default: all three).
@@ -48,6 +51,10 @@ for s in ${STAGES:-tests bench-bf16 bench-fp32}; do
              --steps 4 --warmup 2 --sizes 128x4,512x6,1024x12 --out "$out/ppo_vs_trl-gpu-bf16.json" ;;
     bench-fp32) stage bench-fp32 170 $py benchmarks/ppo_vs_trl.py --trl-python "$py" --rounds 1 --steps 4 \
              --warmup 2 --sizes 128x4,512x6 --out "$out/ppo_vs_trl-gpu.json" ;;
+    budget) stage budget-rows8 75 $py benchmarks/ppo_step.py --hidden ${BUDGET_HIDDEN:-512} --layers ${BUDGET_LAYERS:-6} --steps 4 --warmup 1 \
+              --set ppo.bf16=true ppo.micro_batch_size=8 --out "$out/budget-rows8.json"
+            stage budget-tok4096 75 $py benchmarks/ppo_step.py --hidden ${BUDGET_HIDDEN:-512} --layers ${BUDGET_LAYERS:-6} --steps 4 --warmup 1 \
+              --set ppo.bf16=true ppo.micro_batch_size=32 ppo.micro_batch_tokens=4096 --out "$out/budget-tok4096.json" ;;
     *) echo "unknown stage $s" ;;
   esac
 done
