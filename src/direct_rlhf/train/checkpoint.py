@@ -44,6 +44,32 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
+def gathered_rng_states(gather_objects) -> list[dict[str, Any]]:
+    """Every process's `rng_state()`, by `gather_objects` (accelerate's object gather). The tensors
+    travel as lists: unpickling a gathered tensor's storage fails in torch 2.13 (AttributeError:
+    'UntypedStorage' has no attribute 'dtype'), and lists of numbers pickle anywhere."""
+    return [_as_tensors(s) for s in gather_objects([_as_lists(rng_state())])]
+
+
+def _as_lists(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return (_TENSOR, str(x.dtype).removeprefix("torch."), x.cpu().tolist())
+    if isinstance(x, dict):
+        return {k: _as_lists(v) for k, v in x.items()}
+    return tuple(_as_lists(v) for v in x) if isinstance(x, tuple) else x
+
+
+def _as_tensors(x: Any) -> Any:
+    if isinstance(x, tuple) and len(x) == 3 and x[0] == _TENSOR:
+        return torch.tensor(x[2], dtype=getattr(torch, x[1]))
+    if isinstance(x, dict):
+        return {k: _as_tensors(v) for k, v in x.items()}
+    return tuple(_as_tensors(v) for v in x) if isinstance(x, tuple) else x
+
+
+_TENSOR = "__tensor__"
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     kind, keys, pos, has_gauss, cached = state["numpy"]
