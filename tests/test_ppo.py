@@ -499,22 +499,42 @@ def test_on_a_gpu_attention_runs_without_cudnn_and_elsewhere_as_it_was():
     assert kernels() == before
 
 
-def test_two_process_accelerate_launch(micro_run, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           # one mini-batch per epoch, as by default: the critic's old values come from its first
-           # training pass, and the whitening's statistics are gathered over both processes there
-           "-m", "direct_rlhf", "-q", "ppo", "--out", str(tmp_path), *MICRO, *PPO_MICRO, "ppo.steps=2",
-           "ppo.mini_batch_size=8",
-           f"model.base={micro_run / 'base'}", f"ppo.reward_model={micro_run / 'rm'}",
-           f"ppo.prompts={micro_run / 'world' / 'ppo_prompts.jsonl'}"]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    rows = _metrics(tmp_path / "rlhf-work")
-    assert [r["step"] for r in rows] == [1, 2]
-    assert all(torch.isfinite(torch.tensor([r["loss/policy"], r["loss/value"], r["values/mean"]])).all() for r in rows)
-    assert (tmp_path / "rlhf" / "model.safetensors").is_file()
+@pytest.mark.parametrize("extra", [[], ["ppo.micro_batch_tokens=60"]], ids=["rows", "token-budget"])
+def test_two_processes_train_checkpoint_and_resume_as_one_run(micro_run, tmp_path, extra):
+    """Two real processes on the CPU (torchrun + ACCELERATE_USE_CPU; `accelerate launch --cpu` would
+    start only one): each samples its own prompts, gradients are all-reduced once per update, the
+    checkpoint holds both processes' RNG states, and 2 steps + a resume to 4 equal 4 steps. With a
+    token budget the processes cut different numbers of micro-batches (a hang if every micro-batch
+    synchronised)."""
+    import socket
+
+    def run(out, *args):
+        with socket.socket() as sock:  # a free port for the processes' rendezvous
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+               # one mini-batch per epoch, as by default: the critic's old values come from its first
+               # training pass, and the whitening's statistics are gathered over both processes there
+               "-m", "direct_rlhf", "-q", "ppo", "--out", str(out), *args, *MICRO, *PPO_MICRO,
+               "ppo.mini_batch_size=8", *extra, f"model.base={micro_run / 'base'}",
+               f"ppo.reward_model={micro_run / 'rm'}", f"ppo.prompts={micro_run / 'world' / 'ppo_prompts.jsonl'}"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+
+    run(tmp_path / "a", "ppo.steps=2")
+    rngs = torch.load(tmp_path / "a" / "rlhf-work" / "checkpoints" / "step-000002" / "rng.pt", weights_only=True)
+    assert len(rngs) == 2 and not torch.equal(rngs[0]["torch"], rngs[1]["torch"])  # two processes, seeded apart
+    run(tmp_path / "a", "--resume", "ppo.steps=4")
+    run(tmp_path / "b", "ppo.steps=4")
+    resumed, whole = _metrics(tmp_path / "a" / "rlhf-work"), _metrics(tmp_path / "b" / "rlhf-work")
+    assert [r["step"] for r in resumed] == [r["step"] for r in whole] == [1, 2, 3, 4]
+    for x, y in zip(resumed, whole):
+        assert {k: v for k, v in x.items() if not k.startswith("time/")} == \
+            {k: v for k, v in y.items() if not k.startswith("time/")}
+    assert all(torch.isfinite(torch.tensor([r["loss/policy"], r["loss/value"], r["values/mean"]])).all() for r in whole)
+    assert (tmp_path / "a" / "rlhf" / "model.safetensors").read_bytes() == \
+        (tmp_path / "b" / "rlhf" / "model.safetensors").read_bytes()
 
 
 @pytest.mark.parametrize("critic_lora", ["false", "true"])

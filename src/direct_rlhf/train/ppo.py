@@ -33,6 +33,7 @@ from typing import Any, Iterator, NamedTuple
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from ..algos import ppo as F
@@ -323,7 +324,7 @@ class PPOTrainer:
                 for critic, opt, field in self._critics():
                     old = torch.zeros(B, R, device=exp.mask.device) if pending else getattr(exp, f"{field}values")
                     opt.zero_grad(set_to_none=True)
-                    for k, mb in enumerate(micro):
+                    for mb in self._accumulating(critic, micro):
                         rows, r = mb.rows, mb.r
                         mask = exp.mask[rows, :r]
                         w = mask.sum() / total  # this micro-batch's share of the mini-batch's tokens
@@ -335,7 +336,7 @@ class PPOTrainer:
                         else:
                             returns = getattr(exp, f"{field}returns")[rows, :r]
                         vf_loss, vf_stats = F.value_loss(values, old[rows, :r], returns, mask, pc.value_clip_eps)
-                        self._backward(critic, pc.vf_coef * vf_loss * w, last=k == len(micro) - 1)
+                        self.acc.backward(pc.vf_coef * vf_loss * w)
                         for stat, v in ((f"loss/{field}value", vf_loss),
                                         (f"{field}values/clipfrac", vf_stats["vf_clipfrac"])):
                             stats[stat] = stats.get(stat, 0.0) + w * v.detach()
@@ -350,7 +351,7 @@ class PPOTrainer:
                         adv = F.lagrangian_advantages(exp.advantages, exp.cost_advantages, self.lam.value)
                 # actor: clipped surrogate (+ entropy bonus), accumulated over micro-batches
                 self.opt_a.zero_grad(set_to_none=True)
-                for k, mb in enumerate(micro):
+                for mb in self._accumulating(self.actor, micro, sync_last=self.ptx_blocks is None):
                     rows, r = mb.rows, mb.r
                     mask = exp.mask[rows, :r]
                     w = mask.sum() / total
@@ -360,14 +361,13 @@ class PPOTrainer:
                                                       pc.clip_eps)
                     entropy = F.masked_mean(F.entropy_from_logits(logits if pc.entropy_coef else logits.detach()),
                                             mask)
-                    self._backward(self.actor, (pg_loss - pc.entropy_coef * entropy) * w,
-                                   last=k == len(micro) - 1 and self.ptx_blocks is None)
+                    self.acc.backward((pg_loss - pc.entropy_coef * entropy) * w)
                     for name, v in {"loss/policy": pg_loss, "policy/entropy": entropy,
                                     "policy/clipfrac": pg_stats["clipfrac"], "policy/approx_kl": pg_stats["approx_kl"]}.items():
                         stats[name] = stats.get(name, 0.0) + w * v.detach()
                 if self.ptx_blocks is not None:
                     ptx_loss = self._ptx_loss()
-                    self._backward(self.actor, pc.ptx_coef * ptx_loss, last=True)
+                    self.acc.backward(pc.ptx_coef * ptx_loss)  # outside no_sync: this one all-reduces
                     stats["loss/ptx"] = ptx_loss.detach()
                 self._step(self.actor, self.opt_a)
                 for name, v in stats.items():
@@ -426,10 +426,13 @@ class PPOTrainer:
         return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
                                  weight_decay=self.pc.weight_decay)
 
-    def _backward(self, model, loss: torch.Tensor, last: bool) -> None:
-        """Accumulate gradients; across processes they are synchronised on the last backward only."""
-        with contextlib.nullcontext() if last else self.acc.no_sync(model):
-            self.acc.backward(loss)
+    def _accumulating(self, model, micro: list[MicroBatch], sync_last: bool = True) -> Iterator[MicroBatch]:
+        """The micro-batches, each with its forward *and* backward (the caller's loop body) inside
+        `no_sync` but the last: DDP decides at the forward whether that backward all-reduces, so
+        gradients are all-reduced once an update, however many micro-batches each process cut."""
+        for k, mb in enumerate(micro):
+            with contextlib.nullcontext() if sync_last and k == len(micro) - 1 else self.acc.no_sync(model):
+                yield mb
 
     def _step(self, model, opt) -> None:
         self.acc.clip_grad_norm_(model.parameters(), self.pc.grad_clip)
@@ -498,8 +501,8 @@ class PPOTrainer:
         return models
 
     def save_checkpoint(self) -> None:
-        rngs = self.acc.gather_for_metrics([checkpoint.rng_state()], use_gather_object=True) \
-            if self.acc.num_processes > 1 else [checkpoint.rng_state()]
+        rngs = checkpoint.gathered_rng_states(gather_object) if self.acc.num_processes > 1 \
+            else [checkpoint.rng_state()]
         if self.acc.is_main_process:
             states = {"opt_a": self.opt_a.state_dict(), "opt_c": self.opt_c.state_dict()}
             if self.lagrangian:
