@@ -521,6 +521,7 @@ def test_two_processes_train_checkpoint_and_resume_as_one_run(micro_run, tmp_pat
         env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
         res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
         assert res.returncode == 0, res.stderr[-3000:]
+        assert res.stdout.count("policy: ") == 1, res.stdout  # said once, not once per process
 
     run(tmp_path / "a", "ppo.steps=2")
     rngs = torch.load(tmp_path / "a" / "rlhf-work" / "checkpoints" / "step-000002" / "rng.pt", weights_only=True)

@@ -98,7 +98,11 @@ def cmd_ppo(args: argparse.Namespace) -> None:
     from .pipeline import ensure_policy
 
     cfg = _load(args)
-    print(f"policy: {ensure_policy(cfg, progress=not args.quiet, resume=args.resume)}")
+    policy = ensure_policy(cfg, progress=not args.quiet, resume=args.resume)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:  # once, not once per process
+        print(f"policy: {policy}")
 
 
 def cmd_reward(args: argparse.Namespace) -> None:
