@@ -564,6 +564,15 @@ def test_user_data_with_ptx_but_no_ptx_text_is_a_one_line_error(tmp_path, capsys
     assert not (tmp_path / "rlhf").exists()
 
 
+def test_ppo_under_deepspeed_is_a_one_line_error_before_anything_is_built(tmp_path, capsys, micro_run, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what `accelerate launch` with DeepSpeed sets
+    assert main(["-q", "ppo", "--out", str(tmp_path), *MICRO, f"model.base={micro_run / 'base'}",
+                 f"ppo.reward_model={micro_run / 'rm'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "DeepSpeed is not supported" in err[0]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_resume_after_a_kill_between_checkpoints_logs_each_step_once_and_a_damaged_checkpoint_is_one_line(
         micro_run, tmp_path):
     part = _trainer(micro_run, tmp_path, ["ppo.steps=4"])

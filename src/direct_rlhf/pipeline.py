@@ -140,9 +140,10 @@ def ensure_policy(cfg: Config, progress: bool = True, resume: bool = False, init
     from accelerate import PartialState
 
     from .data.prompt_files import prompt_texts
-    from .train.common import on_cpu
+    from .train.common import on_cpu, refuse_deepspeed
     from .train.ppo import PPOTrainer
 
+    refuse_deepspeed()
     pc = cfg.ppo
     with PartialState(cpu=on_cpu()).main_process_first():
         from_pairs = pc.prompts is None and cfg.reward.data is not None

@@ -20,6 +20,19 @@ def on_cpu() -> bool:
     return not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU")
 
 
+def refuse_deepspeed() -> None:
+    """A one-line error under `accelerate launch` with DeepSpeed, before accelerate fails with a
+    traceback: PPO prepares two trained models (actor and critic) in one Accelerator, which
+    accelerate's DeepSpeed integration refuses, and its DeepSpeed backward would step the optimiser
+    after every micro-batch instead of once an update."""
+    from ..errors import UserError
+
+    if parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
+        raise UserError("ppo: DeepSpeed is not supported (accelerate allows one model per Accelerator under "
+                        "DeepSpeed, and PPO trains two); launch without it: data parallel, with LoRA "
+                        "(ppo.lora, ppo.critic_lora) for large models")
+
+
 def training_device() -> torch.device:
     """Where a single-process trainer (reward model, SFT) runs: the GPU where there is one."""
     return torch.device("cpu" if on_cpu() else "cuda")
