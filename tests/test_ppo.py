@@ -564,12 +564,14 @@ def test_user_data_with_ptx_but_no_ptx_text_is_a_one_line_error(tmp_path, capsys
     assert not (tmp_path / "rlhf").exists()
 
 
-def test_ppo_under_deepspeed_is_a_one_line_error_before_anything_is_built(tmp_path, capsys, micro_run, monkeypatch):
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what `accelerate launch` with DeepSpeed sets
+@pytest.mark.parametrize("flag,name", [("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"), ("ACCELERATE_USE_FSDP", "FSDP")])
+def test_ppo_under_sharding_is_a_one_line_error_before_anything_is_built(tmp_path, capsys, micro_run, monkeypatch,
+                                                                         flag, name):
+    monkeypatch.setenv(flag, "true")  # what `accelerate launch` with DeepSpeed or FSDP sets
     assert main(["-q", "ppo", "--out", str(tmp_path), *MICRO, f"model.base={micro_run / 'base'}",
                  f"ppo.reward_model={micro_run / 'rm'}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "DeepSpeed is not supported" in err[0]
+    assert len(err) == 1 and f"{name} is not supported" in err[0]
     assert list(tmp_path.iterdir()) == []
 
 

@@ -140,10 +140,10 @@ def ensure_policy(cfg: Config, progress: bool = True, resume: bool = False, init
     from accelerate import PartialState
 
     from .data.prompt_files import prompt_texts
-    from .train.common import on_cpu, refuse_deepspeed
+    from .train.common import on_cpu, refuse_sharding
     from .train.ppo import PPOTrainer
 
-    refuse_deepspeed()
+    refuse_sharding()
     pc = cfg.ppo
     with PartialState(cpu=on_cpu()).main_process_first():
         from_pairs = pc.prompts is None and cfg.reward.data is not None

@@ -20,17 +20,19 @@ def on_cpu() -> bool:
     return not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU")
 
 
-def refuse_deepspeed() -> None:
-    """A one-line error under `accelerate launch` with DeepSpeed, before accelerate fails with a
-    traceback: PPO prepares two trained models (actor and critic) in one Accelerator, which
-    accelerate's DeepSpeed integration refuses, and its DeepSpeed backward would step the optimiser
-    after every micro-batch instead of once an update."""
+def refuse_sharding() -> None:
+    """A one-line error under `accelerate launch` with DeepSpeed or FSDP, before accelerate fails
+    with a traceback or trains wrongly. PPO prepares two trained models (actor and critic) in one
+    Accelerator, which accelerate refuses under DeepSpeed and FSDP2; under DeepSpeed its backward
+    would also step the optimiser after every micro-batch; and sampling, checkpoints and the merged
+    rollout copy read whole parameters, which sharding splits."""
     from ..errors import UserError
 
-    if parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
-        raise UserError("ppo: DeepSpeed is not supported (accelerate allows one model per Accelerator under "
-                        "DeepSpeed, and PPO trains two); launch without it: data parallel, with LoRA "
-                        "(ppo.lora, ppo.critic_lora) for large models")
+    for flag, name in (("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"), ("ACCELERATE_USE_FSDP", "FSDP")):
+        if parse_flag_from_env(flag):
+            raise UserError(f"ppo: {name} is not supported (PPO trains two models in one Accelerator and reads "
+                            "whole parameters to sample and save); launch without it: data parallel, with LoRA "
+                            "(ppo.lora, ppo.critic_lora) for large models")
 
 
 def training_device() -> torch.device:

@@ -45,7 +45,7 @@ from ..rollout.hf_generate import Samples, sample
 from ..rollout.policy_weights import MergedRolloutCopy
 from ..tracking import MetricsLogger, open_step_log, seed_everything
 from . import checkpoint
-from .common import on_cpu, refuse_deepspeed
+from .common import on_cpu, refuse_sharding
 from .micro_batching import length_groups
 from .packed_rows import Packed, longest_packable, pack, use_packed_attention
 from .ppo_models import SharedRewardModel, ValueModel, load_actor, load_reference, merged_policy, reference_mode
@@ -99,7 +99,7 @@ class PPOTrainer:
         continued (the same, except the run's length: see pipeline.ensure_policy)."""
         self.cfg, self.pc, self.out, self.progress, self.key = cfg, cfg.ppo, Path(out), progress, key
         self.resume_key = resume_key or key
-        refuse_deepspeed()
+        refuse_sharding()
         self.acc = Accelerator(cpu=on_cpu())
         seed_everything(cfg.seed + self.acc.process_index)
         if not prompts:
