@@ -564,6 +564,20 @@ def test_user_data_with_ptx_but_no_ptx_text_is_a_one_line_error(tmp_path, capsys
     assert not (tmp_path / "rlhf").exists()
 
 
+def test_the_ppo_stage_follows_its_prompt_files_contents(micro_run, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    rows = (micro_run / "world" / "ppo_prompts.jsonl").read_text().splitlines()
+    prompts.write_text("\n".join(rows) + "\n")
+    args = ["-q", "ppo", "--out", str(tmp_path / "run"), *MICRO, *PPO_MICRO, "ppo.steps=1", f"ppo.prompts={prompts}",
+            f"model.base={micro_run / 'base'}", f"ppo.reward_model={micro_run / 'rm'}"]
+    assert main(args) == 0
+    stamp = (tmp_path / "run" / "rlhf" / "stage.json").read_text()
+    prompts.write_text("\n".join(rows) + "\n")  # saved again, unchanged: reused
+    assert main(args) == 0 and (tmp_path / "run" / "rlhf" / "stage.json").read_text() == stamp
+    prompts.write_text("\n".join(rows[8:]) + "\n")  # edited in place: trained again
+    assert main(args) == 0 and (tmp_path / "run" / "rlhf" / "stage.json").read_text() != stamp
+
+
 @pytest.mark.parametrize("flag,name", [("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"), ("ACCELERATE_USE_FSDP", "FSDP")])
 def test_ppo_under_sharding_is_a_one_line_error_before_anything_is_built(tmp_path, capsys, micro_run, monkeypatch,
                                                                          flag, name):

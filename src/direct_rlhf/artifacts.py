@@ -39,6 +39,16 @@ def is_fresh(folder: str | Path, key: str) -> bool:
         return False
 
 
+def source_identity(source: str | Path | None) -> Any:
+    """What a data setting contributes to a key: a local file by its contents (edited in place, the
+    stage runs again; saved again unchanged, or moved, it is reused), anything else (a hub dataset
+    id, a dataset folder) as written."""
+    if source is None:
+        return None
+    path = Path(source).expanduser()
+    return ["file", file_digest(path)] if path.is_file() else str(source)
+
+
 def read_key(folder: str | Path) -> str | None:
     try:
         return json.loads((Path(folder) / STAMP).read_text()).get("key")

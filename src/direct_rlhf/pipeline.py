@@ -12,7 +12,7 @@ import logging
 import time
 from pathlib import Path
 
-from .artifacts import cache_key, file_digest, is_fresh, read_key
+from .artifacts import cache_key, file_digest, is_fresh, read_key, source_identity
 from .config import Config
 from .errors import UserError
 
@@ -36,15 +36,26 @@ def run_dir(cfg: Config) -> Path:
     return Path(cfg.out)
 
 
+# settings that name one of our artifacts (keyed by the artifact's own key) or a data file (by its contents)
+ARTIFACT_SETTINGS = (("model", "base"), ("reward", "init"), ("ppo", "reward_model"), ("ppo", "cost_model"),
+                     ("eval", "reward_model"))
+DATA_SETTINGS = (("ppo", "prompts"), ("ppo", "ptx_data"), ("sft", "data"))
+
+
 def keyed_settings(cfg: Config, *sections: str) -> dict:
-    """Config sections for a stage's cache key, with `model.base` replaced by the key of the
-    artifact it names when it is one of ours: the key then follows what the base *is*, not where it
-    lies, so a run folder copied or moved elsewhere (or a seed run reading the shared base under
-    another path) finds its stages cached. A hub id or a folder without a stamp stays as written."""
+    """Config sections for a stage's cache key, with each setting that names one of our artifacts
+    (`model.base`, `ppo.reward_model`, ...) replaced by that artifact's key, and each data file by
+    its contents. The key then follows what the inputs *are*, not where they lie: a run folder
+    copied or moved elsewhere (or a seed run reading the shared base under another path) finds its
+    stages cached, and a prompt file edited in place is not. A hub id or a folder without a stamp
+    stays as written."""
     settings = cfg.section_dict(*sections)
-    base = settings.get("model", {}).get("base")
-    if base:
-        settings["model"]["base"] = read_key(base) or base
+    for section, name in ARTIFACT_SETTINGS:
+        if settings.get(section, {}).get(name):
+            settings[section][name] = read_key(settings[section][name]) or settings[section][name]
+    for section, name in DATA_SETTINGS:
+        if settings.get(section, {}).get(name):
+            settings[section][name] = source_identity(settings[section][name])
     return settings
 
 
@@ -163,8 +174,12 @@ def ensure_policy(cfg: Config, progress: bool = True, resume: bool = False, init
         reward = pc.reward_model or ensure_reward(cfg, progress)
         cost = (pc.cost_model or ensure_cost(cfg, progress)) if pc.lagrangian else None
     out, work = run_dir(cfg) / name, run_dir(cfg) / f"{name}-work"
+    # where the prompts and the PPO-ptx text come from, when no ppo.* setting names them
+    prompt_source = None if pc.prompts else (
+        [source_identity(cfg.reward.data), cfg.reward.split, cfg.reward.skip_invalid] if from_pairs else read_key(world))
+    ptx_source = [None if pc.ptx_data else read_key(world), cfg.pretrain.seq_len] if pc.ptx_coef > 0 else None
     inputs = (read_key(start) or start, read_key(reward) or reward, (read_key(cost) or cost) if cost else None,
-              cfg.seed)
+              cfg.seed, prompt_source, ptx_source)
     settings = keyed_settings(cfg, "ppo", "model")
     key = cache_key("ppo", *inputs, settings)
     # a checkpoint may be continued by a longer run (`--resume ppo.steps=N`): its key leaves out
@@ -197,7 +212,7 @@ def ensure_sft(cfg: Config, progress: bool = True) -> str:
     pairs, _ = load_pairs(source, skip_invalid=cfg.sft.skip_invalid)
     base = ensure_base(cfg, progress)
     out = run_dir(cfg) / "sft"
-    key = cache_key("sft", read_key(base) or base, read_key(world) if world else source, cfg.seed,
+    key = cache_key("sft", read_key(base) or base, read_key(world) if world else source_identity(source), cfg.seed,
                     keyed_settings(cfg, "sft", "model"))
     if is_fresh(out, key):
         _log_cached("sft model", out)

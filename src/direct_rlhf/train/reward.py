@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..algos.bradley_terry import bradley_terry_loss
+from ..artifacts import source_identity
 from ..config import Config
 from ..data.preferences import Pair, PairStats, has_splits, load_pairs, split_holdout
 from ..models.reward_model import STATS_FILE, build_reward_model, encode, pad_right, plain_model, rewards, score_ids
@@ -76,18 +77,7 @@ def preference_data(cfg: Config, world: Path | None, cost: bool = False) -> Pref
             "train_load": asdict(train_stats), "eval_load": asdict(held_stats) if held_stats else None,
             "n_train": len(train), "n_eval": len(held)}
     # the toy world's files are identified by the world's own key (in the stage key), not by path
-    return PreferenceData(train, held, info, key=[_identity(rc.data), _identity(rc.eval_data), subset, cost])
-
-
-def _identity(source: str | None) -> Any:
-    """A local file is identified by path, size and mtime (so an edited file retrains)."""
-    if source is None:
-        return None
-    path = Path(source).expanduser()
-    if path.is_file():
-        st = path.stat()
-        return [str(path.resolve()), st.st_size, st.st_mtime_ns]
-    return source
+    return PreferenceData(train, held, info, key=[source_identity(rc.data), source_identity(rc.eval_data), subset, cost])
 
 
 # --------------------------------------------------------------------------------------------------
