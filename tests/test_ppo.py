@@ -502,7 +502,8 @@ def test_on_a_gpu_attention_runs_without_cudnn_and_elsewhere_as_it_was():
 @pytest.mark.parametrize("extra", [[], ["ppo.micro_batch_tokens=60"]], ids=["rows", "token-budget"])
 def test_two_processes_train_checkpoint_and_resume_as_one_run(micro_run, tmp_path, extra):
     """Two real processes on the CPU (torchrun + ACCELERATE_USE_CPU; `accelerate launch --cpu` would
-    start only one): each samples its own prompts, gradients are all-reduced once per update, the
+    start only one): each samples its own prompts, gradients are all-reduced once per update (each
+    checkpoint compares the processes' weights and fails if they differ: checked by mutation), the
     checkpoint holds both processes' RNG states, and 2 steps + a resume to 4 equal 4 steps. With a
     token budget the processes cut different numbers of micro-batches (a hang if every micro-batch
     synchronised)."""

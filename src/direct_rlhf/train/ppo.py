@@ -501,7 +501,19 @@ class PPOTrainer:
             models["cost_critic"] = self.acc.unwrap_model(self.cost_critic)
         return models
 
+    def _check_processes_agree(self) -> None:
+        """With several processes, every one must hold the same trained weights (DDP all-reduces
+        their gradients), since a checkpoint saves only the main process's: compared by checksum."""
+        sums = torch.stack([sum(p.detach().double().sum() for p in model.parameters() if p.requires_grad)
+                            for model in self._models().values()])
+        every = self.acc.gather(sums.to(self.acc.device)).view(self.acc.num_processes, -1).cpu()
+        if not torch.allclose(every, every[:1].expand_as(every), rtol=1e-6, atol=1e-9):
+            raise RuntimeError(f"step {self.step_idx}: the processes' trained weights differ "
+                               f"(checksums per process: {every.tolist()}); gradients were not all-reduced")
+
     def save_checkpoint(self) -> None:
+        if self.acc.num_processes > 1:
+            self._check_processes_agree()
         rngs = checkpoint.gathered_rng_states(gather_object) if self.acc.num_processes > 1 \
             else [checkpoint.rng_state()]
         if self.acc.is_main_process:
