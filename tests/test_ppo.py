@@ -177,6 +177,14 @@ def test_bf16_autocast_runs_every_model_in_bfloat16_and_keeps_float32_weights(mi
     assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
 
 
+def test_model_dtype_loads_every_role_in_it(micro_run, tmp_path):
+    trainer = _trainer(micro_run, tmp_path, ["model.dtype=bfloat16", "ppo.lagrangian=false"])
+    roles = {"actor": trainer.actor, "critic": trainer.critic, "reward": trainer.reward.model,
+             **({"reference": trainer.ref} if trainer.ref is not None else {})}
+    assert {name: {p.dtype for p in m.parameters()} for name, m in roles.items()} == \
+        {name: {torch.bfloat16} for name in roles}  # the reward folder was saved in fp32
+
+
 def test_attn_implementation_reaches_every_role(micro_run, tmp_path):
     for lora in ("true", "false"):
         for pack in ("true", "false"):  # packed rows: the models that read them attend on the rows' grid

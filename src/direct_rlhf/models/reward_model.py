@@ -151,10 +151,12 @@ class RewardScorer:
     """
 
     def __init__(self, path: str | Path, device: str = "cpu", batch_size: int = 32,
-                 model: Callable[..., Any] | None = None, max_tokens: int = 0):
+                 model: Callable[..., Any] | None = None, max_tokens: int = 0, dtype: str | None = None,
+                 trust_remote_code: bool = False):
         """`model`: an already loaded stand-in for the folder's model, placed by the caller (PPO's
         `SharedRewardModel`); the folder then gives only the statistics and the tokenizer.
-        `max_tokens`: a batch also holds at most that many token positions (0: rows only)."""
+        `max_tokens`: a batch also holds at most that many token positions (0: rows only).
+        `dtype`: the weights' dtype (`model.dtype`; None: as saved)."""
         self.path = Path(path)
         stats = json.loads(check_reward_folder(self.path).read_text())
         self.mean: float = float(stats["mean"])
@@ -162,14 +164,15 @@ class RewardScorer:
         self.max_len: int = int(stats["max_len"])
         self.device = torch.device(device)
         self.batch_size, self.max_tokens = batch_size, max_tokens
-        self.tokenizer = load_tokenizer(self.path)
+        self.tokenizer = load_tokenizer(self.path, trust_remote_code)
         if model is not None:
             self.model = model
         else:
             try:
                 with _quiet_transformers():
-                    self.model = AutoModelForSequenceClassification.from_pretrained(str(self.path),
-                                                                                    use_safetensors=True)
+                    self.model = AutoModelForSequenceClassification.from_pretrained(
+                        str(self.path), use_safetensors=True, trust_remote_code=trust_remote_code,
+                        **({"dtype": DTYPES[dtype]} if dtype else {}))
             except (OSError, ValueError) as err:
                 raise UserError(f"{self.path}: cannot load the reward model ({_first_line(err)})") from None
             self.model.to(self.device).eval()

@@ -117,7 +117,7 @@ class PPOTrainer:
         self.ref = load_reference(base, dtype, self.pc.lora, cfg.model.trust_remote_code)
         self.rollout_copy = (MergedRolloutCopy(base, dtype, cfg.model.trust_remote_code)
                              if self.vllm is None and self.pc.lora.enabled and self.pc.merged_rollout else None)
-        critic = ValueModel.from_reward_model(reward_path, dtype, self.pc.critic_lora)
+        critic = ValueModel.from_reward_model(reward_path, dtype, self.pc.critic_lora, cfg.model.trust_remote_code)
         # scored in length-sorted chunks of micro_batch_size rows (and micro_batch_tokens positions), like
         # every other forward pass here:
         # one padded batch of the whole rollout took twice as long (README, Performance; docs/performance.md)
@@ -138,7 +138,8 @@ class PPOTrainer:
         if self.lagrangian:
             if not cost_path:
                 raise UserError("ppo.lagrangian needs a cost model (train one with `direct-rlhf reward --cost`)")
-            cost_critic = ValueModel.from_reward_model(cost_path, dtype, self.pc.critic_lora)
+            cost_critic = ValueModel.from_reward_model(cost_path, dtype, self.pc.critic_lora,
+                                                       cfg.model.trust_remote_code)
             self.cost = self._scorer(cost_path, cost_critic)
             self._use_attention(cost_critic.backbone, packed=True)
             self._use_attention(self._own_model(self.cost))
@@ -416,7 +417,8 @@ class PPOTrainer:
 
         shared = SharedRewardModel(critic) if critic.reward_head is not None else None
         return RewardScorer(path, device=str(self.acc.device), batch_size=self.pc.micro_batch_size, model=shared,
-                            max_tokens=self.pc.micro_batch_tokens)
+                            max_tokens=self.pc.micro_batch_tokens, dtype=self.cfg.model.dtype,
+                            trust_remote_code=self.cfg.model.trust_remote_code)
 
     @staticmethod
     def _own_model(scorer) -> torch.nn.Module | None:

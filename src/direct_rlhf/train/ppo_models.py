@@ -41,11 +41,11 @@ class ValueModel(nn.Module):
         self.reward_head = reward_head  # with LoRA: the head as loaded, frozen (see SharedRewardModel)
 
     @classmethod
-    def from_reward_model(cls, path: str | Path, dtype: str = "float32",
-                          lora: LoraConfig | None = None) -> "ValueModel":
+    def from_reward_model(cls, path: str | Path, dtype: str = "float32", lora: LoraConfig | None = None,
+                          trust_remote_code: bool = False) -> "ValueModel":
         check_reward_folder(path)  # before loading: a causal LM here would load with a random head
-        rm = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=DTYPES[dtype],
-                                                                use_safetensors=True)
+        rm = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=DTYPES[dtype], use_safetensors=True,
+                                                                trust_remote_code=trust_remote_code)
         backbone = getattr(rm, rm.base_model_prefix)
         if lora is None or not lora.enabled:
             return cls(backbone, rm.score)
