@@ -82,6 +82,7 @@ def test_unknown_key_in_a_recipe_file_names_the_file(tmp_path):
     ("ppo.lora.dropout=1", "'ppo.lora.dropout' must be in [0, 1), got 1.0"),
     ("reward.eval_fraction=1", "'reward.eval_fraction' must be in (0, 1), got 1.0"),
     ("eval.samples_per_prompt=0", "'eval.samples_per_prompt' must be >= 1, got 0"),
+    ("seed=-1", "'seed' must be in [0, 4294967295], got -1"),  # numpy's generator refused it with a traceback
     ("eval.toxicity_threshold=1.5", "'eval.toxicity_threshold' must be in [0, 1], got 1.5"),
     ("model.num_heads=3", "the heads must divide the hidden size"),
 ])

@@ -23,8 +23,10 @@ OPEN_UNIT_RIGHT_CLOSED = (0, 1, True, False)
 
 _LORA = {"r": COUNT, "alpha": POSITIVE, "dropout": (0, 1, False, True)}
 
+SEED = (0, 2 ** 32 - 1, False, False)     # what numpy's generator accepts
+
 RANGES: dict[str, tuple] = {
-    "threads": COUNT,
+    "threads": COUNT, "seed": SEED, "world.seed": SEED,
     **{f"world.{k}": COUNT for k in ("fact_templates_per_fact", "n_dialogues", "n_pairs", "n_ppo_prompts",
                                      "n_mc_per_task", "n_redteam", "n_conversation")},
     "world.toxic_rate_when_provoked": UNIT, "world.toxic_rate_when_benign": UNIT,
