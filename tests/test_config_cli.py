@@ -51,6 +51,13 @@ def test_an_out_folder_that_cannot_be_ours_is_refused_before_any_work(tmp_path):
     assert res.returncode == 2 and "notes.txt: exists and is not a folder" in res.stderr
     assert (tmp_path / "notes.txt").read_text() == "mine" and (tmp_path / "mine" / "thesis.tex").read_text() == "mine too"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "notes.txt"]
+    # a run folder whose stage folder holds the user's files: refused before any stage runs
+    (tmp_path / "run" / "reward").mkdir(parents=True)
+    (tmp_path / "run" / "reward" / "notes.md").write_text("mine")
+    res = _cli("-q", "reward", "--out", "run", cwd=tmp_path)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert "run/reward: a folder with files direct-rlhf did not write" in res.stderr
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["reward"]  # no world, no base was built
     # a world direct-rlhf wrote is replaced whole, as before
     assert _cli("toyworld", "--out", "w", "world.n_pairs=20", cwd=tmp_path).returncode == 0
     assert _cli("toyworld", "--out", "w", "world.n_pairs=20", cwd=tmp_path).returncode == 0

@@ -35,7 +35,10 @@ def _load(args: argparse.Namespace, writes_run_folder: bool = True):
     if getattr(args, "out", None):
         cfg.out = str(args.out)
     if writes_run_folder:
+        from .pipeline import check_stage_folders
+
         check_writable_dir(cfg.out)  # before any work, not when the first file is written
+        check_stage_folders(cfg)
     if cfg.threads:
         import torch
 
@@ -46,7 +49,8 @@ def _load(args: argparse.Namespace, writes_run_folder: bool = True):
 def cmd_toyworld(args: argparse.Namespace) -> None:
     from .data.toyworld.generate import write_world
 
-    cfg = _load(args)
+    cfg = _load(args, writes_run_folder=False)  # --out is the world folder itself, replaced whole
+    check_writable_dir(args.out)
     manifest = write_world(cfg.world, args.out)
     total = sum(manifest["files"].values())
     print(f"toy world: {len(manifest['files'])} files, {total} records in {args.out}")

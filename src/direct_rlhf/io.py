@@ -131,7 +131,7 @@ def atomic_file(path: str | Path) -> Iterator[str]:
             os.remove(tmp)
 
 
-def _check_replaceable(path: Path) -> None:
+def check_replaceable(path: Path) -> None:
     """`atomic_dir` replaces a folder whole: refuse one that is not ours, so that `--out ~/work`
     or `--out .` can never delete a user's files."""
     if not path.exists():
@@ -151,10 +151,10 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 
     The old folder (if any) is moved aside first and deleted after the rename, so at every
     instant `path` is either absent, the old complete folder, or the new complete folder. Only a
-    folder direct-rlhf wrote (or an empty one) is replaced (`_check_replaceable`).
+    folder direct-rlhf wrote (or an empty one) is replaced (`check_replaceable`).
     """
     path = Path(os.path.abspath(path))
-    _check_replaceable(path)
+    check_replaceable(path)
     with _os_errors_as_user_errors(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))

@@ -9,6 +9,7 @@ Each `ensure_*` returns the artifact, building it only when its cache key change
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -34,6 +35,18 @@ def _log_cached(what: str, out: str | Path) -> None:
 
 def run_dir(cfg: Config) -> Path:
     return Path(cfg.out)
+
+
+STAGE_FOLDERS = ("world", "base", "reward", "cost", "sft", "rlhf", "eval")  # each replaced whole when rebuilt
+
+
+def check_stage_folders(cfg: Config) -> None:
+    """Refuse, before any work, a run folder where a stage folder holds files direct-rlhf did not
+    write: that stage would otherwise train and then refuse to replace it."""
+    from .io import check_replaceable
+
+    for name in STAGE_FOLDERS:
+        check_replaceable(Path(os.path.abspath(run_dir(cfg) / name)))
 
 
 # settings that name one of our artifacts (keyed by the artifact's own key) or a data file (by its contents)
