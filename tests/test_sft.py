@@ -30,3 +30,20 @@ def test_sft_labels_mask_everything_but_the_final_response(tmp_path):
     # left truncation keeps the whole response
     ids2, labels2 = sft_example(tok, prompt, response, max_len=len(ids) - n_prompt + 2)
     assert labels2[-len(labels) + n_prompt:] == labels[n_prompt:] and len(ids2) == len(ids) - n_prompt + 2
+
+
+def test_sft_skip_invalid_records_what_it_dropped_in_run_info(tmp_path):
+    import json
+
+    world = tmp_path / "world"
+    assert main(["-q", "toyworld", "--out", str(world), *MICRO]) == 0
+    broken = json.dumps({"chosen": "\n\nHuman: a\n\nAssistant: x\n\nHuman: more?",  # ends in a Human turn
+                         "rejected": "\n\nHuman: a\n\nAssistant: y"})
+    rows = (world / "pairs_train.jsonl").read_text().splitlines()[:40] + [broken]
+    (tmp_path / "d.jsonl").write_text("\n".join(rows) + "\n")
+    args = ["-q", "sft", "--out", str(tmp_path / "run"), *MICRO, f"sft.data={tmp_path / 'd.jsonl'}", "sft.epochs=1",
+            "sft.batch_size=16", "pretrain.steps=5"]
+    assert main(args) == 2  # the broken record stops the run, with its file and line
+    assert main([*args, "sft.skip_invalid=true"]) == 0
+    load = json.loads((tmp_path / "run" / "sft" / "run_info.json").read_text())["data_load"]
+    assert (load["rows"], load["skipped_invalid"]) == (41, 1) and "d.jsonl:41: " in load["first_invalid"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from .artifacts import cache_key, file_digest, is_fresh, read_key, source_identity
@@ -73,8 +74,6 @@ def keyed_settings(cfg: Config, *sections: str) -> dict:
 
 
 def ensure_world(cfg: Config) -> Path:
-    from dataclasses import asdict
-
     from .artifacts import stamp
     from .data.toyworld.generate import GENERATOR_VERSION, write_world
 
@@ -222,7 +221,7 @@ def ensure_sft(cfg: Config, progress: bool = True) -> str:
 
     world = ensure_world(cfg) if cfg.sft.data is None else None
     source = cfg.sft.data or str(world / "pairs_train.jsonl")
-    pairs, _ = load_pairs(source, skip_invalid=cfg.sft.skip_invalid)
+    pairs, load = load_pairs(source, skip_invalid=cfg.sft.skip_invalid)
     base = ensure_base(cfg, progress)
     out = run_dir(cfg) / "sft"
     key = cache_key("sft", read_key(base) or base, read_key(world) if world else source_identity(source), cfg.seed,
@@ -231,7 +230,7 @@ def ensure_sft(cfg: Config, progress: bool = True) -> str:
         _log_cached("sft model", out)
         return str(out)
     log.info("sft model: fine-tuning %s on %d chosen responses into %s", base, len(pairs), out)
-    train_sft(cfg, base, pairs, out, run_dir(cfg) / "logs" / "sft", key, progress)
+    train_sft(cfg, base, pairs, out, run_dir(cfg) / "logs" / "sft", key, progress, load=asdict(load))
     return str(out)
 
 

@@ -43,7 +43,8 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int):
 
 
 def train_sft(cfg: Config, base: str, pairs: list[Pair], out: Path, log_dir: Path, key: str,
-              progress: bool = True) -> Path:
+              progress: bool = True, load: dict | None = None) -> Path:
+    """`load`: how the pairs were read (rows, records skipped as invalid, ...), for run_info.json."""
     sc = cfg.sft
     seed_everything(cfg.seed)
     tokenizer = load_tokenizer(base, cfg.model.trust_remote_code)
@@ -72,6 +73,6 @@ def train_sft(cfg: Config, base: str, pairs: list[Pair], out: Path, log_dir: Pat
         if step % sc.log_every == 0 or step == steps:
             logger.log(step, {"loss": loss.item(), "lr": sched.get_last_lr()[0]})
     logger.close()
-    info = {"stage": "sft", "key": key, "seed": cfg.seed, "init": base, "n_examples": len(examples),
+    info = {"stage": "sft", "key": key, "seed": cfg.seed, "init": base, "data_load": load, "n_examples": len(examples),
             "steps": steps, "config": cfg.section_dict("sft"), "wall_s": time.perf_counter() - start}
     return save_model_folder(out, merged_policy(model).eval(), tokenizer, info)
