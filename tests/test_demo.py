@@ -72,7 +72,8 @@ def test_second_run_reuses_every_stage_and_evaluates_again_only_when_evaluation_
 
 
 def test_chat_answers_a_scripted_two_turn_conversation(quick_run, capsys):
-    res = subprocess.run([sys.executable, "-m", "direct_rlhf", "chat", str(quick_run / "rlhf"), "--temperature", "0"],
+    res = subprocess.run([sys.executable, "-m", "direct_rlhf", "chat", str(quick_run / "rlhf"), "--temperature", "0",
+                          "--trust-remote-code"],  # a plain folder loads the same with it
                          input="What is the capital of France?\nAnd of Spain?\n", capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stderr

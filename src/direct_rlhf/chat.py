@@ -16,9 +16,9 @@ from .rollout.hf_generate import sample
 
 
 def chat(model_dir: str, max_new_tokens: int = 64, temperature: float = 0.7, top_p: float = 0.9,
-         seed: int = 0, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
-    tokenizer = load_tokenizer(model_dir)
-    model = load_causal_lm(model_dir)
+         seed: int = 0, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout, trust_remote_code: bool = False) -> int:
+    tokenizer = load_tokenizer(model_dir, trust_remote_code)
+    model = load_causal_lm(model_dir, trust_remote_code=trust_remote_code)
     interactive = stdin.isatty()
     history: list[Message] = []
     turns = 0

@@ -89,7 +89,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
         raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         raise UserError(f"--temperature must be 0 (greedy) or more, got {args.temperature}")
-    chat(args.model_dir, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    chat(args.model_dir, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+         trust_remote_code=args.trust_remote_code)
 
 
 def cmd_sft(args: argparse.Namespace) -> None:
@@ -195,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model_dir")
     s.add_argument("--max-new-tokens", type=int, default=64)
     s.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    s.add_argument("--trust-remote-code", action="store_true",
+                   help="run the model folder's own modelling code (as model.trust_remote_code does)")
     s.set_defaults(func=cmd_chat)
     return p
 
