@@ -158,8 +158,10 @@ def test_bf16_autocast_runs_every_model_in_bfloat16_and_keeps_float32_weights(mi
     (actor with its LoRA adapters, critic, reward model); weights and optimiser stay float32, and
     generation's log-probs still match a forward pass (to bfloat16 precision)."""
     trainer = _trainer(micro_run, tmp_path, ["ppo.bf16=true", "ppo.lora.enabled=true"])
-    seen: dict[str, set] = {"actor": set(), "critic": set(), "reward": set()}
-    for name, model in (("actor", trainer.actor), ("critic", trainer.critic), ("reward", trainer.reward.model)):
+    assert trainer.rollout_copy is not None  # a LoRA actor samples through its merged copy
+    seen: dict[str, set] = {"actor": set(), "critic": set(), "reward": set(), "rollout": set()}
+    for name, model in (("actor", trainer.actor), ("critic", trainer.critic), ("reward", trainer.reward.model),
+                        ("rollout", trainer.rollout_copy.model)):
         lin = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
         lin.register_forward_hook(lambda m, i, o, name=name: seen[name].add(o.dtype))
     prompts = trainer.next_prompts()
@@ -171,7 +173,8 @@ def test_bf16_autocast_runs_every_model_in_bfloat16_and_keeps_float32_weights(mi
         torch.testing.assert_close(lp, full[i, :len(lp)].cpu(), atol=0.05, rtol=0.02)
     seen["actor"].clear()
     stats = trainer.step()
-    assert seen == {"actor": {torch.bfloat16}, "critic": {torch.bfloat16}, "reward": {torch.bfloat16}}
+    assert seen == {"actor": {torch.bfloat16}, "critic": {torch.bfloat16}, "reward": {torch.bfloat16},
+                    "rollout": {torch.bfloat16}}  # the step's generation ran through the copy, autocast
     trainable = [p for m in (trainer.actor, trainer.critic) for p in m.parameters() if p.requires_grad]
     assert trainable and all(p.dtype == torch.float32 and p.grad is not None for p in trainable)
     assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
