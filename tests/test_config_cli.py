@@ -58,6 +58,11 @@ def test_an_out_folder_that_cannot_be_ours_is_refused_before_any_work(tmp_path):
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert "run/reward: a folder with files direct-rlhf did not write" in res.stderr
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["reward"]  # no world, no base was built
+    # a missing evaluation file: one line before the demo trains anything (it was a traceback after PPO)
+    res = _cli("-q", "demo", "--quick", "--out", "run2", "eval.redteam=nowhere.jsonl", cwd=tmp_path)
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+        "direct-rlhf: error: eval.redteam: file not found: nowhere.jsonl"], res.stderr
+    assert not (tmp_path / "run2").exists()
     # a world direct-rlhf wrote is replaced whole, as before
     assert _cli("toyworld", "--out", "w", "world.n_pairs=20", cwd=tmp_path).returncode == 0
     assert _cli("toyworld", "--out", "w", "world.n_pairs=20", cwd=tmp_path).returncode == 0

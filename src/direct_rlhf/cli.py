@@ -31,12 +31,13 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 def _load(args: argparse.Namespace, writes_run_folder: bool = True):
     from .config import load_config
 
+    from .pipeline import check_input_files, check_stage_folders
+
     cfg = load_config(args.config, args.overrides)
     if getattr(args, "out", None):
         cfg.out = str(args.out)
+    check_input_files(cfg)
     if writes_run_folder:
-        from .pipeline import check_stage_folders
-
         check_writable_dir(cfg.out)  # before any work, not when the first file is written
         check_stage_folders(cfg)
     if cfg.threads:

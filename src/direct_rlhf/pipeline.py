@@ -39,6 +39,17 @@ def run_dir(cfg: Config) -> Path:
 
 
 STAGE_FOLDERS = ("world", "base", "reward", "cost", "sft", "rlhf", "eval")  # each replaced whole when rebuilt
+INPUT_FILES = (("ppo", "prompts"), ("ppo", "ptx_data"), ("eval", "redteam"), ("eval", "conversation"),
+               ("eval", "badwords"))  # local files only (reward.data and sft.data may name a hub dataset)
+
+
+def check_input_files(cfg: Config) -> None:
+    """A missing input file is one line before any work, not a traceback when its stage comes (for
+    the evaluation's files, after every model has trained)."""
+    for section, name in INPUT_FILES:
+        value = getattr(getattr(cfg, section), name)
+        if value and not Path(value).expanduser().is_file():
+            raise UserError(f"{section}.{name}: file not found: {value}")
 
 
 def check_stage_folders(cfg: Config) -> None:
