@@ -7,6 +7,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -69,6 +70,11 @@ def test_second_run_reuses_every_stage_and_evaluates_again_only_when_evaluation_
     after = stamps()
     assert after["eval"] != before["eval"] and all(after[s] == before[s] for s in STAGES)
     assert json.loads((quick_run / "eval" / "results.json").read_text())["config"]["eval"]["tie_eps"] == 0.02
+    # `direct-rlhf eval` into the demo's evaluation folder replaces its results: its stamp goes with
+    # them, or the demo would reuse another evaluation's results under its own key
+    assert main(["-q", "eval", "--config", "quick", "--models", f"base={quick_run / 'base'}",
+                 "--out", str(quick_run / "eval"), "eval.general=none", "eval.tie_eps=0.02"]) == 0
+    assert not (quick_run / "eval" / "stage.json").exists()
 
 
 def test_chat_answers_a_scripted_two_turn_conversation(quick_run, capsys):
@@ -101,10 +107,11 @@ def test_seeds_train_each_seed_and_judge_it_by_the_other_seeds_reward_models(qui
     printed = capsys.readouterr().out
     assert "win-rate, other seeds' RMs" in printed and "±" in printed and "seed-1" in printed
 
-    # the run folder and its base copied elsewhere: every stage is found cached (keys follow what
-    # the base is, not the path it is read from)
+    # the run folder moved elsewhere and its base copied: every stage is found cached (keys follow
+    # what the base is, not the path it is read from), and the cross-judge reads the moved folder's
+    # reward models and prompts, not the paths its results recorded
     moved, base = tmp_path / "moved", tmp_path / "base-copy"
-    shutil.copytree(out, moved)
+    shutil.move(out, moved)
     shutil.copytree(quick_run / "base", base)
     stamps = sorted(moved.glob("seed-*/*/stage.json"))
     assert {p.parent.name for p in stamps} >= {"reward", "sft", "rlhf", "eval"}
@@ -112,3 +119,5 @@ def test_seeds_train_each_seed_and_judge_it_by_the_other_seeds_reward_models(qui
     assert main(["-q", "demo", "--quick", "--seeds", "2", "--out", str(moved), f"model.base={base}"]) == 0
     remade = [f"{p.parent.parent.name}/{p.parent.name}" for p, t in zip(stamps, before) if p.stat().st_mtime_ns != t]
     assert remade == []
+    judges = json.loads((moved / "summary.json").read_text())["cross_judge"]["judges"]
+    assert [Path(j).resolve() for j in judges] == [(moved / f"seed-{s}" / "reward").resolve() for s in (0, 1)]

@@ -12,6 +12,7 @@ measures how much was. Nothing is sampled again: the responses come from each se
 from __future__ import annotations
 
 import json
+import os
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,8 @@ def read_seed(eval_dir: Path) -> SeedResponses:
     judge = conv["judges"].get("reward_model")
     if judge is None:
         raise UserError(f"{eval_dir}/results.json: no reward-model judge to compare against")
-    prompts = prompt_texts(conv["prompts_file"])
+    made_in, now_in = results["config"]["out"], eval_dir.parent  # the run folder then and now
+    prompts = prompt_texts(relocated(conv["prompts_file"], made_in, now_in))
     k = conv["samples_per_prompt"]
     rows: dict[str, dict[tuple[int, int], str]] = {}
     with open(eval_dir / "responses.jsonl") as f:
@@ -51,8 +53,19 @@ def read_seed(eval_dir: Path) -> SeedResponses:
                 rows.setdefault(r["model"], {})[(r["prompt_index"], r["sample"])] = r["response"]
     keys = [(i, s) for i in range(len(prompts)) for s in range(k)]
     responses = {m: [got[key] for key in keys] for m, got in rows.items()}
-    return SeedResponses(judge=judge["path"], tie_eps=judge["tie_eps"], reference=conv["reference"],
-                         prompts=[prompts[i] for i, _ in keys], responses=responses)
+    return SeedResponses(judge=relocated(judge["path"], made_in, now_in), tie_eps=judge["tie_eps"],
+                         reference=conv["reference"], prompts=[prompts[i] for i, _ in keys], responses=responses)
+
+
+def relocated(path: str, made_in: str, now_in: Path) -> str:
+    """A path recorded while the run folder was at `made_in`, for the folder now at `now_in`: what
+    lay inside the run folder moved with it (a copied or moved run judges with its own files);
+    anything else stays as recorded."""
+    try:
+        inside = Path(os.path.abspath(path)).relative_to(os.path.abspath(made_in))
+    except ValueError:
+        return path
+    return str(now_in / inside)
 
 
 def cross_judge(eval_dirs: Sequence[Path], batch_size: int = 32, device: str = "cpu",

@@ -27,6 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..artifacts import STAMP
 from ..config import Config
 from ..errors import UserError
 from ..io import write_json, write_jsonl
@@ -271,6 +272,9 @@ def run_eval(cfg: Config, models: dict[str, str], out_dir: str | Path, progress:
 
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
+    # whatever evaluation stamped this folder before is being replaced: a demo must not reuse the
+    # new results under the old key (`direct-rlhf eval` writes to <out>/eval by default)
+    (out_dir / STAMP).unlink(missing_ok=True)
     ev = cfg.eval
     seed_everything(cfg.seed)
     inp = check_inputs(cfg, models)
@@ -334,8 +338,8 @@ def run_eval(cfg: Config, models: dict[str, str], out_dir: str | Path, progress:
         "timing_s": {"per_model": {n: r["timing_s"] for n, r in per_model.items()}, "judges": judge_s},
     }
     _write_responses(out_dir / "responses.jsonl", per_model, inp)
+    results["timing_s"]["total"] = time.perf_counter() - t_start  # before the report, which shows it
     write_report(results, out_dir)
-    results["timing_s"]["total"] = time.perf_counter() - t_start
     write_json(out_dir / "results.json", results)
     return results
 
