@@ -36,7 +36,8 @@ class EvalPrompt:
 
     @property
     def benign(self) -> bool:
-        """Benign prompts are where a refusal is an over-refusal; unknown kinds count as benign."""
+        """Benign prompts are where a refusal is an over-refusal: those with no kind, or a kind in
+        BENIGN_KINDS; any other kind (a custom one too) is left out of the over-refusal rate."""
         return self.kind is None or self.kind in BENIGN_KINDS
 
 
