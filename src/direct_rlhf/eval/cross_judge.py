@@ -58,14 +58,16 @@ def read_seed(eval_dir: Path) -> SeedResponses:
 
 
 def relocated(path: str, made_in: str, now_in: Path) -> str:
-    """A path recorded while the run folder was at `made_in`, for the folder now at `now_in`: what
-    lay inside the run folder moved with it (a copied or moved run judges with its own files);
-    anything else stays as recorded."""
+    """A path recorded while the run folder was at `made_in`, for a run folder that may since have
+    moved to `now_in`: a recorded path that is gone but lay inside the run folder is looked for at
+    the same place inside `now_in`; anything else stays as recorded."""
+    if Path(path).exists():
+        return path
     try:
         inside = Path(os.path.abspath(path)).relative_to(os.path.abspath(made_in))
     except ValueError:
         return path
-    return str(now_in / inside)
+    return str(now_in / inside) if (now_in / inside).exists() else path
 
 
 def cross_judge(eval_dirs: Sequence[Path], batch_size: int = 32, device: str = "cpu",
