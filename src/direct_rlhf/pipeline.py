@@ -255,8 +255,11 @@ def ensure_eval(cfg: Config, models: dict[str, str], progress: bool = True) -> P
     ev, out = cfg.eval, run_dir(cfg) / "eval"
     key = None
     if not ev.judge_url:
-        files = {name: file_digest(path) for name, path in
-                 (("redteam", ev.redteam), ("conversation", ev.conversation), ("badwords", ev.badwords)) if path}
+        from .eval.logit_lens import shipped_badwords
+
+        files = {name: file_digest(path) for name, path in  # the shipped bad-word list too: it may change
+                 (("redteam", ev.redteam), ("conversation", ev.conversation),
+                  ("badwords", ev.badwords or shipped_badwords())) if path}
         judge = default_reward_model(cfg)
         key = cache_key("eval", RESULTS_SCHEMA, {name: read_key(src) or src for name, src in models.items()},
                         read_key(run_dir(cfg) / "world"), files, judge and (read_key(judge) or judge), cfg.seed,
