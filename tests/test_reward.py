@@ -494,3 +494,16 @@ def test_length_grouped_batches_hold_every_pair_once_an_epoch_and_pad_less():
     plain = [list(range(301))[i:i + 8] for i in range(0, 301, 8)]
     assert padded(batches) < 0.8 * padded(plain)
     assert length_grouped_batches(lengths, 8, gen, group=4) != batches  # the next epoch, another order
+
+
+def test_a_checkpoint_of_other_inputs_is_cleared_not_resumed(tmp_path):
+    from direct_rlhf.train import checkpoint
+    from direct_rlhf.train.reward import _resume
+
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    checkpoint.save(tmp_path, 9, {"model": model}, {"opt": opt.state_dict(), "sched": sched.state_dict()},
+                    {"key": "another run", "epoch": 1, "step": 9, "rng": [checkpoint.rng_state()], "gen": []})
+    assert _resume(tmp_path, "this run", model, opt, sched, torch.Generator()) is None
+    assert list(tmp_path.glob("step-*")) == []  # it would have outlived this run's own, lower-step ones

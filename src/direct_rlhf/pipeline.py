@@ -64,7 +64,7 @@ def check_stage_folders(cfg: Config) -> None:
 # settings that name one of our artifacts (keyed by the artifact's own key) or a data file (by its contents)
 ARTIFACT_SETTINGS = (("model", "base"), ("reward", "init"), ("ppo", "reward_model"), ("ppo", "cost_model"),
                      ("eval", "reward_model"))
-DATA_SETTINGS = (("ppo", "prompts"), ("ppo", "ptx_data"), ("sft", "data"))
+DATA_SETTINGS = (("ppo", "prompts"), ("ppo", "ptx_data"), ("sft", "data"), ("reward", "data"), ("reward", "eval_data"))
 
 
 def keyed_settings(cfg: Config, *sections: str) -> dict:
@@ -141,7 +141,7 @@ def _ensure_preference_model(cfg: Config, stage: str, progress: bool) -> str:
     init = cfg.reward.init or ensure_base(cfg, progress)
     out = run_dir(cfg) / stage
     key = cache_key(stage, read_key(init) or init, data.key, read_key(run_dir(cfg) / "world") if needs_world else None,
-                    cfg.seed, cfg.section_dict("reward"), cfg.model.dtype)
+                    cfg.seed, keyed_settings(cfg, "reward"), cfg.model.dtype)
     if is_fresh(out, key):
         _log_cached(f"{stage} model", out)
         return str(out)
@@ -199,7 +199,8 @@ def ensure_policy(cfg: Config, progress: bool = True, resume: bool = False, init
     out, work = run_dir(cfg) / name, run_dir(cfg) / f"{name}-work"
     # where the prompts and the PPO-ptx text come from, when no ppo.* setting names them
     prompt_source = None if pc.prompts else (
-        [source_identity(cfg.reward.data), cfg.reward.split, cfg.reward.skip_invalid] if from_pairs else read_key(world))
+        [source_identity(cfg.reward.data), cfg.reward.split, cfg.reward.skip_invalid] if from_pairs
+        else read_key(world))
     ptx_source = [None if pc.ptx_data else read_key(world), cfg.pretrain.seq_len] if pc.ptx_coef > 0 else None
     inputs = (read_key(start) or start, read_key(reward) or reward, (read_key(cost) or cost) if cost else None,
               cfg.seed, prompt_source, ptx_source)

@@ -165,7 +165,10 @@ def length_grouped_batches(lengths: Sequence[int], batch_size: int, gen: torch.G
 def _resume(root: Path, key: str, model, opt, sched, gen: torch.Generator) -> tuple[int, int] | None:
     """Restore the newest end-of-epoch checkpoint made with the same inputs; (epoch, step) or None."""
     path = checkpoint.latest(root)
-    if path is None or checkpoint.trainer_state(path).get("key") != key:
+    if path is None:
+        return None
+    if checkpoint.trainer_state(path).get("key") != key:  # another run's (other inputs): start afresh,
+        checkpoint.clear(root)                            # or its later steps would shadow this run's
         return None
     states, ts, rngs = checkpoint.load(path, {"model": model})
     opt.load_state_dict(states["opt"])
@@ -237,7 +240,6 @@ def train_preference_model(cfg: Config, init: str, data: PreferenceData, out: Pa
                             {"key": key, "epoch": epoch + 1, "step": step, "rng": [checkpoint.rng_state()],
                              "gen": gen.get_state().tolist()})
     bar.close()
-    shutil.rmtree(ckpt_root, ignore_errors=True)
     train_s = time.perf_counter() - start
     model = plain_model(model).eval()
     # Statistics PPO normalises with: rewards of both chosen and rejected responses on (a seeded sample
@@ -256,7 +258,9 @@ def train_preference_model(cfg: Config, init: str, data: PreferenceData, out: Pa
     info = {"stage": stage, "key": key, "seed": cfg.seed, "init": init, "config": cfg.section_dict("reward"),
             "data": data.info, "steps": total, "train_s": train_s, "wall_s": time.perf_counter() - start,
             "n_params": sum(p.numel() for p in model.parameters())}
-    return save_model_folder(out, model, tokenizer, info, extra={STATS_FILE: reward_stats, "eval.json": eval_json})
+    saved = save_model_folder(out, model, tokenizer, info, extra={STATS_FILE: reward_stats, "eval.json": eval_json})
+    shutil.rmtree(ckpt_root, ignore_errors=True)  # only once the model is saved: a kill while scoring resumes
+    return saved
 
 
 # --------------------------------------------------------------------------------------------------
