@@ -47,3 +47,9 @@ def test_sft_skip_invalid_records_what_it_dropped_in_run_info(tmp_path):
     assert main([*args, "sft.skip_invalid=true"]) == 0
     load = json.loads((tmp_path / "run" / "sft" / "run_info.json").read_text())["data_load"]
     assert (load["rows"], load["skipped_invalid"]) == (41, 1) and "d.jsonl:41: " in load["first_invalid"]
+    # without sft.data, SFT trains on the reward model's preference data, not silently on the toy world's
+    args = ["-q", "sft", "--out", str(tmp_path / "run2"), *MICRO, f"reward.data={tmp_path / 'd.jsonl'}",
+            "reward.skip_invalid=true", "sft.epochs=1", "sft.batch_size=16", "pretrain.steps=5"]
+    assert main(args) == 0
+    load = json.loads((tmp_path / "run2" / "sft" / "run_info.json").read_text())["data_load"]
+    assert load["source"].endswith("d.jsonl") and load["skipped_invalid"] == 1

@@ -115,7 +115,8 @@ class RewardConfig:
 class SFTConfig:
     """The conventional pipeline's first stage, for comparison: fine-tune on chosen responses."""
 
-    data: str | None = None
+    data: str | None = None          # pairs whose chosen responses SFT trains on; null = reward.data's (its
+                                     # split and skip_invalid), else the toy world's
     skip_invalid: bool = False       # as reward.skip_invalid, for sft.data
     epochs: int = 1
     batch_size: int = 32

@@ -231,13 +231,17 @@ def ensure_sft(cfg: Config, progress: bool = True) -> str:
     from .data.preferences import load_pairs
     from .train.sft import train_sft
 
-    world = ensure_world(cfg) if cfg.sft.data is None else None
-    source = cfg.sft.data or str(world / "pairs_train.jsonl")
-    pairs, load = load_pairs(source, skip_invalid=cfg.sft.skip_invalid)
+    # the chosen responses of: sft.data, else the reward model's preference data, else the toy world's
+    own, from_reward = cfg.sft.data, cfg.sft.data is None and cfg.reward.data is not None
+    world = ensure_world(cfg) if own is None and not from_reward else None
+    source = own or cfg.reward.data or str(world / "pairs_train.jsonl")
+    pairs, load = load_pairs(source, split=cfg.reward.split if from_reward else "train",
+                             skip_invalid=cfg.sft.skip_invalid or (from_reward and cfg.reward.skip_invalid))
     base = ensure_base(cfg, progress)
     out = run_dir(cfg) / "sft"
     key = cache_key("sft", read_key(base) or base, read_key(world) if world else source_identity(source), cfg.seed,
-                    keyed_settings(cfg, "sft", "model"))
+                    keyed_settings(cfg, "sft", "model"),
+                    *([cfg.reward.split, cfg.reward.skip_invalid] if from_reward else []))
     if is_fresh(out, key):
         _log_cached("sft model", out)
         return str(out)
