@@ -91,6 +91,8 @@ def test_chat_answers_a_scripted_two_turn_conversation(quick_run, capsys):
     # a mistyped folder: one plain line, not a hub-id validation error
     assert main(["chat", str(quick_run / "rlfh")]) == 2
     assert capsys.readouterr().err.strip() == f"direct-rlhf: error: {quick_run / 'rlfh'}: model folder not found"
+    assert main(["chat", "gpt2"]) == 2  # a hub id without its organisation reads as a local folder: say how to write it
+    assert "a hub id is written organisation/name" in capsys.readouterr().err
 
 
 def test_seeds_train_each_seed_and_judge_it_by_the_other_seeds_reward_models(quick_run, tmp_path, capsys):

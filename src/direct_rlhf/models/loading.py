@@ -69,7 +69,8 @@ def _check_local(name_or_path: str | Path) -> None:
     text = str(name_or_path)
     looks_local = text.startswith((".", "/", "~")) or Path(text).exists() or text.count("/") != 1
     if looks_local and not Path(text).expanduser().is_dir():
-        raise UserError(f"{text}: model folder not found")
+        hint = "" if "/" in text else " (a hub id is written organisation/name, e.g. openai-community/gpt2)"
+        raise UserError(f"{text}: model folder not found{hint}")
 
 
 def _first_line(err: Exception) -> str:
