@@ -7,8 +7,10 @@ exists only in complete folders; a killed stage simply runs again next time.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,15 @@ def cache_key(*parts: Any) -> str:
 
 
 def file_digest(path: str | Path) -> str:
-    """Content hash of a file, for keys that should follow data rather than how it was made."""
+    """Content hash of a file, for keys that should follow data rather than how it was made. Read
+    once per process while the file is unchanged on disk: a run's stages key the same data file
+    several times (reward, SFT, PPO's prompts), and a preference set can be hundreds of MB."""
+    st = os.stat(path)
+    return _digest(os.path.realpath(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _digest(path: str, size: int, mtime_ns: int) -> str:  # size and mtime: an edited file is read again
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
