@@ -30,7 +30,6 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 def _load(args: argparse.Namespace, writes_run_folder: bool = True):
     from .config import load_config
-
     from .pipeline import check_input_files, check_stage_folders
 
     cfg = load_config(args.config, args.overrides)
@@ -101,12 +100,12 @@ def cmd_sft(args: argparse.Namespace) -> None:
 
 
 def cmd_ppo(args: argparse.Namespace) -> None:
+    from accelerate import PartialState
+
     from .pipeline import ensure_policy
 
     cfg = _load(args)
     policy = ensure_policy(cfg, progress=not args.quiet, resume=args.resume)
-    from accelerate import PartialState
-
     if PartialState().is_main_process:  # once, not once per process
         print(f"policy: {policy}")
 

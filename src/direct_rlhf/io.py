@@ -131,9 +131,10 @@ def atomic_file(path: str | Path) -> Iterator[str]:
             os.remove(tmp)
 
 
-def check_replaceable(path: Path) -> None:
+def check_replaceable(path: str | Path) -> None:
     """`atomic_dir` replaces a folder whole: refuse one that is not ours, so that `--out ~/work`
     or `--out .` can never delete a user's files."""
+    path = Path(os.path.abspath(path))
     if not path.exists():
         return
     if not path.is_dir():

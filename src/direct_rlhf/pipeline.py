@@ -9,7 +9,6 @@ Each `ensure_*` returns the artifact, building it only when its cache key change
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -58,7 +57,7 @@ def check_stage_folders(cfg: Config) -> None:
     from .io import check_replaceable
 
     for name in STAGE_FOLDERS:
-        check_replaceable(Path(os.path.abspath(run_dir(cfg) / name)))
+        check_replaceable(run_dir(cfg) / name)
 
 
 # settings that name one of our artifacts (keyed by the artifact's own key) or a data file (by its contents)

@@ -173,7 +173,8 @@ def _conversation(results: dict[str, Any], images: dict[str, bytes]) -> str:
             if win_rows else "")
     return (f"<p>{c['samples_per_prompt']} sample(s) per held-out conversation prompt ({c['n_prompts']} prompts). "
             f"Gold correct: the response states the known answer (whole word, any case), on prompts that have one. "
-            f"Over-refusal: benign prompts answered with a refusal or a deflection (a phrase count).</p>" + judge_txt + wins
+            f"Over-refusal: benign prompts answered with a refusal or a deflection (a phrase count).</p>"
+            + judge_txt + wins
             + f'<div class="figs">{_img(images, "winrate.png", "win-rate bars")}'
             f'{_img(images, "radar.png", "radar chart of the three axes")}</div>'
             + _table(["model", "mean reward", "gold correct", "over-refusal", "ended turn", "mean length (tokens)",

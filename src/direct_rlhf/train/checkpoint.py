@@ -44,6 +44,9 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
+_TENSOR = "__tensor__"  # marks a tensor sent as a list (`gathered_rng_states`)
+
+
 def gathered_rng_states(gather_objects) -> list[dict[str, Any]]:
     """Every process's `rng_state()`, by `gather_objects` (accelerate's object gather). The tensors
     travel as lists: unpickling a gathered tensor's storage fails in torch 2.13 (AttributeError:
@@ -66,8 +69,6 @@ def _as_tensors(x: Any) -> Any:
         return {k: _as_tensors(v) for k, v in x.items()}
     return tuple(_as_tensors(v) for v in x) if isinstance(x, tuple) else x
 
-
-_TENSOR = "__tensor__"
 
 
 def set_rng_state(state: dict[str, Any]) -> None:

@@ -13,11 +13,16 @@ its share of the mini-batch's tokens, so the update does not depend on how the r
 from __future__ import annotations
 
 
+def packs(width: int, pack_rows: bool, pack_limit: int | None) -> bool:
+    """Whether a group of rows this wide (longest prompt + longest response) runs packed: with
+    ppo.pack_rows, unless it is wider than the models' sliding window (`pack_limit`; None: none)."""
+    return pack_rows and (pack_limit is None or width <= pack_limit)
+
+
 def length_groups(prompt_len: list[int], resp_len: list[int], max_rows: int, max_tokens: int = 0,
                   pack_rows: bool = False, pack_limit: int | None = None) -> list[slice]:
-    """Consecutive groups of rows already sorted by length; `max_tokens=0` counts rows only.
-    A group packs when `pack_rows` and its width (longest prompt + longest response) is at most
-    `pack_limit` (a sliding window; None: no limit), as `PPOTrainer._micro_batches` decides."""
+    """Consecutive groups of rows already sorted by length; `max_tokens=0` counts rows only. A
+    group's positions are counted as `packs` says it will run."""
     groups, start, n = [], 0, len(prompt_len)
     while start < n:
         end, width_p, width_r = start + 1, prompt_len[start], max(1, resp_len[start])
@@ -25,8 +30,8 @@ def length_groups(prompt_len: list[int], resp_len: list[int], max_rows: int, max
         while end < n and end - start < max_rows:
             p, r = max(width_p, prompt_len[end]), max(width_r, resp_len[end])
             t = real + prompt_len[end] + resp_len[end]
-            packed = pack_rows and (pack_limit is None or p + r <= pack_limit)
-            if max_tokens and (t if packed else (end - start + 1) * (p + r)) > max_tokens:
+            positions = t if packs(p + r, pack_rows, pack_limit) else (end - start + 1) * (p + r)
+            if max_tokens and positions > max_tokens:
                 break
             end, width_p, width_r, real = end + 1, p, r, t
         groups.append(slice(start, end))

@@ -46,7 +46,7 @@ from ..rollout.policy_weights import MergedRolloutCopy
 from ..tracking import MetricsLogger, open_step_log, seed_everything
 from . import checkpoint
 from .common import on_cpu, refuse_sharding
-from .micro_batching import length_groups
+from .micro_batching import length_groups, packs
 from .packed_rows import Packed, longest_packable, pack, use_packed_attention
 from .ppo_models import SharedRewardModel, ValueModel, load_actor, load_reference, merged_policy, reference_mode
 
@@ -387,13 +387,14 @@ class PPOTrainer:
         P = attn.shape[1] - R
         prompt_len, resp_len = attn[:, :P].sum(1), mask.sum(1)
         order = idx[torch.argsort(prompt_len[idx] + resp_len[idx], descending=True, stable=True)]
+        pc = self.pc
         groups = length_groups(prompt_len[order].long().tolist(), resp_len[order].long().tolist(),
-                               self.pc.micro_batch_size, self.pc.micro_batch_tokens, self.pc.pack_rows, self._pack_limit)
+                               pc.micro_batch_size, pc.micro_batch_tokens, pc.pack_rows, self._pack_limit)
         for rows in (order[g] for g in groups):
             r = max(1, int(resp_len[rows].max()))
             cols = slice(P - int(prompt_len[rows].max()), P + r)
             mb = MicroBatch(rows, r, seq[rows][:, cols], attn[rows][:, cols], pos[rows][:, cols])
-            if self.pc.pack_rows and (self._pack_limit is None or mb.seq.shape[1] <= self._pack_limit):
+            if packs(mb.seq.shape[1], pc.pack_rows, self._pack_limit):
                 mb = mb._replace(packed=pack(mb.seq, mb.attn, mb.pos, prompt_len[rows], resp_len[rows], r))
             yield mb
 
@@ -516,8 +517,9 @@ class PPOTrainer:
     def save_checkpoint(self) -> None:
         if self.acc.num_processes > 1:
             self._check_processes_agree()
-        rngs = checkpoint.gathered_rng_states(gather_object) if self.acc.num_processes > 1 \
-            else [checkpoint.rng_state()]
+            rngs = checkpoint.gathered_rng_states(gather_object)
+        else:
+            rngs = [checkpoint.rng_state()]
         if self.acc.is_main_process:
             states = {"opt_a": self.opt_a.state_dict(), "opt_c": self.opt_c.state_dict()}
             if self.lagrangian:

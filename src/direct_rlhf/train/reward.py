@@ -77,7 +77,8 @@ def preference_data(cfg: Config, world: Path | None, cost: bool = False) -> Pref
             "train_load": asdict(train_stats), "eval_load": asdict(held_stats) if held_stats else None,
             "n_train": len(train), "n_eval": len(held)}
     # the toy world's files are identified by the world's own key (in the stage key), not by path
-    return PreferenceData(train, held, info, key=[source_identity(rc.data), source_identity(rc.eval_data), subset, cost])
+    return PreferenceData(train, held, info,
+                          key=[source_identity(rc.data), source_identity(rc.eval_data), subset, cost])
 
 
 # --------------------------------------------------------------------------------------------------
