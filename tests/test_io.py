@@ -39,3 +39,22 @@ def test_jsonl_lines_are_named_by_number_blank_lines_skipped(tmp_path):
     path.write_text(json.dumps({"a": 1}) + "\n\n" + json.dumps({"b": 2}) + "\n")
     with pytest.raises(UserError, match=r"d\.jsonl:3: missing field 'a'"):
         read_jsonl(path, required=("a",))
+
+
+def test_a_byte_order_mark_is_read_as_nothing_wherever_jsonl_is_read(tmp_path):
+    """Windows editors start UTF-8 files with a BOM: the first record must still parse, in every
+    reader (preference pairs, prompt files, PPO-ptx text and evaluation prompts all use read_jsonl)."""
+    from direct_rlhf.data.preferences import load_pairs
+    from direct_rlhf.data.prompt_files import load_prompts
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"chosen": "\n\nHuman: a\n\nAssistant: yes",
+                                 "rejected": "\n\nHuman: a\n\nAssistant: no"}) + "\n", encoding="utf-8-sig")
+    assert pairs.read_bytes().startswith(b"\xef\xbb\xbf")
+    assert load_pairs(pairs)[0][0].chosen == " yes"
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "hi", "kind": "fact"}) + "\n", encoding="utf-8-sig")
+    assert load_prompts(prompts)[0].kind == "fact"
+    text = tmp_path / "ptx.jsonl"
+    text.write_text(json.dumps({"text": "a"}) + "\n" + json.dumps({"text": "\ufeffb"}) + "\n", encoding="utf-8-sig")
+    assert [r["text"] for r in read_jsonl(text, required=("text",))] == ["a", "\ufeffb"]  # only the file's first

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import json
 import os
@@ -21,10 +22,13 @@ from .errors import UserError
 
 def text_lines(path: str | Path) -> Iterator[tuple[int, str]]:
     """(line number, line) of a UTF-8 text file, streamed (a preference file can be hundreds of MB);
-    bytes that are not UTF-8 are reported by line and offset in the file."""
+    bytes that are not UTF-8 are reported by line and offset in the file. A byte-order mark at the
+    start of the file (Windows editors write one) is not part of the first line."""
     path, offset = Path(path), 0
     with path.open("rb") as fh:
         for lineno, raw in enumerate(fh, 1):
+            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw, offset = raw[len(codecs.BOM_UTF8):], len(codecs.BOM_UTF8)
             try:
                 yield lineno, raw.decode("utf-8")
             except UnicodeDecodeError as err:
