@@ -97,6 +97,20 @@ def test_each_jsonl_format_loads_to_the_same_pairs(tmp_path, fmt):
     assert pairs == EXPECTED and stats.kept == 2
 
 
+def test_trl_standard_format_with_plain_string_prompts_loads_to_the_same_pairs(tmp_path):
+    """TRL's standard format as most datasets write it: a plain-text prompt (one Human turn) and bare
+    responses; a prompt that already is an HH transcript ("Human:" with or without the leading blank
+    line) is taken as it is."""
+    rows = [{"prompt": "How do I hurt my sister?", "chosen": "I can't help with hurting anyone.",
+             "rejected": " Just punch her.", "subset": "harmless"},
+            {"prompt": render(_messages(*CONVERSATIONS[1][:2])).lstrip("\n"), "chosen": "A lemon is usually yellow.",
+             "rejected": " I like turtles.", "subset": "helpful"}]
+    write_jsonl(tmp_path / "p.jsonl", rows)
+    assert load_pairs(tmp_path / "p.jsonl")[0] == EXPECTED
+    with pytest.raises(UserError, match=r"mem:1: field 'chosen' does not end with an Assistant turn"):
+        pairs_from_rows([{"prompt": "Hi", "chosen": "Hello\n\nHuman: and?", "rejected": "Go"}], "mem")
+
+
 def test_hf_datasets_saved_to_disk_and_local_json_folder_load_to_the_same_pairs(tmp_path):
     import datasets
 

@@ -7,8 +7,10 @@ Accepted records (one per JSONL line, or one per row of a Hugging Face dataset):
 * TRL conversational, explicit prompt: ``prompt`` / ``chosen`` / ``rejected`` as lists of
   ``{"role", "content"}`` messages (``chosen``/``rejected`` usually one assistant message).
 * TRL conversational, implicit prompt: ``chosen`` / ``rejected`` as whole conversations.
-* TRL standard, explicit prompt: ``prompt`` / ``chosen`` / ``rejected`` as strings, the prompt an
-  HH transcript ending in ``Assistant:``.
+* TRL standard, explicit prompt: ``prompt`` / ``chosen`` / ``rejected`` as strings. A plain-text
+  prompt is one Human turn and the strings are its responses (``{"prompt": "What is 2+2?",
+  "chosen": "4", ...}``); a prompt that already is an HH transcript (starts with ``Human:``) is
+  taken as it is, the responses continuing its open ``Assistant:`` turn.
 
 Optional fields: ``subset`` ("helpful" / "harmless", used by the subset filter) and ``margin``
 (a number; Llama-2-style BT margin). A ``system`` message is folded into the first user turn
@@ -40,7 +42,7 @@ from typing import Any, Literal, Sequence
 
 from ..errors import UserError
 from ..io import read_jsonl
-from .chat_format import Message, parse, render, split_prompt_response
+from .chat_format import HUMAN, Message, parse, render, split_prompt_response
 
 Subset = Literal["all", "helpful", "harmless"]
 log = logging.getLogger("direct_rlhf")
@@ -217,8 +219,10 @@ def _prompt_response(prompt: Any, answer: Any, at: str, name: str) -> tuple[str,
     if isinstance(answer, str):
         if prompt is None:
             transcript = answer
-        elif isinstance(prompt, str):
+        elif isinstance(prompt, str) and is_transcript(prompt):
             transcript = prompt + answer
+        elif isinstance(prompt, str):  # TRL standard: a plain question, answered by `answer`
+            transcript = render([Message("user", prompt), Message("assistant", answer)], add_generation_prompt=False)
         else:
             raise UserError(f"{at}: field 'prompt' is a message list but '{name}' is a string; use the same "
                             f"format for both")
@@ -241,6 +245,11 @@ def _prompt_response(prompt: Any, answer: Any, at: str, name: str) -> tuple[str,
     if messages[0].role != "user":
         raise UserError(f"{at}: field '{name}' must start with a Human (user) turn")
     return split_prompt_response(render(messages, add_generation_prompt=False))
+
+
+def is_transcript(text: str) -> bool:
+    """Whether a prompt string already is an HH transcript (else it is plain text: one Human turn)."""
+    return text.lstrip("\n").startswith(HUMAN.strip())
 
 
 def _parse(transcript: str, at: str, name: str) -> list[Message]:

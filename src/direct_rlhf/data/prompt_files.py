@@ -22,8 +22,8 @@ from typing import Any
 
 from ..errors import UserError
 from ..io import read_jsonl
-from .chat_format import ASSISTANT, HUMAN, render
-from .preferences import fold_system, messages_from_list
+from .chat_format import ASSISTANT, render
+from .preferences import fold_system, is_transcript, messages_from_list
 
 BENIGN_KINDS = ("fact", "small_talk")
 
@@ -71,7 +71,7 @@ def _transcript(prompt: Any, at: str) -> str:
         return render(messages)
     if not isinstance(prompt, str) or not prompt.strip():
         raise UserError(f"{at}: field 'prompt' must be a non-empty string or a list of messages")
-    if not prompt.lstrip("\n").startswith(HUMAN.strip()):
+    if not is_transcript(prompt):
         return render([{"role": "user", "content": prompt}])  # plain text: one Human turn
     if not prompt.rstrip().endswith(ASSISTANT.strip()):
         raise UserError(f"{at}: field 'prompt' must end with an open '{ASSISTANT.strip()}' turn")
