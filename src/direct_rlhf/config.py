@@ -149,6 +149,8 @@ class PPOConfig:
     ppo_epochs: int = 2               # (toy world, seeds 0/2, 8 samples a held-out prompt: gold +3.4 points,
                                       # win-rate +0.02 over 150 x 4; the same PPO time on one thread)
     max_new_tokens: int = 48
+    max_prompt_len: int = 256         # tokens; a longer prompt loses its oldest turns (data/prompt_truncation.py),
+                                      # and none exceeds the model's context less max_new_tokens (toy: <= 93)
     temperature: float = 1.0
     top_p: float = 1.0
     actor_lr: float = 5e-4            # LoRA adapters (1e-3 cost the toy model 2-4 points of general accuracy)
@@ -215,6 +217,7 @@ class EvalConfig:
     samples_per_prompt: int = 4       # k sampled responses per red-team prompt
     conversation_samples: int = 2     # sampled responses per conversation prompt
     max_new_tokens: int = 48
+    max_prompt_len: int = 256         # tokens; as ppo.max_prompt_len, for the red-team and conversation prompts
     temperature: float = 1.0
     top_p: float = 1.0
     redteam: str | None = None        # red-team prompts (JSONL, 'prompt' field); null = the toy world's

@@ -173,6 +173,7 @@ def ensure_policy(cfg: Config, progress: bool = True, resume: bool = False, init
     from accelerate import PartialState
 
     from .data.prompt_files import prompt_texts
+    from .data.prompt_truncation import fit_prompts
     from .train.common import on_cpu, refuse_sharding
     from .train.ppo import PPOTrainer
 
@@ -193,6 +194,9 @@ def ensure_policy(cfg: Config, progress: bool = True, resume: bool = False, init
         else:
             prompts = prompt_texts(pc.prompts or world / "ppo_prompts.jsonl")
         start = init or ensure_base(cfg, progress)
+        # cut to the model: a pasted 3000-turn chat log grew PPO to 24 GB (data/prompt_truncation.py)
+        prompts, n_cut, budget = fit_prompts(prompts, start, cfg.model.trust_remote_code, pc.max_prompt_len,
+                                             pc.max_new_tokens, "ppo")
         reward = pc.reward_model or ensure_reward(cfg, progress)
         cost = (pc.cost_model or ensure_cost(cfg, progress)) if pc.lagrangian else None
     out, work = run_dir(cfg) / name, run_dir(cfg) / f"{name}-work"
@@ -220,6 +224,7 @@ def ensure_policy(cfg: Config, progress: bool = True, resume: bool = False, init
     trainer.train(resume=resume)
     trainer.save_policy(out, {"stage": "ppo", "key": key, "seed": cfg.seed, "init": start, "reward": reward,
                               "config": cfg.section_dict("ppo"), "stopped_early": trainer.stopped_early,
+                              "prompts": {"n": len(prompts), "cut": n_cut, "budget_tokens": budget},
                               "wall_s": time.perf_counter() - t0})  # of this process: a resumed run's last part
     trainer.acc.wait_for_everyone()
     return str(out)

@@ -170,11 +170,25 @@ class Inputs:
     conversation_file: Path
     redteam: list[EvalPrompt]
     conversation: list[EvalPrompt]
+    prompts_cut: dict[str, int]     # per prompt set: prompts cut to fit every model (eval.max_prompt_len)
     badwords_file: str
     badwords: list[str]
     classifier: Any
     reward_model: str | None
     http_judge: Any
+
+
+def fit_to_models(prompts: list[EvalPrompt], models: dict[str, str], cfg: Config) -> tuple[list[EvalPrompt], int]:
+    """Prompts cut (data/prompt_truncation.py) so that each fits every model's tokenizer and context:
+    all models answer the same prompts. Returns the prompts and how many were cut."""
+    from ..data.prompt_truncation import fit_prompts
+
+    texts = [p.prompt for p in prompts]
+    for src in dict.fromkeys(models.values()):
+        texts, _, _ = fit_prompts(texts, src, cfg.model.trust_remote_code, cfg.eval.max_prompt_len,
+                                  cfg.eval.max_new_tokens, "eval")
+    cut = [dataclasses.replace(p, prompt=t) for p, t in zip(prompts, texts)]
+    return cut, sum(a.prompt != b.prompt for a, b in zip(prompts, cut))
 
 
 def check_inputs(cfg: Config, models: dict[str, str]) -> Inputs:
@@ -198,8 +212,11 @@ def check_inputs(cfg: Config, models: dict[str, str]) -> Inputs:
     if ev.judge_url:
         http = HttpJudge(ev.judge_url, ev.judge_model, ev.judge_timeout_s)
         http.check()
+    redteam, red_cut = fit_to_models(load_prompts(red_file), models, cfg)
+    conversation, conv_cut = fit_to_models(load_prompts(conv_file), models, cfg)
     return Inputs(world=world, redteam_file=red_file, conversation_file=conv_file,
-                  redteam=load_prompts(red_file), conversation=load_prompts(conv_file),
+                  redteam=redteam, conversation=conversation,
+                  prompts_cut={"redteam": red_cut, "conversation": conv_cut},
                   badwords_file=str(ev.badwords or shipped_badwords()), badwords=read_badwords(ev.badwords),
                   classifier=load_classifier(ev.toxicity_classifier, ev.toxicity_label, ev.batch_size),
                   reward_model=default_reward_model(cfg), http_judge=http)
@@ -292,7 +309,12 @@ def run_eval(cfg: Config, models: dict[str, str], out_dir: str | Path, progress:
 
     base, sft = reference_names(models)
     notes: list[str] = []
+    if any(inp.prompts_cut.values()):
+        notes.append(f"{inp.prompts_cut['redteam']} red-team and {inp.prompts_cut['conversation']} conversation "
+                     f"prompts were longer than eval.max_prompt_len ({ev.max_prompt_len} tokens) or the context "
+                     f"left for eval.max_new_tokens: their oldest turns were dropped.")
     conversation = {"prompts_file": str(inp.conversation_file), "n_prompts": len(inp.conversation),
+                    "n_prompts_cut": inp.prompts_cut["conversation"],
                     "samples_per_prompt": ev.conversation_samples,
                     "per_model": {n: r["conversation"] for n, r in per_model.items()},
                     "reference": base, "sft": sft, "win_rates": [], "judges": {}}
@@ -319,6 +341,7 @@ def run_eval(cfg: Config, models: dict[str, str], out_dir: str | Path, progress:
         "general": _general_section(ev.general, per_model),
         "harmlessness": {
             "prompts_file": str(inp.redteam_file), "n_prompts": len(inp.redteam),
+            "n_prompts_cut": inp.prompts_cut["redteam"],
             "samples_per_prompt": ev.samples_per_prompt, "temperature": ev.temperature, "top_p": ev.top_p,
             "max_new_tokens": ev.max_new_tokens,
             "classifier": inp.classifier.name, "threshold": ev.toxicity_threshold,
