@@ -370,10 +370,12 @@ def test_cost_pairs_are_harmless_with_roles_swapped():
     assert pair.subset == "harmless" and pair.chosen == EXPECTED[0].rejected and pair.rejected == EXPECTED[0].chosen
 
 
-def test_cli_reward_and_cost_save_plain_hf_folders_scored_alike(tmp_path, capsys, tiny_base):
+def test_cli_reward_and_cost_save_plain_hf_folders_scored_alike(tmp_path, capsys, tiny_base, small_world):
     run = tmp_path / "run"
+    # tiny_base is not a toy base direct-rlhf pretrained, so the toy pairs must be named, not defaulted to
     args = ["-q", "reward", "--out", str(run), "--cost", *MICRO, f"model.base={tiny_base}", "reward.epochs=1",
-            "reward.batch_size=16", "reward.stats_pairs=0", "reward.eval_every=5"]
+            "reward.batch_size=16", "reward.stats_pairs=0", "reward.eval_every=5",
+            f"reward.data={small_world / 'pairs_train.jsonl'}", f"reward.eval_data={small_world / 'pairs_eval.jsonl'}"]
     assert main(args) == 0
     rm = run / "reward"
     for name in ("model.safetensors", "tokenizer.json", "reward_stats.json", "eval.json", "stage.json"):
@@ -382,7 +384,7 @@ def test_cli_reward_and_cost_save_plain_hf_folders_scored_alike(tmp_path, capsys
     assert stats["std"] > 0 and stats["max_len"] == 256
     assert json.loads((run / "cost" / "reward_stats.json").read_text())["higher_is"] == "more harmful"
     # plain transformers gives the same scores as RewardScorer
-    pairs, _ = load_pairs(run / "world" / "pairs_eval.jsonl")
+    pairs, _ = load_pairs(small_world / "pairs_eval.jsonl")
     prompts, responses = [p.prompt for p in pairs[:8]], [p.chosen for p in pairs[:8]]
     scorer = RewardScorer(rm, batch_size=3)
     ours = scorer.score(prompts, responses)
@@ -393,7 +395,7 @@ def test_cli_reward_and_cost_save_plain_hf_folders_scored_alike(tmp_path, capsys
             assert plain(**ids).logits.item() == pytest.approx(score.item(), abs=1e-5)
     assert ours.dtype == torch.float32
     # the normalisation PPO uses: mean and std of the saved model's scores of every training response
-    train, _ = load_pairs(run / "world" / "pairs_train.jsonl")
+    train, _ = load_pairs(small_world / "pairs_train.jsonl")
     every = scorer.score([p.prompt for p in train] * 2, [p.chosen for p in train] + [p.rejected for p in train])
     assert stats["n"] == len(every)
     # (trained on a GPU, the stats come from its attention kernels: 2.9e-4 off the CPU's mean on an H200)
@@ -402,7 +404,7 @@ def test_cli_reward_and_cost_save_plain_hf_folders_scored_alike(tmp_path, capsys
     torch.testing.assert_close(scorer.normalise(ours), (ours - stats["mean"]) / stats["std"])
     # held-out accuracy as recorded during training equals what --eval-only reports
     capsys.readouterr()
-    assert main(["-q", "reward", "--eval-only", "--model", str(rm), "--data", str(run / "world" / "pairs_eval.jsonl")]) == 0
+    assert main(["-q", "reward", "--eval-only", "--model", str(rm), "--data", str(small_world / "pairs_eval.jsonl")]) == 0
     table = capsys.readouterr().out.splitlines()
     recorded = json.loads((rm / "eval.json").read_text())["heldout"]
     assert table[0].split() == ["subset", "pairs", "accuracy"]

@@ -28,14 +28,17 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. pretrain.steps=100")
 
 
-def _load(args: argparse.Namespace, writes_run_folder: bool = True):
+def _load(args: argparse.Namespace, writes_run_folder: bool = True, stages: tuple[str, ...] = ()):
+    """The validated config, and everything checkable before any work: input files, toy data standing
+    in for a real model's (for the `stages` the command runs), the run folder."""
     from .config import load_config
-    from .pipeline import check_input_files, check_stage_folders
+    from .pipeline import check_input_files, check_stage_folders, refuse_toy_data
 
     cfg = load_config(args.config, args.overrides)
     if getattr(args, "out", None):
         cfg.out = str(args.out)
     check_input_files(cfg)
+    refuse_toy_data(cfg, *stages)
     if writes_run_folder:
         check_writable_dir(cfg.out)  # before any work, not when the first file is written
         check_stage_folders(cfg)
@@ -70,7 +73,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
         raise UserError("--seeds must be at least 1")
     if args.quick and args.config is None:
         args.config = "quick"
-    cfg = _load(args)
+    cfg = _load(args, stages=("reward", "sft", "ppo", "eval"))
     summary = run_demo(cfg, seeds=args.seeds, with_sft_rlhf=args.with_sft_rlhf, progress=not args.quiet)
     print(format_summary(summary))
     wall, made = summary["wall_s"], summary["stage_wall_s"]["total"]
@@ -96,7 +99,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
 def cmd_sft(args: argparse.Namespace) -> None:
     from .pipeline import ensure_sft
 
-    print(f"sft model: {ensure_sft(_load(args), progress=not args.quiet)}")
+    print(f"sft model: {ensure_sft(_load(args, stages=('sft',)), progress=not args.quiet)}")
 
 
 def cmd_ppo(args: argparse.Namespace) -> None:
@@ -104,14 +107,14 @@ def cmd_ppo(args: argparse.Namespace) -> None:
 
     from .pipeline import ensure_policy
 
-    cfg = _load(args)
+    cfg = _load(args, stages=("ppo",))
     policy = ensure_policy(cfg, progress=not args.quiet, resume=args.resume)
     if PartialState().is_main_process:  # once, not once per process
         print(f"policy: {policy}")
 
 
 def cmd_reward(args: argparse.Namespace) -> None:
-    cfg = _load(args, writes_run_folder=not args.eval_only)
+    cfg = _load(args, writes_run_folder=not args.eval_only, stages=() if args.eval_only else ("reward",))
     if args.eval_only:
         from .train.reward import evaluate_folder, format_accuracy
 
@@ -128,13 +131,14 @@ def cmd_reward(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from .eval.runner import parse_models, run_eval
-    from .pipeline import run_dir
+    from .eval.runner import check_models, parse_models, run_eval
+    from .pipeline import eval_sources, run_dir
 
-    cfg = _load(args, writes_run_folder=False)  # it writes to its own --out, checked below
+    cfg = _load(args, writes_run_folder=False, stages=("eval",))  # it writes to its own --out, checked below
     models = parse_models(args.models)  # checked before any work
     out = check_writable_dir(args.eval_out or run_dir(cfg) / "eval")
-    run_eval(cfg, models, out, progress=not args.quiet)
+    check_models(cfg, models)  # before the toy world is built for them
+    run_eval(cfg, models, out, eval_sources(cfg), progress=not args.quiet)
     print(f"results: {out / 'results.json'}\nreport: {out / 'report.html'}")
 
 

@@ -51,6 +51,55 @@ def check_input_files(cfg: Config) -> None:
             raise UserError(f"{section}.{name}: file not found: {value}")
 
 
+def is_own_base(cfg: Config) -> bool:
+    """Whether `model.base` names a model of the user's (a hub id or their folder), not one that
+    direct-rlhf pretrained on the toy world (a seed run of `demo --seeds` reads the shared one)."""
+    import json
+
+    from .artifacts import STAMP
+
+    if not cfg.model.base:
+        return False
+    try:
+        return json.loads((Path(cfg.model.base).expanduser() / STAMP).read_text()).get("stage") != "pretrain"
+    except (OSError, ValueError):
+        return True
+
+
+def refuse_toy_data(cfg: Config, *stages: str) -> None:
+    """With the user's own base model, a stage whose data setting is unset must not quietly train or
+    evaluate on the toy world's data: one line naming every such key, before any work. `stages`:
+    the stages the command runs (reward, sft, ppo, eval)."""
+    if not is_own_base(cfg):
+        return
+    r, p, ev = cfg.reward, cfg.ppo, cfg.eval
+    needs = []
+    trains_reward = "reward" in stages or ("ppo" in stages and not (p.reward_model and
+                                                                   (p.cost_model or not p.lagrangian)))
+    if r.data is None and trains_reward:
+        needs.append("reward.data (preference pairs)")
+    if "sft" in stages and cfg.sft.data is None and r.data is None:
+        needs.append("sft.data or reward.data (pairs whose chosen responses SFT trains on)")
+    if "ppo" in stages and p.prompts is None and r.data is None:
+        needs.append("ppo.prompts (or reward.data, whose prompts PPO then uses)")
+    if "ppo" in stages and p.ptx_coef > 0 and p.ptx_data is None:
+        needs.append("ppo.ptx_data (or ppo.ptx_coef=0)")
+    if "eval" in stages:
+        needs += [f"eval.{name} (a JSONL of prompts)" for name in ("redteam", "conversation")
+                  if getattr(ev, name) is None]
+        if _toy_general(cfg):
+            needs.append("eval.general (standard, none or lm-eval task ids; 'toy' is the toy world's questions)")
+    if needs:
+        raise UserError(f"model.base is your own model ({cfg.model.base}), so the toy world's data will not "
+                        f"stand in for yours: set {'; '.join(needs)}")
+
+
+def _toy_general(cfg: Config) -> bool:
+    """Whether eval.general names toy tasks (the toy world's multiple-choice questions)."""
+    spec = cfg.eval.general
+    return spec == "toy" or any(t.strip().startswith("toy_") for t in spec.split(","))
+
+
 def check_stage_folders(cfg: Config) -> None:
     """Refuse, before any work, a run folder where a stage folder holds files direct-rlhf did not
     write: that stage would otherwise train and then refuse to replace it."""
@@ -134,6 +183,7 @@ def ensure_cost(cfg: Config, progress: bool = True) -> str:
 def _ensure_preference_model(cfg: Config, stage: str, progress: bool) -> str:
     from .train.reward import preference_data, train_preference_model
 
+    refuse_toy_data(cfg, "reward")
     needs_world = cfg.reward.data is None
     # Data first: a bad file must fail in a second, not after pretraining a base model.
     data = preference_data(cfg, ensure_world(cfg) if needs_world else None, cost=stage == "cost")
@@ -178,6 +228,7 @@ def ensure_policy(cfg: Config, progress: bool = True, resume: bool = False, init
     from .train.ppo import PPOTrainer
 
     refuse_sharding()
+    refuse_toy_data(cfg, "ppo")
     pc = cfg.ppo
     with PartialState(cpu=on_cpu()).main_process_first():
         from_pairs = pc.prompts is None and cfg.reward.data is not None
@@ -235,6 +286,7 @@ def ensure_sft(cfg: Config, progress: bool = True) -> str:
     from .data.preferences import load_pairs
     from .train.sft import train_sft
 
+    refuse_toy_data(cfg, "sft")
     # the chosen responses of: sft.data, else the reward model's preference data, else the toy world's
     own, from_reward = cfg.sft.data, cfg.sft.data is None and cfg.reward.data is not None
     world = ensure_world(cfg) if own is None and not from_reward else None
@@ -254,14 +306,37 @@ def ensure_sft(cfg: Config, progress: bool = True) -> str:
     return str(out)
 
 
+def default_reward_model(cfg: Config) -> str | None:
+    """eval.reward_model, else the run's own reward model (<out>/reward) when it has been trained."""
+    if cfg.eval.reward_model:
+        return cfg.eval.reward_model
+    own = run_dir(cfg) / "reward"
+    return str(own) if (own / "reward_stats.json").is_file() else None
+
+
+def eval_sources(cfg: Config):
+    """What the evaluation reads besides its models (eval/runner.py takes it from here and never
+    builds anything itself): the prompt files the recipe names, else the toy world's, built when
+    needed (refused for the user's own base model), and the judge."""
+    from .eval.runner import EvalSources
+
+    refuse_toy_data(cfg, "eval")
+    ev = cfg.eval
+    world = ensure_world(cfg) if _toy_general(cfg) or ev.redteam is None or ev.conversation is None else None
+    return EvalSources(world=world, reward_model=default_reward_model(cfg),
+                       redteam=Path(ev.redteam) if ev.redteam else world / "eval" / "redteam.jsonl",
+                       conversation=Path(ev.conversation) if ev.conversation else world / "eval" / "conversation.jsonl")
+
+
 def ensure_eval(cfg: Config, models: dict[str, str], progress: bool = True) -> Path:
     """`models` on the three axes into `<out>/eval` (results.json, report.html), reused while the
     models, prompts, judge, seed and eval settings are unchanged; never with a remote judge
     (eval.judge_url), whose answers we cannot pin down."""
     from .artifacts import stamp
-    from .eval.runner import RESULTS_SCHEMA, default_reward_model, run_eval
+    from .eval.runner import RESULTS_SCHEMA, run_eval
 
     ev, out = cfg.eval, run_dir(cfg) / "eval"
+    sources = eval_sources(cfg)
     key = None
     if not ev.judge_url:
         from .eval.logit_lens import shipped_badwords
@@ -269,7 +344,7 @@ def ensure_eval(cfg: Config, models: dict[str, str], progress: bool = True) -> P
         files = {name: file_digest(path) for name, path in  # the shipped bad-word list too: it may change
                  (("redteam", ev.redteam), ("conversation", ev.conversation),
                   ("badwords", ev.badwords or shipped_badwords())) if path}
-        judge = default_reward_model(cfg)
+        judge = sources.reward_model
         key = cache_key("eval", RESULTS_SCHEMA, {name: read_key(src) or src for name, src in models.items()},
                         read_key(run_dir(cfg) / "world"), files, judge and (read_key(judge) or judge), cfg.seed,
                         keyed_settings(cfg, "eval", "model"))
@@ -277,7 +352,7 @@ def ensure_eval(cfg: Config, models: dict[str, str], progress: bool = True) -> P
             _log_cached("evaluation", out)
             return out
     t0 = time.perf_counter()
-    run_eval(cfg, models, out, progress=progress)
+    run_eval(cfg, models, out, sources, progress=progress)
     if key is not None:
         stamp(out, key, stage="eval", wall_s=time.perf_counter() - t0)
     return out

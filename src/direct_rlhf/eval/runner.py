@@ -103,22 +103,6 @@ def general_tasks(spec: str, world: Path | None, tmp: Path) -> tuple[list[str], 
     return names, include
 
 
-def _needs_world(cfg: Config) -> bool:
-    ev = cfg.eval
-    toy_general = ev.general == "toy" or any(t.strip().startswith("toy_") for t in ev.general.split(","))
-    return toy_general or ev.redteam is None or ev.conversation is None
-
-
-def default_reward_model(cfg: Config) -> str | None:
-    """eval.reward_model, else the run's own reward model (<out>/reward) when it has been trained."""
-    from ..pipeline import run_dir
-
-    if cfg.eval.reward_model:
-        return cfg.eval.reward_model
-    own = run_dir(cfg) / "reward"
-    return str(own) if (own / "reward_stats.json").is_file() else None
-
-
 # --------------------------------------------------------------------------------------------------
 # Sampling
 
@@ -161,6 +145,17 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], k: int, cfg: Co
 # The run
 
 
+@dataclasses.dataclass(frozen=True)
+class EvalSources:
+    """What the evaluation reads besides its models, decided by its caller (pipeline.eval_sources):
+    the evaluation itself never builds the toy world or looks for a run's reward model."""
+
+    world: Path | None          # the toy world, for toy general tasks; None without them
+    redteam: Path               # red-team prompts (JSONL)
+    conversation: Path          # conversation prompts (JSONL)
+    reward_model: str | None    # the win-rate's judge; None: reward-model win-rates are skipped
+
+
 @dataclasses.dataclass
 class Inputs:
     """Everything checked before the first model is loaded."""
@@ -178,6 +173,12 @@ class Inputs:
     http_judge: Any
 
 
+def check_models(cfg: Config, models: dict[str, str]) -> None:
+    """Every model folder or hub id holds a causal LM (its config only): seconds, before any work."""
+    for name, src in models.items():
+        _check_model_source(name, src, cfg.model.trust_remote_code)
+
+
 def fit_to_models(prompts: list[EvalPrompt], models: dict[str, str], cfg: Config) -> tuple[list[EvalPrompt], int]:
     """Prompts cut (data/prompt_truncation.py) so that each fits every model's tokenizer and context:
     all models answer the same prompts. Returns the prompts and how many were cut."""
@@ -191,8 +192,7 @@ def fit_to_models(prompts: list[EvalPrompt], models: dict[str, str], cfg: Config
     return cut, sum(a.prompt != b.prompt for a, b in zip(prompts, cut))
 
 
-def check_inputs(cfg: Config, models: dict[str, str]) -> Inputs:
-    from ..pipeline import ensure_world
+def check_inputs(cfg: Config, models: dict[str, str], sources: EvalSources) -> Inputs:
     from .judges import HttpJudge
     from .logit_lens import read_badwords, shipped_badwords
     from .toxicity import load_classifier
@@ -203,23 +203,19 @@ def check_inputs(cfg: Config, models: dict[str, str]) -> Inputs:
 
         if not torch.cuda.is_available():
             raise UserError(f"eval.device={ev.device} but torch sees no CUDA device; use eval.device=cpu")
-    for name, src in models.items():
-        _check_model_source(name, src, cfg.model.trust_remote_code)
-    world = ensure_world(cfg) if _needs_world(cfg) else None
-    red_file = Path(ev.redteam) if ev.redteam else world / "eval" / "redteam.jsonl"
-    conv_file = Path(ev.conversation) if ev.conversation else world / "eval" / "conversation.jsonl"
+    check_models(cfg, models)
     http = None
     if ev.judge_url:
         http = HttpJudge(ev.judge_url, ev.judge_model, ev.judge_timeout_s)
         http.check()
-    redteam, red_cut = fit_to_models(load_prompts(red_file), models, cfg)
-    conversation, conv_cut = fit_to_models(load_prompts(conv_file), models, cfg)
-    return Inputs(world=world, redteam_file=red_file, conversation_file=conv_file,
+    redteam, red_cut = fit_to_models(load_prompts(sources.redteam), models, cfg)
+    conversation, conv_cut = fit_to_models(load_prompts(sources.conversation), models, cfg)
+    return Inputs(world=sources.world, redteam_file=sources.redteam, conversation_file=sources.conversation,
                   redteam=redteam, conversation=conversation,
                   prompts_cut={"redteam": red_cut, "conversation": conv_cut},
                   badwords_file=str(ev.badwords or shipped_badwords()), badwords=read_badwords(ev.badwords),
                   classifier=load_classifier(ev.toxicity_classifier, ev.toxicity_label, ev.batch_size),
-                  reward_model=default_reward_model(cfg), http_judge=http)
+                  reward_model=sources.reward_model, http_judge=http)
 
 
 def evaluate_model(name: str, src: str, cfg: Config, inp: Inputs, tasks: list[str], include: Path | None,
@@ -282,8 +278,10 @@ def evaluate_model(name: str, src: str, cfg: Config, inp: Inputs, tasks: list[st
     return out
 
 
-def run_eval(cfg: Config, models: dict[str, str], out_dir: str | Path, progress: bool = True) -> dict[str, Any]:
-    """Evaluate `models` ({name: folder or hub id}); write results.json, report.html and figures to out_dir."""
+def run_eval(cfg: Config, models: dict[str, str], out_dir: str | Path, sources: EvalSources,
+             progress: bool = True) -> dict[str, Any]:
+    """Evaluate `models` ({name: folder or hub id}) on the prompts `sources` names; write
+    results.json, report.html and figures to out_dir."""
     from ..tracking import seed_everything, versions
     from .report import write_report
 
@@ -294,7 +292,7 @@ def run_eval(cfg: Config, models: dict[str, str], out_dir: str | Path, progress:
     (out_dir / STAMP).unlink(missing_ok=True)
     ev = cfg.eval
     seed_everything(cfg.seed)
-    inp = check_inputs(cfg, models)
+    inp = check_inputs(cfg, models, sources)
     judge = None
     if inp.reward_model:
         from .judges import RewardJudge
