@@ -59,3 +59,13 @@ def test_the_evaluation_never_imports_the_pipeline():
     tree = ast.parse(Path(runner.__file__).read_text())
     imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert not any(m and m.endswith("pipeline") for m in imported), imported
+
+
+def test_a_stage_is_not_held_up_by_input_files_only_other_stages_read(tmp_path, capsys):
+    """The Mistral recipe names evaluation prompt files the user provides: the reward stage, which does
+    not read them, gets as far as its own data (here missing), not stopped by theirs."""
+    assert main(["-q", "reward", "--config", "mistral-7b", "--out", str(tmp_path / "run"),
+                 f"reward.data={tmp_path / 'pairs.jsonl'}"]) == 2
+    assert capsys.readouterr().err.strip() == f"direct-rlhf: error: {tmp_path / 'pairs.jsonl'}: file not found"
+    assert main(["-q", "eval", "--config", "mistral-7b", "--models", f"base={OWN}", "--out", str(tmp_path / "e")]) == 2
+    assert capsys.readouterr().err.strip() == "direct-rlhf: error: eval.redteam: file not found: data/redteam.jsonl"

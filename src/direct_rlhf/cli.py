@@ -37,7 +37,7 @@ def _load(args: argparse.Namespace, writes_run_folder: bool = True, stages: tupl
     cfg = load_config(args.config, args.overrides)
     if getattr(args, "out", None):
         cfg.out = str(args.out)
-    check_input_files(cfg)
+    check_input_files(cfg, *stages)
     refuse_toy_data(cfg, *stages)
     if writes_run_folder:
         check_writable_dir(cfg.out)  # before any work, not when the first file is written

@@ -38,14 +38,20 @@ def run_dir(cfg: Config) -> Path:
 
 
 STAGE_FOLDERS = ("world", "base", "reward", "cost", "sft", "rlhf", "eval")  # each replaced whole when rebuilt
+# (section, key): the stage reading it is the section's; local files only (reward.data and sft.data
+# may name a hub dataset)
 INPUT_FILES = (("ppo", "prompts"), ("ppo", "ptx_data"), ("eval", "redteam"), ("eval", "conversation"),
-               ("eval", "badwords"))  # local files only (reward.data and sft.data may name a hub dataset)
+               ("eval", "badwords"))
 
 
-def check_input_files(cfg: Config) -> None:
-    """A missing input file is one line before any work, not a traceback when its stage comes (for
-    the evaluation's files, after every model has trained)."""
+def check_input_files(cfg: Config, *stages: str) -> None:
+    """A missing input file of the `stages` a command runs is one line before any work, not a
+    traceback when its stage comes (for the evaluation's files, after every model has trained); a
+    file only other stages read does not hold a command up (`reward` with evaluation files still to
+    be written)."""
     for section, name in INPUT_FILES:
+        if section not in stages:
+            continue
         value = getattr(getattr(cfg, section), name)
         if value and not Path(value).expanduser().is_file():
             raise UserError(f"{section}.{name}: file not found: {value}")
