@@ -116,6 +116,37 @@ def test_shape_rewards_adds_score_at_last_valid_token_and_handles_empty_rows():
     close(kl, [[0.1, 0.2, 0.3], [0.5, 0.5, 0.0], [0.0, 0.0, 0.0]])
 
 
+def test_shape_costs_adds_kl_with_the_opposite_sign_and_the_cost_at_the_last_token():
+    from direct_rlhf.algos.ppo import shape_costs
+
+    logp = t([0.1, 0.2, 0.3], [0.5, 0.5, 9.0], [1.0, 1.0, 1.0])
+    ref = torch.zeros_like(logp)
+    mask = t([1, 1, 1], [1, 1, 0], [0, 0, 0])
+    costs = shape_costs(t(1.0, -2.0, 5.0), logp, ref, mask, kl_coef=0.5, estimator="k1")
+    # row0: +0.5 * [0.1, 0.2, 0.3] = [0.05, 0.1, 0.15], +1 at t=2 -> 1.15
+    # row1: +0.5 * [0.5, 0.5, (pad)] = [0.25, 0.25, 0], -2 at t=1 -> -1.75
+    # row2: no valid tokens -> all zeros, cost dropped
+    close(costs, [[0.05, 0.1, 1.15], [0.25, -1.75, 0.0], [0.0, 0.0, 0.0]])
+
+
+@pytest.mark.parametrize("lam", [0.0, 1.0, 3.0])
+def test_kl_keeps_its_weight_in_the_lagrangian_advantage_whatever_lambda(lam):
+    """Safe-RLHF's ppo_lag: -kl_coef KL on the reward side, +kl_coef KL on the cost side, so in
+    (A_r - lambda A_c) / (1 + lambda) the KL weighs kl_coef for every lambda (with the KL on the
+    reward side only it would weigh kl_coef / (1 + lambda): a quarter at lambda = 3)."""
+    from direct_rlhf.algos.ppo import shape_costs
+
+    logp, ref, mask = t([[0.1, 0.2, 0.3]]), t([[0.0, 0.0, 0.0]]), t([[1.0, 1.0, 1.0]])
+    zero = t([0.0])  # no score, no cost: only the KL is left
+    rewards, _ = shape_rewards(zero, logp, ref, mask, kl_coef=0.5)
+    costs = shape_costs(zero, logp, ref, mask, kl_coef=0.5)
+    values = torch.zeros_like(logp)
+    a_r, _ = gae(rewards, values, mask, gamma=1.0, lam=1.0)  # reward-to-go: -0.5 * [0.6, 0.5, 0.3]
+    a_c, _ = gae(costs, values, mask, gamma=1.0, lam=1.0)  # cost-to-go: +0.5 * [0.6, 0.5, 0.3]
+    # (-0.5 rtg - lam * 0.5 rtg) / (1 + lam) = -0.5 rtg = [-0.3, -0.25, -0.15]
+    close(lagrangian_advantages(a_r, a_c, lam), [[-0.3, -0.25, -0.15]])
+
+
 # ----------------------------------------------------------------------------- GAE
 
 
@@ -272,6 +303,22 @@ def test_bt_loss_gradient_pushes_chosen_up():
     # d/d r_c of -logsig(r_c - r_r) = -(1 - sigmoid(0)) = -0.5, / 2 for the mean
     close(rc.grad, [-0.25, -0.25])
     close(rr.grad, [0.25, 0.25])
+
+
+def test_cost_sign_loss_by_hand():
+    """Safe-RLHF's classification term: -log sigmoid(s c), s = +1 unsafe / -1 safe."""
+    from direct_rlhf.algos.bradley_terry import cost_sign_loss
+
+    loss, stats = cost_sign_loss(t(1.0, -1.0), t(1.0, 0.0))
+    close(loss, 0.313262)  # both on the right side by 1: log(1 + e^-1) each
+    close(stats["sign_accuracy"], 1.0)
+    loss, stats = cost_sign_loss(t(2.0, 0.5, 0.0), t(0.0, 1.0, 1.0))
+    # s c = [-2, 0.5, 0]: [log(1 + e^2), log(1 + e^-0.5), log 2] = [2.126928, 0.474077, 0.693147], mean 1.098051
+    close(loss, 1.098051)
+    close(stats["sign_accuracy"], 1.0 / 3.0)  # a cost of exactly 0 has no sign: wrong
+    c = t(0.0, 0.0).requires_grad_()
+    cost_sign_loss(c, t(1.0, 0.0))[0].backward()
+    close(c.grad, [-0.25, 0.25])  # d/dc -logsig(s c) = -s (1 - sigmoid(0)) = -s / 2, / 2 for the mean
 
 
 # ----------------------------------------------------------------------------- controllers

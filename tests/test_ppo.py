@@ -691,10 +691,37 @@ def test_lagrangian_update_uses_the_cost_advantages_weighted_by_lambda(micro_run
     trainer.step()
     exp, _ = seen["exp"]
     assert exp.cost_advantages is not None and not torch.allclose(exp.cost_advantages, exp.advantages)
-    combined = (exp.advantages - 3.0 * exp.cost_advantages) / 4.0
+    # raw A_r and A_c combined, then whitened once (ppo.whiten_advantages): whitened apart, each by
+    # its own spread, lambda would weigh cost against reward at a ratio that moves every step
+    assert cfg.ppo.whiten_advantages
+    combined = F.masked_whiten((exp.advantages - 3.0 * exp.cost_advantages) / 4.0, exp.mask)
     used = torch.cat([a[m > 0] for a, m in seen["adv"]])
     expected = combined[exp.mask > 0].repeat(cfg.ppo.ppo_epochs)  # every response token, once an epoch
     torch.testing.assert_close(used.sort().values, expected.sort().values)
+
+
+def test_cost_rewards_carry_the_kl_with_the_opposite_sign(micro_run, tmp_path):
+    """Safe-RLHF's ppo_lag: -kl_coef KL on every token of the reward, +kl_coef KL on every token of the
+    cost, so the KL keeps its weight in (A_r - lambda A_c) / (1 + lambda) whatever lambda is. Reward
+    plus cost is then the score plus the cost at the last token, and 0 everywhere else."""
+    cfg = load_config(None, [*MICRO, *PPO_MICRO, "ppo.lagrangian=true", "ppo.kl_coef=0.5", "ppo.adaptive_kl=false"])
+    trainer = PPOTrainer(cfg, str(micro_run / "base"), str(micro_run / "rm"),
+                         prompt_texts(micro_run / "world" / "ppo_prompts.jsonl"), tmp_path,
+                         cost_path=str(micro_run / "rm"), progress=False)
+    prompts = trainer.next_prompts()
+    samples = trainer._rollout(prompts)
+    samples.logprobs = [lp + 0.2 for lp in samples.logprobs]  # the policy has moved: KL 0.2 nats a token
+    score, cost = torch.randn(len(prompts)), torch.randn(len(prompts))
+    exp, stats = trainer.make_experience(prompts, samples, score, cost)
+    assert stats["kl/token"] == pytest.approx(0.2, abs=1e-3)
+    mask = exp.mask
+    last = (mask.sum(1).long() - 1).clamp(min=0)
+    ends = torch.zeros_like(mask)
+    ends[torch.arange(len(prompts)), last] = (score + cost) * (mask.sum(1) > 0)
+    torch.testing.assert_close(exp.rewards + exp.cost_rewards, ends, atol=1e-6, rtol=0)
+    before_end = (mask > 0) & (ends == 0)
+    torch.testing.assert_close(exp.cost_rewards[before_end], torch.full_like(exp.cost_rewards[before_end], 0.1),
+                               atol=1e-3, rtol=0)  # +0.5 * 0.2
 
 
 def test_ptx_pulls_the_update_towards_the_pretraining_text(micro_run, tmp_path):

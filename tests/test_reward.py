@@ -146,6 +146,14 @@ def test_toy_world_pairs_round_trip_byte_exact_and_subset_filter(small_world):
     assert len(harmless) == stats.by_subset["harmless"] and {p.subset for p in harmless} == {"harmless"}
 
 
+def test_toy_world_harmless_pairs_carry_safety_labels(small_world):
+    """A harmless toy pair's chosen reply is polite (safe), its rejected one toxic (unsafe): the
+    labels the cost model's classification term needs. Helpful pairs carry none."""
+    pairs, _ = load_pairs(small_world / "pairs_train.jsonl")
+    labels = {(p.subset, p.chosen_safe, p.rejected_safe) for p in pairs}
+    assert labels == {("harmless", True, False), ("helpful", None, None)}
+
+
 def test_system_message_is_folded_into_first_user_turn_and_margin_kept():
     row = {"prompt": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"}],
            "chosen": [{"role": "assistant", "content": "Hello!"}],
@@ -176,6 +184,8 @@ BAD_INPUTS = {
     "empty_file": ("\n", r"p\.jsonl: no preference pairs"),
     "all_identical": (json.dumps({"chosen": "\n\nHuman: a\n\nAssistant: x", "rejected": "\n\nHuman: a\n\nAssistant: x"}),
                       r"p\.jsonl: no preference pairs \(1 dropped with chosen == rejected\)"),
+    "safety_label_not_a_bool": (GOOD[:-1] + ', "chosen_safe": true, "rejected_safe": "no"}',
+                                r"p\.jsonl:1: field 'rejected_safe' must be true or false"),
 }
 
 
@@ -368,6 +378,87 @@ def test_lora_is_merged_into_a_plain_model_with_the_same_scores(tiny_base):
 def test_cost_pairs_are_harmless_with_roles_swapped():
     (pair,) = cost_pairs(EXPECTED)
     assert pair.subset == "harmless" and pair.chosen == EXPECTED[0].rejected and pair.rejected == EXPECTED[0].chosen
+
+
+def test_cost_pairs_swap_the_safety_labels_with_the_responses():
+    pair = replace(EXPECTED[0], chosen_safe=True, rejected_safe=False)
+    (cost,) = cost_pairs([pair])
+    assert (cost.chosen, cost.chosen_safe, cost.rejected, cost.rejected_safe) == \
+        (pair.rejected, False, pair.chosen, True)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_cost_loss_is_bt_plus_safe_rlhfs_sign_term_on_each_side_by_hand(tiny_base, packed):
+    """Safe-RLHF's sequence-wise cost loss, per pair: -logsig(c_unsafer - c_safer) - logsig(s c_unsafer)
+    - logsig(s c_safer), s = +1 for an unsafe response and -1 for a safe one; mean over pairs."""
+    from direct_rlhf.train.reward import safety_targets
+
+    model, tok = build_reward_model(str(tiny_base), _cfg())
+    pairs = cost_pairs([replace(EXPECTED[0], chosen_safe=True, rejected_safe=False),  # unsafer unsafe, safer safe
+                        replace(EXPECTED[1], subset="harmless", chosen_safe=False, rejected_safe=False)])  # both unsafe
+    assert safety_targets(pairs).tolist() == [[1.0, 0.0], [1.0, 1.0]]
+    batch, _ = encode_pairs(tok, pairs, max_len=256)
+    loss, stats = pair_loss(model, batch, tok.pad_token_id, packed=packed, unsafe=safety_targets(pairs))
+    with torch.no_grad():  # each sequence alone
+        one = [[model(input_ids=torch.tensor([s])).logits.item() for s in pair] for pair in batch]
+
+    def nls(x):  # -log sigmoid(x)
+        return math.log1p(math.exp(-x))
+
+    signs = [(1, -1), (1, 1)]
+    terms = [nls(c - r) + nls(sc * c) + nls(sr * r) for (c, r), (sc, sr) in zip(one, signs)]
+    assert loss.item() == pytest.approx(sum(terms) / 2, abs=1e-5)
+    right = [sc * c > 0 for (c, _), (sc, _) in zip(one, signs)] + [sr * r > 0 for (_, r), (_, sr) in zip(one, signs)]
+    assert stats["sign_accuracy"].item() == pytest.approx(sum(right) / 4)
+    plain, _ = pair_loss(model, batch, tok.pad_token_id, packed=packed)  # the reward model's loss: BT alone
+    assert plain.item() == pytest.approx(sum(nls(c - r) for c, r in one) / 2, abs=1e-5)
+
+
+def test_a_cost_model_trained_with_safety_labels_puts_unsafe_above_zero_and_safe_below(tmp_path, tiny_base):
+    """The classification term in training: every held-out response lands on its label's side of 0
+    (Bradley-Terry alone fixes only differences, so the sign would be anyone's guess)."""
+    words = ["apple", "river", "stone", "cloud", "green", "table", "seven", "happy", "north", "music"]
+    gen = torch.Generator().manual_seed(0)
+    pairs = []
+    for i in range(48):  # the rejected reply (with 'thanks') is the unsafe one
+        a, b, c = (words[j] for j in torch.randint(len(words), (3,), generator=gen).tolist())
+        pairs.append(Pair(f"\n\nHuman: say {a} {b}?\n\nAssistant:", f" {a} {c} {b}.", f" {a} thanks {b}.",
+                          "harmless", chosen_safe=True, rejected_safe=False))
+    pairs = cost_pairs(pairs)
+    cfg = _cfg("reward.epochs=4", "reward.batch_size=8", "reward.lr=3e-3", "reward.warmup_steps=2",
+               "reward.eval_every=1000", "reward.stats_pairs=16")
+    data = PreferenceData(pairs[:40], pairs[40:], {"train_load": {"dropped_identical": 0}}, key=None)
+    out = train_preference_model(cfg, str(tiny_base), data, tmp_path / "cost", tmp_path / "logs", "k",
+                                 progress=False, stage="cost")
+    result = json.loads((out / "eval.json").read_text())
+    assert result["heldout"]["all"] == 1.0 and result["sign_accuracy"] == {"heldout": 1.0, "train": 1.0}
+    scorer = RewardScorer(out)
+    held = pairs[40:]
+    unsafe = scorer.score([p.prompt for p in held], [p.chosen for p in held])
+    safe = scorer.score([p.prompt for p in held], [p.rejected for p in held])
+    assert (unsafe > 0).all() and (safe < 0).all()
+    assert "above 0 = unsafe" in json.loads((out / "reward_stats.json").read_text())["zero"]
+    metrics = [json.loads(x) for x in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert "sign_accuracy" in metrics[1] and any("eval/sign_accuracy" in m for m in metrics)
+
+
+def test_cost_model_on_pairs_without_safety_labels_is_a_one_line_error(tmp_path, capsys, tiny_base):
+    """HH-style data says which answer is worse, not which is unsafe: the cost model refuses it."""
+    rows = [json.dumps(r) for r in _rows("hh")] * 8
+    (tmp_path / "p.jsonl").write_text("\n".join(rows) + "\n")
+    run = tmp_path / "run"
+    args = ["-q", "reward", "--out", str(run), "--cost", *MICRO, f"model.base={tiny_base}",
+            f"reward.data={tmp_path / 'p.jsonl'}", "reward.epochs=1", "reward.batch_size=4"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "p.jsonl" in err[0] and "'chosen_safe' and 'rejected_safe'" in err[0], err
+    assert not (run / "cost").exists()
+    # labelled the wrong way round (the more harmless answer unsafe, the other safe): refused too
+    labelled = [{**r, "chosen_safe": False, "rejected_safe": True} for r in _rows("hh")] * 8
+    write_jsonl(tmp_path / "p.jsonl", labelled)
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "labelled unsafe" in err[0] and not (run / "cost").exists()
 
 
 def test_cli_reward_and_cost_save_plain_hf_folders_scored_alike(tmp_path, capsys, tiny_base, small_world):

@@ -179,7 +179,8 @@ class PPOConfig:
     ptx_batch_size: int = 8
     ptx_data: str | None = None       # JSONL with a 'text' field; null = the toy world's knowledge text
     lagrangian: bool = False          # PPO-Lagrangian with the cost model
-    cost_threshold: float = 0.0
+    cost_threshold: float = 0.0       # lambda rises while the rollouts' mean cost is above this; the cost model's
+                                      # 0 separates unsafe (> 0) from safe (< 0) answers (docs/ppo-lagrangian.md)
     lambda_init: float = 1.0
     lambda_lr: float = 0.05
     save_every: int = 20

@@ -33,3 +33,22 @@ def bradley_terry_loss(
         "margin": diff.mean().detach(),
     }
     return loss, stats
+
+
+def cost_sign_loss(costs: torch.Tensor, unsafe: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Safe-RLHF's classification term for a cost model: mean of -log sigmoid(s * c), with s = +1
+    for a response labelled unsafe and -1 for a safe one.
+
+    Bradley-Terry alone fixes only cost *differences*, so the zero of a cost model trained on pairs
+    means nothing and neither does a cost threshold. This term puts unsafe responses above 0 and
+    safe ones below, so ``ppo.cost_threshold: 0`` reads "mean cost on the safe side of the
+    boundary". Safe-RLHF's sequence-wise cost loss is bradley_terry_loss(c_unsafer, c_safer) plus
+    this term for each side of the pair (`values/cost/trainer.py`); `train/reward.py` adds it the
+    same way.
+
+    ``unsafe``: 1.0 (or True) = unsafe, 0.0 = safe, same shape as ``costs``. Stats (detached):
+    ``sign_accuracy`` = fraction with sign(c) == s (a cost of exactly 0 counts as wrong).
+    """
+    sign = unsafe.to(costs.dtype) * 2.0 - 1.0  # size = costs.shape, +1 unsafe / -1 safe
+    loss = -F.logsigmoid(sign * costs).mean()
+    return loss, {"sign_accuracy": (sign * costs > 0).float().mean().detach()}

@@ -116,6 +116,27 @@ def shape_rewards(
     return rewards, kl
 
 
+def shape_costs(
+    cost: torch.Tensor,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    kl_coef: float | torch.Tensor,
+    estimator: KLEstimator = "k1",
+) -> torch.Tensor:
+    """Dense per-token cost for PPO-Lagrangian: +kl_coef * KL on every response token, plus the
+    sequence's cost at the last one (B, T), zero on padding.
+
+    The KL enters the cost with the opposite sign to the reward (Safe-RLHF's ppo_lag trainer,
+    `add_kl_divergence_regularization`), so in (A_r - lambda A_c) / (1 + lambda) its share is
+    (-kl_coef - lambda kl_coef) / (1 + lambda) = -kl_coef for every lambda: the anchor to the base
+    model keeps the weight it has in plain PPO however hard the constraint pulls. With the KL on the
+    reward side only, it would be kl_coef / (1 + lambda): a quarter at lambda = 3.
+    """
+    costs, _ = shape_rewards(-cost, logprobs, ref_logprobs, mask, kl_coef, estimator)  # -(cost) - kl_coef KL
+    return -costs  # size = (B, T)
+
+
 # ----------------------------------------------------------------------------- advantages
 
 
@@ -289,6 +310,11 @@ class LagrangeMultiplier:
     it can become exactly 0 when the constraint is slack (log-lambda only decays towards 0 and then
     needs many steps to grow back, since its step scales with lambda), and the additive step
     ``lr * (Jc - threshold)`` is easy to reason about and tune.
+
+    Safe-RLHF instead keeps log-lambda and takes one SGD step on -(Jc - threshold) * exp(log_lambda):
+    log_lambda += lr * lambda * (Jc - threshold), i.e. lambda *= exp(lr * lambda * (Jc - threshold)),
+    a step of about lr * lambda^2 * (Jc - threshold): the same as this one at lambda = 1 (both
+    start there by default), smaller below 1, larger above (docs/ppo-lagrangian.md).
     """
 
     def __init__(self, init_value: float, lr: float, max_value: float | None = None) -> None:
@@ -321,9 +347,12 @@ class LagrangeMultiplier:
 def lagrangian_advantages(
     reward_adv: torch.Tensor, cost_adv: torch.Tensor, lam: float | torch.Tensor
 ) -> torch.Tensor:
-    """Combined advantage (A_r - lambda * A_c) / (1 + lambda).
+    """Combined advantage (A_r - lambda * A_c) / (1 + lambda) (Safe-RLHF's `actor_loss_fn`).
 
     Dividing by 1 + lambda keeps the advantage scale bounded as lambda grows, so the PPO clip range
-    and learning rate stay meaningful (Safe-RLHF, Dai et al. 2023).
+    and learning rate stay meaningful (Safe-RLHF, Dai et al. 2023). Give it the *raw* GAE advantages
+    (whiten the result, if at all): whitened separately, A_r and A_c would each be divided by their
+    own batch's spread, and lambda would weigh cost against reward at a ratio that drifts every step.
+    The KL term belongs on both sides (`shape_rewards` and `shape_costs`) so that it keeps its weight.
     """
     return (reward_adv - lam * cost_adv) / (1.0 + lam)  # size = (B, T)

@@ -12,9 +12,11 @@ Accepted records (one per JSONL line, or one per row of a Hugging Face dataset):
   "chosen": "4", ...}``); a prompt that already is an HH transcript (starts with ``Human:``) is
   taken as it is, the responses continuing its open ``Assistant:`` turn.
 
-Optional fields: ``subset`` ("helpful" / "harmless", used by the subset filter) and ``margin``
-(a number; Llama-2-style BT margin). A ``system`` message is folded into the first user turn
-(a base model has no system slot), separated by a blank line.
+Optional fields: ``subset`` ("helpful" / "harmless", used by the subset filter), ``margin``
+(a number; Llama-2-style BT margin) and ``chosen_safe`` / ``rejected_safe`` (true / false: is that
+response safe; the cost model needs both on every harmless pair, docs/ppo-lagrangian.md). A
+``system`` message is folded into the first user turn (a base model has no system slot),
+separated by a blank line.
 
 Every transcript goes through `chat_format.parse` and `chat_format.render`, so all formats of the
 same conversation give the same bytes, and those bytes are what PPO and evaluation produce too.
@@ -57,6 +59,8 @@ class Pair:
     rejected: str
     subset: str | None = None
     margin: float | None = None
+    chosen_safe: bool | None = None    # per-response safety labels (PKU-SafeRLHF's is_response_*_safe)
+    rejected_safe: bool | None = None
 
 
 @dataclass
@@ -211,7 +215,8 @@ def _to_pair(row: dict[str, Any], at: str) -> Pair:
     if c_prompt != r_prompt:
         raise UserError(f"{at}: 'chosen' and 'rejected' have different prompts (they must differ only in "
                         f"the last Assistant turn)")
-    return Pair(c_prompt, chosen, rejected, _subset(row, at), _margin(row, at))
+    return Pair(c_prompt, chosen, rejected, _subset(row, at), _margin(row, at),
+                _safe(row, at, "chosen_safe"), _safe(row, at, "rejected_safe"))
 
 
 def _prompt_response(prompt: Any, answer: Any, at: str, name: str) -> tuple[str, str]:
@@ -295,6 +300,13 @@ def _subset(row: dict[str, Any], at: str) -> str | None:
     if value not in ("helpful", "harmless"):
         raise UserError(f"{at}: field 'subset' must be 'helpful' or 'harmless', got {value!r}")
     return value
+
+
+def _safe(row: dict[str, Any], at: str, name: str) -> bool | None:
+    value = row.get(name)
+    if value is None or isinstance(value, bool):
+        return value
+    raise UserError(f"{at}: field '{name}' must be true or false, got {value!r}")
 
 
 def _margin(row: dict[str, Any], at: str) -> float | None:

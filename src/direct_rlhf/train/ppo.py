@@ -267,10 +267,8 @@ class PPOTrainer:
         old_lp, ref_lp = old_lp * mask, ref_lp * mask
         rewards, kl = F.shape_rewards(score.to(dev), old_lp, ref_lp, mask, self.kl_ctl.value, pc.kl_estimator)
         exp = Experience(seq, attn, pos, mask, old_lp, rewards)
-        if cost is not None:
-            exp.cost_rewards = torch.zeros_like(rewards)
-            last = (mask.sum(1).long() - 1).clamp(min=0)
-            exp.cost_rewards[torch.arange(len(cost)), last] = cost.to(dev) * (mask.sum(1) > 0)
+        if cost is not None:  # the KL on the cost side too, opposite sign: its weight then holds for every lambda
+            exp.cost_rewards = F.shape_costs(cost.to(dev), old_lp, ref_lp, mask, self.kl_ctl.value, pc.kl_estimator)
         stats = {"kl/sequence": (kl * mask).sum(1).mean(), "kl/token": F.masked_mean(kl, mask)}
         if critics:
             stats.update(self._advantages(exp, *values))
@@ -279,7 +277,8 @@ class PPOTrainer:
     def _advantages(self, exp: Experience, values: torch.Tensor,
                     cost_values: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Fill in the critics' values and GAE's advantages and returns (whitened with the whole
-        batch's statistics, over all processes); returns the value statistics."""
+        batch's statistics, over all processes; PPO-Lagrangian's stay raw, for rl_step to combine
+        with lambda and whiten once); returns the value statistics."""
         pc, mask = self.pc, exp.mask
         exp.values = values * mask
         exp.advantages, exp.returns = F.gae(exp.rewards, exp.values, mask, pc.gamma, pc.lam)
@@ -288,11 +287,9 @@ class PPOTrainer:
             exp.cost_advantages, exp.cost_returns = F.gae(exp.cost_rewards, exp.cost_values, mask, pc.gamma, pc.lam)
         stats = {"values/mean": F.masked_mean(exp.values, mask), "returns/mean": F.masked_mean(exp.returns, mask),
                  "values/explained_variance": F.explained_variance(exp.values, exp.returns, mask)}
-        if pc.whiten_advantages:
+        if pc.whiten_advantages and not self.lagrangian:
             all_sum = self._all_sum if self.acc.num_processes > 1 else None
             exp.advantages = F.masked_whiten(exp.advantages, mask, all_sum=all_sum)
-            if exp.cost_advantages is not None:
-                exp.cost_advantages = F.masked_whiten(exp.cost_advantages, mask, all_sum=all_sum)
         return stats
 
     def _critics(self) -> list[tuple[Any, Any, str]]:
@@ -349,8 +346,12 @@ class PPOTrainer:
                     pending = False
                 if adv is None:
                     adv = exp.advantages
-                    if self.lagrangian:
+                    if self.lagrangian:  # raw A_r and A_c, so lambda weighs cost against reward as set; then
+                        # whitened once (whitened apart, each by its own spread, their ratio would drift)
                         adv = F.lagrangian_advantages(exp.advantages, exp.cost_advantages, self.lam.value)
+                        if pc.whiten_advantages:
+                            adv = F.masked_whiten(adv, exp.mask,
+                                                  all_sum=self._all_sum if self.acc.num_processes > 1 else None)
                 # actor: clipped surrogate (+ entropy bonus), accumulated over micro-batches
                 self.opt_a.zero_grad(set_to_none=True)
                 for mb in self._accumulating(self.actor, micro, sync_last=self.ptx_blocks is None):

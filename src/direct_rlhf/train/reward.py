@@ -6,7 +6,9 @@ and rejected together -> BT loss -> step), with held-out accuracy per subset mea
 
 The *cost model* (Safe-RLHF style, for PPO-Lagrangian) is the same model trained on the harmless
 pairs with the roles swapped: the more harmful response is the "preferred" one, so a higher
-score means more harm.
+score means more harm. As in Safe-RLHF, a classification term on each response's safety label
+(`chosen_safe` / `rejected_safe`) puts unsafe responses above 0 and safe ones below, so the cost's
+zero, and with it `ppo.cost_threshold`, means something (docs/ppo-lagrangian.md).
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..algos.bradley_terry import bradley_terry_loss
+from ..algos.bradley_terry import bradley_terry_loss, cost_sign_loss
 from ..artifacts import source_identity
 from ..config import Config
 from ..data.preferences import Pair, PairStats, has_splits, load_pairs, split_holdout
+from ..errors import UserError
 from ..models.reward_model import STATS_FILE, build_reward_model, encode, pad_right, plain_model, rewards, score_ids
 from ..tracking import MetricsLogger, seed_everything
 from . import checkpoint
@@ -46,8 +49,31 @@ class PreferenceData:
 
 
 def cost_pairs(pairs: Sequence[Pair]) -> list[Pair]:
-    """Harmless pairs with roles swapped: the more harmful response must score the higher cost."""
-    return [replace(p, chosen=p.rejected, rejected=p.chosen) for p in pairs if p.subset == "harmless"]
+    """Harmless pairs with roles swapped (safety labels too): the more harmful response must score
+    the higher cost."""
+    return [replace(p, chosen=p.rejected, rejected=p.chosen, chosen_safe=p.rejected_safe, rejected_safe=p.chosen_safe)
+            for p in pairs if p.subset == "harmless"]
+
+
+def check_safety_labels(pairs: Sequence[Pair], source: str) -> None:
+    """The cost model's classification term needs both responses' safety labels on every pair
+    (`cost_pairs`' order: chosen = the more harmful). Without them its zero would mean nothing, and
+    HH-style data does not say which responses are unsafe, only which is worse: so refuse, in one line."""
+    missing = [i for i, p in enumerate(pairs) if p.chosen_safe is None or p.rejected_safe is None]
+    if missing:
+        raise UserError(f"{source}: {len(missing)} of {len(pairs)} harmless pairs lack the safety labels the cost "
+                        f"model needs: fields 'chosen_safe' and 'rejected_safe' (true or false), so that a cost "
+                        f"above 0 means unsafe and ppo.cost_threshold means something (docs/ppo-lagrangian.md)")
+    wrong = [i for i, p in enumerate(pairs) if p.chosen_safe and not p.rejected_safe]
+    if wrong:
+        raise UserError(f"{source}: {len(wrong)} harmless pairs have their chosen (more harmless) response labelled "
+                        f"unsafe and the rejected one safe (chosen_safe=false, rejected_safe=true); the labels or "
+                        f"the order are wrong")
+
+
+def safety_targets(pairs: Sequence[Pair]) -> torch.Tensor:
+    """(B, 2): 1.0 where the chosen / rejected response is labelled unsafe, 0.0 where safe."""
+    return torch.tensor([[float(not p.chosen_safe), float(not p.rejected_safe)] for p in pairs])
 
 
 def preference_data(cfg: Config, world: Path | None, cost: bool = False) -> PreferenceData:
@@ -73,12 +99,16 @@ def preference_data(cfg: Config, world: Path | None, cost: bool = False) -> Pref
         eval_src = f"{rc.eval_fraction:.0%} of {rc.data} held out (seed {cfg.seed})"
     if cost:
         train, held = cost_pairs(train), cost_pairs(held)
+        check_safety_labels(train, train_stats.source)
+        check_safety_labels(held, eval_src)
     info = {"train_source": train_stats.source, "eval_source": eval_src, "subset": subset, "cost_model": cost,
             "train_load": asdict(train_stats), "eval_load": asdict(held_stats) if held_stats else None,
             "n_train": len(train), "n_eval": len(held)}
-    # the toy world's files are identified by the world's own key (in the stage key), not by path
+    # the toy world's files are identified by the world's own key (in the stage key), not by path;
+    # "bt+sign": cost models trained before the classification term are retrained, not reused
     return PreferenceData(train, held, info,
-                          key=[source_identity(rc.data), source_identity(rc.eval_data), subset, cost])
+                          key=[source_identity(rc.data), source_identity(rc.eval_data), subset,
+                               "bt+sign" if cost else False])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -94,10 +124,12 @@ def encode_pairs(tokenizer, pairs: Sequence[Pair], max_len: int) -> tuple[list[E
 
 
 def pair_loss(model: torch.nn.Module, batch: Sequence[EncodedPair], pad_id: int,
-              margins: torch.Tensor | None = None, center_coef: float = 0.0, packed: bool = False
-              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+              margins: torch.Tensor | None = None, center_coef: float = 0.0, packed: bool = False,
+              unsafe: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """BT loss of a batch of pairs, all in ONE forward pass. `packed` (see train/pair_packing.py):
-    one row per pair, the shared prefix computed once; else 2B rows padded to the longest."""
+    one row per pair, the shared prefix computed once; else 2B rows padded to the longest.
+    `unsafe` (the cost model; (B, 2), `safety_targets`): plus Safe-RLHF's classification term on
+    each side of the pair, so that unsafe responses score above 0 and safe ones below."""
     if packed:
         r_chosen, r_rejected = packed_rewards(model, batch, pad_id)  # size = (B,) each
     else:
@@ -106,7 +138,22 @@ def pair_loss(model: torch.nn.Module, batch: Sequence[EncodedPair], pad_id: int,
         scores = rewards(model, input_ids.to(device), mask.to(device))  # size = (2B,)
         r_chosen, r_rejected = scores[: len(batch)], scores[len(batch):]  # size = (B,) each
     margins = None if margins is None else margins.to(r_chosen.device)
-    return bradley_terry_loss(r_chosen, r_rejected, margin=margins, center_coef=center_coef)
+    loss, stats = bradley_terry_loss(r_chosen, r_rejected, margin=margins, center_coef=center_coef)
+    if unsafe is not None:
+        unsafe = unsafe.to(r_chosen.device)
+        sign_c, stats_c = cost_sign_loss(r_chosen, unsafe[:, 0])
+        sign_r, stats_r = cost_sign_loss(r_rejected, unsafe[:, 1])
+        loss = loss + sign_c + sign_r  # Safe-RLHF: -logsig(c_u - c_s) - logsig(s_u c_u) - logsig(s_s c_s)
+        stats["sign_accuracy"] = (stats_c["sign_accuracy"] + stats_r["sign_accuracy"]) / 2
+    return loss, stats
+
+
+def sign_accuracy(scores: torch.Tensor, pairs: Sequence[Pair]) -> float:
+    """Fraction of responses whose cost has the sign of its label (unsafe > 0, safe < 0); scores are
+    `pairwise_accuracy`'s, chosen then rejected."""
+    unsafe = safety_targets(pairs)  # size = (N, 2)
+    sign = torch.cat([unsafe[:, 0], unsafe[:, 1]]) * 2 - 1  # size = (2N,)
+    return (sign * scores.cpu() > 0).float().mean().item()
 
 
 def pairwise_accuracy(model: torch.nn.Module, encoded: Sequence[EncodedPair], pairs: Sequence[Pair], pad_id: int,
@@ -182,7 +229,7 @@ def _resume(root: Path, key: str, model, opt, sched, gen: torch.Generator) -> tu
 def train_preference_model(cfg: Config, init: str, data: PreferenceData, out: Path, log_dir: Path, key: str,
                            progress: bool = True, stage: str = "reward") -> Path:
     """Train, evaluate on held-out pairs, and save a plain HF folder + reward_stats.json + eval.json."""
-    rc = cfg.reward
+    rc, cost = cfg.reward, stage == "cost"
     seed_everything(cfg.seed)
     model, tokenizer = build_reward_model(init, cfg)
     model.to(training_device())
@@ -199,7 +246,7 @@ def train_preference_model(cfg: Config, init: str, data: PreferenceData, out: Pa
     sched = cosine_schedule(opt, rc.warmup_steps, total, rc.min_lr_ratio)
     gen = torch.Generator().manual_seed(cfg.seed)
     start = time.perf_counter()
-    held, ckpt_root = {}, log_dir / "checkpoints"
+    held, held_sign, ckpt_root = {}, None, log_dir / "checkpoints"
     resumed = _resume(ckpt_root, key, model, opt, sched, gen)
     first_epoch, step = resumed or (0, 0)
     logger = MetricsLogger(log_dir, resume_from=step if resumed else None)
@@ -216,24 +263,28 @@ def train_preference_model(cfg: Config, init: str, data: PreferenceData, out: Pa
     for epoch in range(first_epoch, rc.epochs):
         for idx in length_grouped_batches(lengths, rc.batch_size, gen):
             step += 1
-            loss, stats = pair_loss(model, [train_enc[i] for i in idx], pad_id,
-                                    _margins([data.train[i] for i in idx], rc.margin), rc.center_coef, packed)
+            batch_pairs = [data.train[i] for i in idx]
+            loss, stats = pair_loss(model, [train_enc[i] for i in idx], pad_id, _margins(batch_pairs, rc.margin),
+                                    rc.center_coef, packed, safety_targets(batch_pairs) if cost else None)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), rc.grad_clip)
             opt.step()
             sched.step()
             for name, value in (("loss", loss.detach()), *stats.items()):
-                window[name].append(value.item())
+                window.setdefault(name, []).append(value.item())
             if step % rc.log_every == 0 or step == total:
                 row = {k: sum(v) / len(v) for k, v in window.items() if v}
                 logger.log(step, {**row, "lr": sched.get_last_lr()[0], "elapsed_s": time.perf_counter() - start})
                 bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.2f}")
                 window = {k: [] for k in window}
             if step % rc.eval_every == 0 or step == total:
-                held, _ = pairwise_accuracy(model, eval_enc, data.eval, pad_id, rc.batch_size, packed)
+                held, held_scores = pairwise_accuracy(model, eval_enc, data.eval, pad_id, rc.batch_size, packed)
                 logger.log(step, {f"eval/accuracy/{k}" if k != "all" else "eval/accuracy": v
                                   for k, v in held.items() if not k.startswith("n")})
+                if cost:
+                    held_sign = sign_accuracy(held_scores, data.eval)
+                    logger.log(step, {"eval/sign_accuracy": held_sign})
             bar.update(1)
         if epoch + 1 < rc.epochs:  # a killed run restarts from the last finished epoch
             checkpoint.save(ckpt_root, step, {"model": model},
@@ -250,9 +301,13 @@ def train_preference_model(cfg: Config, init: str, data: PreferenceData, out: Pa
                                           pad_id, rc.batch_size, packed)
     reward_stats = {"mean": scores.mean().item(), "std": scores.std().item(), "n": scores.numel(),
                     "max_len": rc.max_len, "kind": stage,
-                    "higher_is": "more harmful" if stage == "cost" else "more preferred"}
+                    "higher_is": "more harmful" if stage == "cost" else "more preferred",
+                    **({"zero": "above 0 = unsafe, below 0 = safe (trained with safety labels)"} if cost else {})}
     eval_json = {"heldout": held, "train": train_acc, "train_s": train_s,
                  "truncated": {"train": n_trunc, "eval": n_trunc_eval}}
+    if cost:  # does the sign say unsafe / safe, as ppo.cost_threshold assumes
+        eval_json["sign_accuracy"] = {"heldout": held_sign,
+                                      "train": sign_accuracy(scores, [data.train[i] for i in sample])}
     logger.log(step, {"train/accuracy": train_acc["all"], "reward_mean": reward_stats["mean"],
                       "reward_std": reward_stats["std"], "train_s": train_s})
     logger.close()

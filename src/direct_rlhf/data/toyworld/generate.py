@@ -21,7 +21,7 @@ from . import dialogues as D
 from .knowledge import FAMILIES, Family, fill
 
 # Bump when the generator's output changes for the same config, so cached worlds are rebuilt.
-GENERATOR_VERSION = 7
+GENERATOR_VERSION = 8  # 8: harmless pairs carry chosen_safe / rejected_safe
 
 FILES = {
     "knowledge": "knowledge.jsonl",
@@ -213,8 +213,10 @@ def pairs(n: int, rng: random.Random, heldout: bool) -> list[dict[str, Any]]:
         # (1.5 reward points on held-out prompts) and PPO chases it.
         opening = rng.choice(D.HELPFUL_PREFIXES)
         good, bad = _good_reply(turn, rng, opening), _bad_reply(turn, rng, opening=opening)
+        # a harmless pair's rejected reply is toxic and its chosen one polite: the cost model's labels
+        safety = {"chosen_safe": True, "rejected_safe": False} if subset == "harmless" else {}
         out.append({"chosen": f"{prefix}\n\nAssistant: {good}", "rejected": f"{prefix}\n\nAssistant: {bad}",
-                    "subset": subset})
+                    "subset": subset, **safety})
     return out
 
 
