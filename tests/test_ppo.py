@@ -44,28 +44,24 @@ def micro_run(tmp_path_factory):
     return run
 
 
-def _trainer(run: Path, out: Path, extra=(), reward_fn=None) -> PPOTrainer:
+def _trainer(run: Path, out: Path, extra=(), reward_fn=None, reward_path: Path | None = None) -> PPOTrainer:
     cfg = load_config(None, [*MICRO, *PPO_MICRO, *extra])
     prompts = prompt_texts(run / "world" / "ppo_prompts.jsonl")
-    return PPOTrainer(cfg, str(run / "base"), str(run / "rm"), prompts, out, key="test", progress=False,
-                      reward_fn=reward_fn)
+    return PPOTrainer(cfg, str(run / "base"), str(reward_path or run / "rm"), prompts, out, key="test",
+                      progress=False, reward_fn=reward_fn)
 
 
 def _metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_stop_at_end_of_turn_keeps_the_stop_token_and_cuts_the_text(micro_run):
+def test_stop_at_end_of_turn_keeps_the_sampled_marker_and_cuts_the_text(micro_run):
+    """The toy tokenizer's layout; tests/test_token_layouts.py has the real families'."""
     tok = AutoTokenizer.from_pretrained(micro_run / "base")
     answer = tok(" Paris.", add_special_tokens=False)["input_ids"]
-    marker = tok("\n\nHuman: And Spain?", add_special_tokens=False)["input_ids"]
+    marker = tok("\n\nHuman:", add_special_tokens=False)["input_ids"]
     ids, text, ended = cut_response(tok, answer + marker + [tok.pad_token_id] * 3)
-    assert (text, ended) == (" Paris.", True)
-    assert ids[:len(answer)] == answer and len(answer) < len(ids) <= len(answer) + len(marker)
-    assert tok.decode(ids).startswith(" Paris.\n")  # the kept stop token opens the marker
-    row = answer + marker
-    first = next(k for k in range(1, len(row) + 1) if len(tok.decode(row[:k])) > len(" Paris."))
-    assert ids == row[:first]  # the first token that crosses into the marker, however it is found
+    assert (ids, text, ended) == (answer + marker, " Paris.", True)
     ids, text, ended = cut_response(tok, answer + [tok.eos_token_id, tok.pad_token_id])
     assert (ids, text, ended) == (answer + [tok.eos_token_id], " Paris.", True)
     ids, text, ended = cut_response(tok, answer)
@@ -180,12 +176,43 @@ def test_bf16_autocast_runs_every_model_in_bfloat16_and_keeps_float32_weights(mi
     assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
 
 
-def test_model_dtype_loads_every_role_in_it(micro_run, tmp_path):
-    trainer = _trainer(micro_run, tmp_path, ["model.dtype=bfloat16", "ppo.lagrangian=false"])
-    roles = {"actor": trainer.actor, "critic": trainer.critic, "reward": trainer.reward.model,
-             **({"reference": trainer.ref} if trainer.ref is not None else {})}
-    assert {name: {p.dtype for p in m.parameters()} for name, m in roles.items()} == \
-        {name: {torch.bfloat16} for name in roles}  # the reward folder was saved in fp32
+@pytest.mark.parametrize("lora", ["false", "true"])
+def test_model_dtype_loads_frozen_weights_in_it_and_trains_in_float32(micro_run, tmp_path, lora):
+    """model.dtype=bfloat16: the frozen weights (reference, reward model, a LoRA base) load in it;
+    every trained parameter (a fully trained actor or critic, LoRA adapters, the value head) and so
+    its optimiser state is float32, where small updates do not round away."""
+    trainer = _trainer(micro_run, tmp_path, ["model.dtype=bfloat16", f"ppo.lora.enabled={lora}",
+                                             f"ppo.critic_lora.enabled={lora}"])
+    for model in (trainer.actor, trainer.critic):
+        assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    for model in (trainer.actor, trainer.critic.backbone):
+        assert {p.dtype for p in model.parameters() if not p.requires_grad} == \
+            ({torch.bfloat16} if lora == "true" else set())
+    assert trainer.critic.head.weight.dtype == torch.float32
+    frozen = [trainer.ref] if lora == "false" else []
+    frozen += [trainer.reward.model] if lora == "false" else []  # with a LoRA critic the reward model is inside it
+    assert all({p.dtype for p in m.parameters()} == {torch.bfloat16} for m in frozen)
+    assert all(torch.isfinite(torch.tensor(v)) for v in trainer.step().values())
+
+
+def test_lora_merges_keep_updates_smaller_than_a_bfloat16_step(micro_run, tmp_path):
+    """A LoRA delta of std 1e-5 on bf16 weights: the saved policy and the merged rollout copy hold
+    base + delta to float32 precision (merged in bf16, 90% of the delta was lost)."""
+    trainer = _trainer(micro_run, tmp_path, ["model.dtype=bfloat16", "ppo.lora.enabled=true"])
+    actor = trainer.actor
+    torch.manual_seed(0)
+    for name, p in actor.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 1e-4)
+    layer = next(m for n, m in actor.named_modules() if n.endswith("q_proj") and hasattr(m, "lora_A"))
+    delta = layer.get_delta_weight("default").detach().double()
+    want = layer.base_layer.weight.detach().double() + delta
+    name = next(n for n, m in actor.get_base_model().named_modules() if m is layer) + ".weight"
+    copy = dict(trainer.rollout_copy.sync(actor).named_parameters())[name].detach().double()
+    merged = dict(trainer.save_policy(tmp_path / "policy", {}) and
+                  AutoModelForCausalLM.from_pretrained(tmp_path / "policy").named_parameters())[name].detach().double()
+    for got in (copy, merged):  # (save_policy merged the actor in place: nothing of it is read after)
+        assert (got - want).norm() / delta.norm() < 1e-3
 
 
 def test_attn_implementation_reaches_every_role(micro_run, tmp_path):
@@ -303,7 +330,6 @@ def test_experience_is_built_from_the_score_the_frozen_base_and_the_reward_model
       logged sequence KL is sum(old - base log-probs) per row, averaged;
     - the values: a fresh critic's value before response token k is the reward model's score of
       prompt + response[:k] (so values sit one position left of the tokens they judge)."""
-    from direct_rlhf.models.reward_model import score_ids
 
     raw = torch.tensor([9.0, -9.0, 0.5, -0.25, 4.0, -6.0, 0.0, 2.5])  # reward_stats: mean 0, std 1
     trainer = _trainer(micro_run, tmp_path, [f"ppo.lora.enabled={lora}", "ppo.reward_clip=3",
@@ -325,7 +351,11 @@ def test_experience_is_built_from_the_score_the_frozen_base_and_the_reward_model
     for i in range(B):
         n = len(samples.response_ids[i])
         prefixes = [pids[i] + samples.response_ids[i][:k] for k in range(n)]
-        expected = score_ids(rm, prefixes, tok.pad_token_id, batch_size=16)
+        # read at each prefix's last position (a tiny policy may sample PAD itself, where the saved
+        # model's own pooling, the rightmost non-PAD token, would read an earlier one)
+        with torch.no_grad():
+            expected = torch.stack([rm.score(getattr(rm, rm.base_model_prefix)(input_ids=torch.tensor([x]))
+                                             .last_hidden_state[0, -1])[0] for x in prefixes])
         torch.testing.assert_close(exp.values[i, :n].cpu(), expected, atol=1e-4, rtol=1e-4)
         assert torch.all(exp.values[i, n:] == 0)
 
@@ -754,3 +784,57 @@ def test_ptx_pulls_the_update_towards_the_pretraining_text(micro_run, tmp_path):
             blocks = trainers["5"].ptx_blocks.to(t.acc.device)
             losses[coef] = t.actor(input_ids=blocks, labels=blocks).loss.item()
     assert losses["5"] < losses["0"], losses
+
+
+def _reward_copy(micro_run: Path, out: Path, stats: dict | None) -> Path:
+    import shutil
+
+    shutil.copytree(micro_run / "rm", out)
+    (out / "reward_stats.json").unlink()
+    if stats is not None:
+        (out / "reward_stats.json").write_text(json.dumps(stats))
+    return out
+
+
+def _critic_at_last_token(trainer: PPOTrainer, prompts: list[str], responses: list[str]) -> torch.Tensor:
+    """The critic's value at the last token of each (prompt, response), laid out as the reward model reads it."""
+    from direct_rlhf.models.reward_model import encode, pad_right
+
+    ids, mask = pad_right(encode(trainer.tokenizer, prompts, responses, 256)[0], trainer.tokenizer.pad_token_id)
+    with torch.no_grad():
+        values = trainer.critic(input_ids=ids, attention_mask=mask)
+    return values[torch.arange(len(ids)), mask.sum(1) - 1]
+
+
+@pytest.mark.parametrize("critic_lora", ["false", "true"])
+def test_the_critic_starts_on_the_normalised_scale_of_its_targets(micro_run, tmp_path, critic_lora):
+    """PPO's returns are built from (raw - mean) / std; the critic, initialised from the reward
+    model, predicts on that scale from its first step (a raw head predicted `raw`)."""
+    rm = _reward_copy(micro_run, tmp_path / "rm", {"mean": 2.0, "std": 3.0, "max_len": 256})
+    cfg = load_config(None, [*MICRO, *PPO_MICRO, f"ppo.critic_lora.enabled={critic_lora}"])
+    trainer = PPOTrainer(cfg, str(micro_run / "base"), str(rm), prompt_texts(micro_run / "world" / "ppo_prompts.jsonl"),
+                         tmp_path / "out", key="test", progress=False)
+    prompts, responses = trainer.next_prompts()[:4], [" Paris.", " I do not know.", " Yes", " no no no"]
+    raw = trainer.reward.score(prompts, responses)
+    torch.testing.assert_close(_critic_at_last_token(trainer, prompts, responses), (raw - 2.0) / 3.0,
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_a_reward_model_without_statistics_has_them_measured_on_the_base_policy(micro_run, tmp_path):
+    """Bring your own reward model: a plain sequence-classification folder, no reward_stats.json.
+    PPO measures mean and std on the base policy's samples, records them, and the critic starts on
+    that scale; a classifier with two outputs is refused in one line."""
+    rm = _reward_copy(micro_run, tmp_path / "rm", None)
+    trainer = _trainer(micro_run, tmp_path / "out", reward_path=rm)
+    stats = trainer.reward.stats()
+    assert stats["source"].startswith("measured on 64 samples of the base policy") and stats["std"] > 0
+    prompts, responses = trainer.next_prompts()[:3], [" Paris.", " Hello there", " no"]
+    raw = trainer.reward.score(prompts, responses)
+    torch.testing.assert_close(_critic_at_last_token(trainer, prompts, responses),
+                               (raw - stats["mean"]) / stats["std"], atol=1e-4, rtol=1e-4)
+    assert _trainer(micro_run, tmp_path / "again", reward_path=rm).reward.stats() == stats  # seeded: resumable
+    two = AutoModelForSequenceClassification.from_pretrained(micro_run / "base", num_labels=2)
+    two.save_pretrained(tmp_path / "two")
+    AutoTokenizer.from_pretrained(micro_run / "base").save_pretrained(tmp_path / "two")
+    with pytest.raises(UserError, match="not a reward model"):
+        _trainer(micro_run, tmp_path / "out2", reward_path=tmp_path / "two")

@@ -282,6 +282,7 @@ def ensure_policy(cfg: Config, progress: bool = True, resume: bool = False, init
     trainer.save_policy(out, {"stage": "ppo", "key": key, "seed": cfg.seed, "init": start, "reward": reward,
                               "config": cfg.section_dict("ppo"), "stopped_early": trainer.stopped_early,
                               "prompts": {"n": len(prompts), "cut": n_cut, "budget_tokens": budget},
+                              "reward_stats": trainer.reward.stats(),
                               "wall_s": time.perf_counter() - t0})  # of this process: a resumed run's last part
     trainer.acc.wait_for_everyone()
     return str(out)

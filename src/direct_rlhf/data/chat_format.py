@@ -9,12 +9,17 @@ A base model does not know when to stop: after its answer it happily writes the 
 "\n\nHuman:" turn itself. So a response *ends* at EOS or at the first end-of-turn marker, and
 everything from the marker on is cut. Every stage (pretraining corpus, reward model, PPO rollout,
 SFT, evaluation, chat) goes through this one module so that they agree on the bytes.
+
+The *token* layout is decided here too (`special_wrapping`, `prompt_ids`): every role
+sees text wrapped in the special tokens the tokenizer adds (Llama's and Mistral's BOS), as the model
+saw in pretraining. A prompt that a model continues gets only the leading ones (a trailing EOS would
+end the text before the answer); a whole text that is scored or trained on gets both.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Literal
+from typing import Any, Iterable, Literal, Sequence
 
 HUMAN = "\n\nHuman:"
 ASSISTANT = "\n\nAssistant:"
@@ -90,3 +95,25 @@ def truncate_at_end_of_turn(response: str) -> tuple[str, bool]:
 def _next_marker(text: str, start: int) -> int:
     hits = [i for i in (text.find(m, start) for m in END_OF_TURN) if i >= 0]
     return min(hits) if hits else len(text)
+
+
+# --------------------------------------------------------------------------------------------------
+# Token layout: one rule for every role (reward model, critic, generation, SFT, evaluation, chat)
+
+
+def special_wrapping(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer puts before and after any text (e.g. Llama's and Mistral's BOS;
+    nothing for GPT-2 or SmolLM2, which add no special tokens)."""
+    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for i in range(len(full) - len(bare) + 1):
+        if full[i:i + len(bare)] == bare:
+            return list(full[:i]), list(full[i + len(bare):])
+    return [], []
+
+
+def prompt_ids(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
+    """Token ids of prompts that a model will continue: the leading special tokens, then the text."""
+    head, _ = special_wrapping(tokenizer)
+    return [head + list(ids) for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+

@@ -18,8 +18,10 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from ..data.chat_format import prompt_ids
 from ..errors import UserError
 from ..io import text_lines
+from ..rollout.hf_generate import left_pad
 
 _NORM_NAMES = ("norm", "final_layernorm", "final_layer_norm", "ln_f", "norm_f")
 
@@ -88,14 +90,13 @@ def badword_prob_by_layer(model: Any, tokenizer: Any, prompts: Sequence[str], to
     extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     was_training = model.training
     model.eval()
-    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     out: list[list[float]] = []
     try:
         for i in tqdm(range(0, len(prompts), batch_size), desc=progress or "", disable=progress is None, leave=False):
-            enc = tokenizer(list(prompts[i:i + batch_size]), return_tensors="pt", padding=True,
-                            add_special_tokens=False).to(model.device)
-            mask = enc["attention_mask"]  # size = (B, T)
-            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift positions
+            # the prompts laid out as generation lays them out (BOS where the tokenizer adds one)
+            input_ids, mask = left_pad(prompt_ids(tokenizer, prompts[i:i + batch_size]), tokenizer.pad_token_id)
+            enc = {"input_ids": input_ids.to(model.device), "attention_mask": mask.to(model.device)}
+            position_ids = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)  # left padding must not shift positions
             res = model(**enc, position_ids=position_ids, output_hidden_states=True, use_cache=False, **extra)
             hidden = res.hidden_states  # L + 1 tensors, each size = (B, T, H)
             # Layers 0..L-1: residual stream -> final norm -> head. Layer L: the model's own logits
@@ -104,7 +105,6 @@ def badword_prob_by_layer(model: Any, tokenizer: Any, prompts: Sequence[str], to
             probs = torch.stack([torch.softmax(lg.float(), dim=-1)[:, ids].sum(-1) for lg in logits], dim=1)
             out.extend(probs.cpu().tolist())  # size = (B, L + 1)
     finally:
-        tokenizer.padding_side = padding_side
         model.train(was_training)
     return out
 

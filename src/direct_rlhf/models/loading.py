@@ -1,27 +1,51 @@
-"""Load models and tokenizers from a local folder or a hub id, with errors a user can act on.
+"""Load models and tokenizers from a local folder, a hub id or a GGUF file, with errors a user can act on.
 
 Never loads pickled weights (safetensors only) and never runs remote code unless the recipe
-says `trust_remote_code: true`.
+says `trust_remote_code: true`. A `.gguf` file (llama.cpp's format) is read as the safetensors
+folder it converts to once (models/gguf.py). Every load goes through `pretrained`, so a missing
+folder, a folder of the wrong kind and a broken weights file are each one line naming the path.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from safetensors import SafetensorError
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from ..errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    _check_local(name_or_path)
+def model_source(name_or_path: str | Path, trust_remote_code: bool = False) -> str:
+    """What `from_pretrained` reads: a folder or hub id as it is; a `.gguf` file as the safetensors
+    folder it is converted to once (models/gguf.py)."""
+    text = str(name_or_path)
+    if text.endswith(".gguf"):
+        from .gguf import gguf_folder
+
+        return str(gguf_folder(text, trust_remote_code))
+    _check_local(text)
+    return text
+
+
+def pretrained(auto_class: Any, name_or_path: str | Path, what: str, **kwargs) -> Any:
+    """`auto_class.from_pretrained` with one-line errors ("<path>: cannot load <what> (<reason>)"),
+    safetensors only."""
+    src = model_source(name_or_path, kwargs.get("trust_remote_code", False))
+    if auto_class is not AutoTokenizer and auto_class is not AutoConfig:
+        kwargs.setdefault("use_safetensors", True)
     try:
-        tok = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise UserError(f"{name_or_path}: cannot load a tokenizer ({_first_line(err)})") from None
+        return auto_class.from_pretrained(src, **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:
+        raise UserError(f"{name_or_path}: cannot load {what} ({_first_line(err)})") from None
+
+
+def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    tok = pretrained(AutoTokenizer, name_or_path, "a tokenizer", trust_remote_code=trust_remote_code)
     if tok.pad_token is None:  # base models often ship without one; EOS is the usual stand-in
         tok.pad_token = tok.eos_token
     return tok
@@ -34,15 +58,10 @@ def check_causal_lm(name_or_path: str | Path, trust_remote_code: bool = False) -
     would otherwise load as a causal LM with a *random* LM head, silently; its saved
     architecture says what it is.
     """
-    from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     src = str(name_or_path)
-    _check_local(src)
-    try:
-        config = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as err:
-        raise UserError(f"{src}: cannot load a causal language model ({_first_line(err)})") from None
+    config = pretrained(AutoConfig, src, "a causal language model", trust_remote_code=trust_remote_code)
     if trust_remote_code:
         return
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
@@ -56,11 +75,8 @@ def check_causal_lm(name_or_path: str | Path, trust_remote_code: bool = False) -
 def load_causal_lm(name_or_path: str | Path, dtype: str = "float32", trust_remote_code: bool = False):
     """A causal LM in eval mode; `UserError` when the folder is missing or is not a causal LM."""
     check_causal_lm(name_or_path, trust_remote_code)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=DTYPES[dtype],
-                                                     use_safetensors=True, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as err:
-        raise UserError(f"{name_or_path}: cannot load a causal language model ({_first_line(err)})") from None
+    model = pretrained(AutoModelForCausalLM, name_or_path, "a causal language model", dtype=DTYPES[dtype],
+                       trust_remote_code=trust_remote_code)
     return model.eval()
 
 

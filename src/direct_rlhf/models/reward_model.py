@@ -21,11 +21,14 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
-from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedTokenizerBase
 
 from ..config import Config
+from ..data.chat_format import special_wrapping
 from ..errors import UserError
-from .loading import DTYPES, _first_line, load_tokenizer
+from .dropout import disable_dropout
+from .loading import DTYPES, load_tokenizer, pretrained
+from .precision import float32_head, merge_in_float32, trained_dtype
 
 STATS_FILE = "reward_stats.json"
 
@@ -39,7 +42,7 @@ def encode(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], responses
     """Token ids of each prompt+response, left-truncated to `max_len`; returns (ids, n_truncated)."""
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    head, tail = _special_wrapping(tokenizer)
+    head, tail = special_wrapping(tokenizer)  # the one token-layout rule of every role
     budget = max_len - len(head) - len(tail)
     if budget < 1:
         raise UserError(f"reward.max_len={max_len} leaves no room for text")
@@ -51,16 +54,6 @@ def encode(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], responses
             truncated += 1
         out.append(head + list(body) + tail)
     return out, truncated
-
-
-def _special_wrapping(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
-    """The ids the tokenizer puts before and after any text (e.g. Llama/Mistral's BOS)."""
-    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
-    full = tokenizer("a", add_special_tokens=True)["input_ids"]
-    for i in range(len(full) - len(bare) + 1):
-        if full[i:i + len(bare)] == bare:
-            return list(full[:i]), list(full[i + len(bare):])
-    return [], []
 
 
 def pad_right(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,46 +93,62 @@ def _quiet_transformers() -> Iterator[None]:
 
 
 def build_reward_model(init: str, cfg: Config):
-    """(model, tokenizer): a fresh scalar head on `init` (a causal-LM folder or hub id), LoRA if asked.
+    """(model, tokenizer): a fresh scalar head on `init` (a causal-LM folder, hub id or GGUF file),
+    LoRA if asked. Fully trained: float32; with LoRA the frozen base in `model.dtype`; the head
+    float32 either way (models/precision.py). Dropout off, as in every role.
 
     The head is new; the backbone comes from the base model, so the reward model starts with
     everything the base knows about the world (the wrong-answer pairs need that knowledge).
     """
     tokenizer = load_tokenizer(init, cfg.model.trust_remote_code)  # checks a local path exists first
-    try:
-        with _quiet_transformers():
-            model = AutoModelForSequenceClassification.from_pretrained(
-                str(init), num_labels=1, pad_token_id=tokenizer.pad_token_id, dtype=DTYPES[cfg.model.dtype],
-                use_safetensors=True, trust_remote_code=cfg.model.trust_remote_code)
-    except (OSError, ValueError, KeyError) as err:
-        raise UserError(f"{init}: cannot build a reward model from it ({_first_line(err)})") from None
-    model.config.pad_token_id = tokenizer.pad_token_id
     lora = cfg.reward.lora
+    with _quiet_transformers():
+        model = pretrained(AutoModelForSequenceClassification, init, "a reward model from it", num_labels=1,
+                           pad_token_id=tokenizer.pad_token_id,
+                           dtype=DTYPES[trained_dtype(cfg.model.dtype, lora.enabled)],
+                           trust_remote_code=cfg.model.trust_remote_code)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    float32_head(model.score)
     if lora.enabled:
         from .lora import add_lora
 
         # SEQ_CLS keeps the new score head fully trainable (peft adds it to modules_to_save).
         model = add_lora(model, lora, "SEQ_CLS")
-    return model, tokenizer
+    return disable_dropout(model), tokenizer
+
+
+def load_reward_model(path: str | Path, dtype: str | None = None, trust_remote_code: bool = False):
+    """A saved reward model (ours, or any one-output sequence classifier), checked before loading."""
+    check_reward_folder(path, trust_remote_code)
+    with _quiet_transformers():
+        model = pretrained(AutoModelForSequenceClassification, path, "the reward model",
+                           trust_remote_code=trust_remote_code, **({"dtype": DTYPES[dtype]} if dtype else {}))
+    if model.config.pad_token_id is None:  # a classifier trained without padding; ours always sets it
+        model.config.pad_token_id = load_tokenizer(path, trust_remote_code).pad_token_id
+    return model
 
 
 def plain_model(model: torch.nn.Module) -> torch.nn.Module:
-    """Merge LoRA adapters into the weights so the saved folder needs neither peft nor us."""
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
-    return model
+    """Merge LoRA adapters into the weights, in float32, so the saved folder needs neither peft nor us."""
+    return merge_in_float32(model)
 
 
 # --------------------------------------------------------------------------------------------------
 # Scoring (used by PPO and evaluation: keep this interface stable)
 
 
-def check_reward_folder(path: str | Path) -> Path:
-    """The folder's reward statistics file, or a one-line error before any weights load."""
-    stats_file = Path(path) / STATS_FILE
-    if not stats_file.is_file():
-        raise UserError(f"{path}: not a reward model folder (no {STATS_FILE}); train one with 'direct-rlhf reward'")
-    return stats_file
+def check_reward_folder(path: str | Path, trust_remote_code: bool = False) -> None:
+    """A one-line error, before any weights load, unless `path` is a reward model: a folder made by
+    `direct-rlhf reward` (it has reward_stats.json), or any Hugging Face sequence classifier with
+    one output (bring your own; its statistics are then measured where it is used)."""
+    if (Path(path) / STATS_FILE).is_file():
+        return
+    config = pretrained(AutoConfig, path, "a reward model", trust_remote_code=trust_remote_code)
+    archs = list(getattr(config, "architectures", None) or [])
+    if not any(a.endswith("ForSequenceClassification") for a in archs) or config.num_labels != 1:
+        kind = archs[0] if archs else config.model_type
+        raise UserError(f"{path}: not a reward model (it is a {kind}; a reward model is a sequence classifier with "
+                        f"one output, e.g. from 'direct-rlhf reward')")
 
 
 class RewardScorer:
@@ -147,35 +156,35 @@ class RewardScorer:
 
     `mean`/`std` are the reward statistics on the training set (both chosen and rejected
     responses), which PPO uses to normalise rewards so the KL coefficient means the same thing
-    whatever scale the reward model happened to learn.
+    whatever scale the reward model happened to learn. A reward model brought from elsewhere has
+    none: they are None until measured on samples (`set_stats`).
     """
 
     def __init__(self, path: str | Path, device: str = "cpu", batch_size: int = 32,
                  model: Callable[..., Any] | None = None, max_tokens: int = 0, dtype: str | None = None,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, max_len: int = 1024):
         """`model`: an already loaded stand-in for the folder's model, placed by the caller (PPO's
         `SharedRewardModel`); the folder then gives only the statistics and the tokenizer.
         `max_tokens`: a batch also holds at most that many token positions (0: rows only).
-        `dtype`: the weights' dtype (`model.dtype`; None: as saved)."""
+        `dtype`: the weights' dtype (`model.dtype`; None: as saved). `max_len`: the token limit of a
+        scored text when the folder records none (a reward model from elsewhere)."""
         self.path = Path(path)
-        stats = json.loads(check_reward_folder(self.path).read_text())
-        self.mean: float = float(stats["mean"])
-        self.std: float = float(stats["std"])
-        self.max_len: int = int(stats["max_len"])
+        check_reward_folder(path, trust_remote_code)
+        stats_file = self.path / STATS_FILE
+        stats = json.loads(stats_file.read_text()) if stats_file.is_file() else {}
+        self.mean: float | None = float(stats["mean"]) if stats else None
+        self.std: float | None = float(stats["std"]) if stats else None
+        self.stats_source = STATS_FILE if stats else None
         self.device = torch.device(device)
         self.batch_size, self.max_tokens = batch_size, max_tokens
-        self.tokenizer = load_tokenizer(self.path, trust_remote_code)
+        self.tokenizer = load_tokenizer(path, trust_remote_code)
         if model is not None:
             self.model = model
         else:
-            try:
-                with _quiet_transformers():
-                    self.model = AutoModelForSequenceClassification.from_pretrained(
-                        str(self.path), use_safetensors=True, trust_remote_code=trust_remote_code,
-                        **({"dtype": DTYPES[dtype]} if dtype else {}))
-            except (OSError, ValueError) as err:
-                raise UserError(f"{self.path}: cannot load the reward model ({_first_line(err)})") from None
+            self.model = load_reward_model(path, dtype, trust_remote_code)
             self.model.to(self.device).eval()
+        window = getattr(self.model.config, "max_position_embeddings", None)
+        self.max_len: int = int(stats["max_len"]) if stats else min(max_len, window or max_len)
         self.pad_id = self.model.config.pad_token_id
 
     @torch.no_grad()
@@ -184,8 +193,18 @@ class RewardScorer:
         ids, _ = encode(self.tokenizer, prompts, responses, self.max_len)
         return score_ids(self.model, ids, self.pad_id, self.batch_size, self.device, self.max_tokens)
 
+    def set_stats(self, scores: torch.Tensor, source: str) -> None:
+        """Normalisation statistics measured on these raw scores (a reward model that has none)."""
+        self.mean, self.std = float(scores.mean()), float(scores.std()) if len(scores) > 1 else 1.0
+        self.stats_source = f"measured on {len(scores)} {source}"
+
+    def stats(self) -> dict[str, Any]:
+        return {"mean": self.mean, "std": self.std, "source": self.stats_source}
+
     def normalise(self, scores: torch.Tensor) -> torch.Tensor:
         """(scores - mean) / std with the training-set statistics."""
+        if self.mean is None or self.std is None:
+            raise RuntimeError(f"{self.path}: no reward statistics yet (RewardScorer.calibrate)")
         return (scores - self.mean) / max(self.std, 1e-6)
 
 

@@ -1,9 +1,16 @@
 """Sample responses with Hugging Face `generate`, stopping at EOS or the chat format's end of turn.
 
 A base model does not stop after its answer; it writes the next "Human:" turn. Each row stops as
-soon as it writes an end-of-turn marker (`stop_strings`), and the response is cut there. The token
-that opened the marker is kept as the response's last token — it plays the role EOS plays for a
-chat model, so PPO can give credit for ending the turn — but the response *text* excludes it.
+soon as it writes an end-of-turn marker (`stop_strings`) or samples EOS. One rule (`cut_response`,
+shared with the vLLM backend) decides what a response is: exactly the tokens the policy sampled, up
+to and including the token that ended the turn (a sampled EOS, or the token that completed a
+marker). Those tokens play the role EOS plays for a chat model, so PPO can give credit for ending
+the turn; the response *text* excludes the marker.
+
+Sampling uses only the caller's settings (`sampling_config`), never the model's own
+`generation_config.json`: a repetition penalty or top-k shipped with a checkpoint would change the
+distribution the tokens are drawn from, and the log-probs recorded here would no longer be the
+ones training computes. Prompts get the tokenizer's leading special tokens (`chat_format.prompt_ids`).
 
 With `logprobs=True` it also returns each kept token's log-probability under the sampling model
 (raw logits / temperature, no top-p), taken from the logits generation computed anyway: PPO's
@@ -16,10 +23,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+import contextlib
+from typing import Iterator, Sequence
 
-from ..data.chat_format import END_OF_TURN, truncate_at_end_of_turn
+import torch
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+
+from ..data.chat_format import END_OF_TURN, prompt_ids, truncate_at_end_of_turn
 from ..models.attention_kernels import without_cudnn_attention
 
 
@@ -48,31 +58,65 @@ def sample(model, tokenizer, prompts: list[str], max_new_tokens: int, temperatur
         torch.manual_seed(seed)
     was_training = model.training
     model.eval()
-    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     out = Samples(prompts=list(prompts), texts=[], response_ids=[], ended=[], logprobs=[] if logprobs else None)
+    config = sampling_config(tokenizer, max_new_tokens, temperature, top_p, greedy)
     try:
         for i in range(0, len(prompts), batch_size):
             chunk = prompts[i:i + batch_size]
-            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            input_ids, attention_mask = left_pad(prompt_ids(tokenizer, chunk), tokenizer.pad_token_id)
             recorder = TokenLogprobs(temperature) if logprobs else None
-            with without_cudnn_attention(model.device):  # a new key length every token
+            # cuDNN's attention left out: a new key length every token
+            with without_cudnn_attention(model.device), only_this_config(model, config):
                 gen = model.generate(
-                    **enc, max_new_tokens=max_new_tokens, do_sample=not greedy,
-                    temperature=temperature if not greedy else None, top_p=top_p if not greedy else None,
-                    top_k=0 if not greedy else None, stop_strings=list(END_OF_TURN), tokenizer=tokenizer,
-                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True,
+                    input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
+                    generation_config=config, tokenizer=tokenizer,
                     logits_processor=LogitsProcessorList([recorder]) if recorder else None,
                 )
-            new = gen[:, enc["input_ids"].shape[1]:]  # size = (b, S)
+            new = gen[:, input_ids.shape[1]:]  # size = (b, S)
             lp = recorder.finish(new) if recorder else None
             for i, row in enumerate(new.tolist()):
                 kept = out.add(tokenizer, row)
                 if lp is not None:
                     out.logprobs.append(lp[i, :kept].cpu())
     finally:
-        tokenizer.padding_side = padding_side
         model.train(was_training)
     return out
+
+
+def sampling_config(tokenizer, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
+                    greedy: bool = False) -> GenerationConfig:
+    """Exactly the recipe's sampling settings: plain temperature and top-p, no top-k, no penalties."""
+    common = {"max_new_tokens": max_new_tokens, "stop_strings": list(END_OF_TURN), "pad_token_id": tokenizer.pad_token_id,
+              "eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id, "use_cache": True}
+    if greedy:
+        return GenerationConfig(do_sample=False, **common)
+    return GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, **common)
+
+
+@contextlib.contextmanager
+def only_this_config(model, config: GenerationConfig) -> Iterator[None]:
+    """Make `config` the model's own generation config for the call: `generate` fills every setting
+    left at its global default (repetition_penalty=1.0, top_k=50 ...) from the model's own config,
+    so passing `generation_config=` alone would let a checkpoint's settings back in."""
+    hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved = hf_model.generation_config
+    hf_model.generation_config = config
+    try:
+        yield
+    finally:
+        hf_model.generation_config = saved
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token id lists to the longest: (input_ids, attention_mask), each size = (B, T)."""
+    width = max(1, max(len(r) for r in rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r):] = 1
+    return ids, mask
 
 
 class TokenLogprobs(LogitsProcessor):
@@ -109,22 +153,26 @@ class TokenLogprobs(LogitsProcessor):
 
 
 def cut_response(tokenizer, ids: list[int]) -> tuple[list[int], str, bool]:
-    """(kept token ids, response text, ended) for one generated row (right-padded with PAD)."""
+    """(kept token ids, response text, ended) for one generated row, right-padded with PAD.
+
+    The kept ids are exactly the tokens the policy sampled, through the token that ended the turn:
+    a sampled EOS, or the token that completed an end-of-turn marker, whichever came first. The
+    first EOS ends the row for certain: after it there is only padding (and PAD is often EOS:
+    Llama and Mistral have no PAD, SmolLM2 ships PAD == EOS). So a row that stopped on a marker
+    and was then padded keeps its marker and no EOS the policy never sampled."""
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    if eos in ids:
-        ids = ids[: ids.index(eos) + 1]
-        text, _ = truncate_at_end_of_turn(tokenizer.decode(ids[:-1]))
-        return ids, text, True
-    while ids and ids[-1] == pad and pad != eos:
-        ids = ids[:-1]
-    full = tokenizer.decode(ids)
-    text, ended = truncate_at_end_of_turn(full)
-    if not ended:
-        return ids, text, False
-    # keep tokens through the one whose text crosses into the marker. Generation stops as soon as
-    # the marker is complete, so that token is among the last few: walk back from the end (from the
-    # start, a 256-token row took 256 decodes of up to 256 tokens, 6 ms a row)
-    k = len(ids)
-    while k > 1 and len(tokenizer.decode(ids[:k - 1])) > len(text):
-        k -= 1
-    return ids[:k], text, True
+    sampled_eos = eos in ids
+    body = ids[:ids.index(eos)] if sampled_eos else list(ids)
+    while not sampled_eos and body and body[-1] == pad:
+        body.pop()  # a distinct PAD after a marker
+    text, ended = truncate_at_end_of_turn(tokenizer.decode(body))
+    if ended:
+        # the token that completed the marker: the shortest prefix whose text holds a marker. Generation
+        # stops right there, so walk back from the end (from the start, a 256-token row took 256 decodes)
+        k = len(body)
+        while k > 1 and truncate_at_end_of_turn(tokenizer.decode(body[:k - 1]))[1]:
+            k -= 1
+        return body[:k], text, True
+    if sampled_eos:
+        return body + [eos], text, True
+    return body, text, False

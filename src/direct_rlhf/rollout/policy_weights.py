@@ -29,8 +29,8 @@ def actor_weights(actor: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
             layer = modules[owner.removesuffix(".base_layer")]
             w = p.detach()
             for adapter in layer.active_adapters:
-                if adapter in layer.lora_A:
-                    w = w + layer.get_delta_weight(adapter).to(w.dtype)
+                if adapter in layer.lora_A:  # added in float32: in bf16 a small delta rounds away
+                    w = w.float() + layer.get_delta_weight(adapter).float()
             yield owner.removesuffix(".base_layer") + ".weight", w
         else:
             yield name.replace(".base_layer", ""), p.detach()
@@ -43,8 +43,10 @@ class MergedRolloutCopy:
     the toy model that makes generation 10–25% faster (README, Performance); it holds one more copy
     of the model's weights, which is why large-model recipes leave it off."""
 
-    def __init__(self, base: str, dtype: str, trust_remote_code: bool = False):
-        self.model = load_causal_lm(base, dtype, trust_remote_code).requires_grad_(False)
+    def __init__(self, base: str, trust_remote_code: bool = False):
+        # float32 whatever model.dtype is: the adapters' deltas are too small for bf16 weights
+        # (models/precision.py); under ppo.bf16 generation still computes in bf16
+        self.model = load_causal_lm(base, "float32", trust_remote_code).requires_grad_(False)
         self._params = dict(self.model.named_parameters())
 
     def sync(self, actor: torch.nn.Module) -> torch.nn.Module:

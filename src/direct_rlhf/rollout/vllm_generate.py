@@ -21,7 +21,7 @@ from typing import Any, Iterable
 
 import torch
 
-from ..data.chat_format import END_OF_TURN
+from ..data.chat_format import END_OF_TURN, prompt_ids
 from ..errors import UserError
 from .hf_generate import Samples
 from .policy_weights import actor_weights
@@ -54,7 +54,9 @@ class VLLMSampler:
         kwargs = {"distributed_executor_backend": "external_launcher"} if num_processes > 1 else {}
         self.llm = llm_factory(model=model_path, tokenizer=model_path, dtype=dtype, seed=seed,
                                gpu_memory_utilization=gpu_memory_utilization,
-                               enable_prefix_caching=True, worker_extension_cls=EXTENSION, **kwargs)
+                               enable_prefix_caching=True, worker_extension_cls=EXTENSION,
+                               generation_config="vllm",  # not the model's generation_config.json (hf_generate)
+                               **kwargs)
 
     def load_weights(self, actor: torch.nn.Module) -> None:
         """Copy the actor's current weights into vLLM, and forget KV blocks cached from the old ones."""
@@ -69,7 +71,7 @@ class VLLMSampler:
         params = SamplingParams(n=1, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
                                 stop=list(END_OF_TURN), include_stop_str_in_output=True,
                                 stop_token_ids=[tok.eos_token_id], skip_special_tokens=False)
-        ids = tok(prompts, add_special_tokens=False)["input_ids"]
+        ids = prompt_ids(tok, prompts)
         outs = self.llm.generate([{"prompt_token_ids": x} for x in ids], params, use_tqdm=False)
         return samples_from_outputs(tok, prompts, outs)
 

@@ -41,7 +41,8 @@ from ..config import Config
 from ..errors import UserError
 from ..models.attention_kernels import without_cudnn_attention
 from ..models.loading import load_tokenizer
-from ..rollout.hf_generate import Samples, sample
+from ..data.chat_format import prompt_ids
+from ..rollout.hf_generate import Samples, left_pad, sample
 from ..rollout.policy_weights import MergedRolloutCopy
 from ..tracking import MetricsLogger, open_step_log, seed_everything
 from . import checkpoint
@@ -115,7 +116,7 @@ class PPOTrainer:
                                     cfg.seed + self.acc.process_index, self.acc.num_processes)
         actor = load_actor(base, dtype, self.pc.lora, cfg.model.trust_remote_code, cfg.model.gradient_checkpointing)
         self.ref = load_reference(base, dtype, self.pc.lora, cfg.model.trust_remote_code)
-        self.rollout_copy = (MergedRolloutCopy(base, dtype, cfg.model.trust_remote_code)
+        self.rollout_copy = (MergedRolloutCopy(base, cfg.model.trust_remote_code)
                              if self.vllm is None and self.pc.lora.enabled and self.pc.merged_rollout else None)
         critic = ValueModel.from_reward_model(reward_path, dtype, self.pc.critic_lora, cfg.model.trust_remote_code)
         # scored in length-sorted chunks of micro_batch_size rows (and micro_batch_tokens positions), like
@@ -134,6 +135,10 @@ class PPOTrainer:
         for frozen in (self.ref, rollout_model):
             if frozen is not None:
                 frozen.to(self.acc.device)
+        if self.reward.mean is None:  # a reward model brought without reward_stats.json
+            self._measure_reward_stats()
+        # the critic predicts the normalised score that its targets are built from, from the first step
+        self.acc.unwrap_model(self.critic).start_on_normalised_scale(self.reward.mean, self.reward.std)
         self.lagrangian = self.pc.lagrangian
         if self.lagrangian:
             if not cost_path:
@@ -158,6 +163,20 @@ class PPOTrainer:
         self.stopped_early: dict[str, Any] | None = None
         self._perm: list[int] = []
         self._perm_epoch: int | None = None
+
+    @torch.no_grad()
+    def _measure_reward_stats(self, n: int = 64) -> None:
+        """The reward's normalisation statistics, measured on the base policy's responses to a seeded
+        sample of up to `n` PPO prompts (split over the processes, scores gathered), for a reward
+        model that has none recorded. Deterministic for a given seed, so a resumed run measures the same."""
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1000 + 999_983)
+        chosen = torch.randperm(len(self.prompts), generator=gen)[:n].tolist()
+        mine = [self.prompts[i] for i in chosen[self.acc.process_index::self.acc.num_processes]]
+        scores = self.reward.score(mine, self._rollout(mine).texts).to(self.acc.device)
+        every = self.acc.gather_for_metrics(scores).cpu() if self.acc.num_processes > 1 else scores.cpu()
+        self.reward.set_stats(every, "samples of the base policy on PPO prompts")
+        log.info("ppo: reward statistics %s (mean %.3f, std %.3f)", self.reward.stats_source, self.reward.mean,
+                 self.reward.std)
 
     # ------------------------------------------------------------------ data
     def next_prompts(self) -> list[str]:
@@ -420,7 +439,7 @@ class PPOTrainer:
         shared = SharedRewardModel(critic) if critic.reward_head is not None else None
         return RewardScorer(path, device=str(self.acc.device), batch_size=self.pc.micro_batch_size, model=shared,
                             max_tokens=self.pc.micro_batch_tokens, dtype=self.cfg.model.dtype,
-                            trust_remote_code=self.cfg.model.trust_remote_code)
+                            trust_remote_code=self.cfg.model.trust_remote_code, max_len=self.cfg.reward.max_len)
 
     @staticmethod
     def _own_model(scorer) -> torch.nn.Module | None:
@@ -450,22 +469,7 @@ class PPOTrainer:
             return self.actor(input_ids=batch, labels=batch).loss
 
     def _assemble(self, prompts: list[str], responses: list[list[int]]):
-        """[left-padded prompt | right-padded response] with explicit positions, so that the
-        log-probs here match what generation computed under left padding."""
-        tok, dev = self.tokenizer, self.acc.device
-        side, tok.padding_side = tok.padding_side, "left"
-        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        tok.padding_side = side
-        R = max(1, max(len(r) for r in responses))
-        resp = torch.full((len(responses), R), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros(len(responses), R)
-        for i, r in enumerate(responses):
-            resp[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-            mask[i, :len(r)] = 1.0
-        seq = torch.cat([enc["input_ids"], resp], 1).to(dev)
-        attn = torch.cat([enc["attention_mask"].float(), mask], 1).to(dev)
-        pos = (attn.cumsum(1) - 1).clamp(min=0).long()
-        return seq, attn.long(), pos, mask.to(dev)
+        return assemble(self.tokenizer, prompts, responses, self.acc.device)
 
     def _response_logits(self, model, mb: MicroBatch) -> torch.Tensor:
         # only the r positions that predict response tokens go through the LM head
@@ -655,3 +659,20 @@ class PPOTrainer:
         policy = merged_policy(self.acc.unwrap_model(self.actor))
         return save_model_folder(out, policy.eval(), self.tokenizer, info)
 
+
+def assemble(tokenizer, prompts: list[str], responses: list[list[int]], device: torch.device | str = "cpu"):
+    """(sequences, attention mask, position ids, response mask): [left-padded prompt | right-padded
+    response], with the prompt laid out as generation laid it out (`chat_format.prompt_ids`: BOS
+    where the tokenizer adds one) and explicit positions, so that the log-probs computed on these
+    rows are the ones generation recorded. Sizes (B, P+R) x 3 and (B, R)."""
+    prompt, prompt_mask = left_pad(prompt_ids(tokenizer, prompts), tokenizer.pad_token_id)
+    R = max(1, max(len(r) for r in responses))
+    resp = torch.full((len(responses), R), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros(len(responses), R)
+    for i, r in enumerate(responses):
+        resp[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, :len(r)] = 1.0
+    seq = torch.cat([prompt, resp], 1).to(device)
+    attn = torch.cat([prompt_mask.float(), mask], 1).to(device)
+    pos = (attn.cumsum(1) - 1).clamp(min=0).long()
+    return seq, attn.long(), pos, mask.to(device)

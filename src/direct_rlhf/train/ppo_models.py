@@ -23,12 +23,12 @@ from typing import Iterator
 
 import torch
 from torch import nn
-from transformers import AutoModelForSequenceClassification
-
 from ..config import LoraConfig
-from ..models.loading import DTYPES, load_causal_lm
+from ..models.dropout import disable_dropout
+from ..models.loading import load_causal_lm
+from ..models.precision import float32_head, merge_in_float32, trained_dtype
 from ..models.lora import add_lora
-from ..models.reward_model import check_reward_folder
+from ..models.reward_model import load_reward_model
 
 
 class ValueModel(nn.Module):
@@ -43,14 +43,35 @@ class ValueModel(nn.Module):
     @classmethod
     def from_reward_model(cls, path: str | Path, dtype: str = "float32", lora: LoraConfig | None = None,
                           trust_remote_code: bool = False) -> "ValueModel":
-        check_reward_folder(path)  # before loading: a causal LM here would load with a random head
-        rm = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=DTYPES[dtype], use_safetensors=True,
-                                                                trust_remote_code=trust_remote_code)
-        backbone = getattr(rm, rm.base_model_prefix)
-        if lora is None or not lora.enabled:
-            return cls(backbone, rm.score)
-        return cls(add_lora(backbone, lora, "FEATURE_EXTRACTION"), rm.score,
-                   copy.deepcopy(rm.score).requires_grad_(False))
+        """The critic, initialised from a reward model folder: fully trained in float32, or LoRA on
+        its transformer in `dtype`; the head float32 either way (models/precision.py)."""
+        with_lora = lora is not None and lora.enabled
+        rm = load_reward_model(path, trained_dtype(dtype, with_lora), trust_remote_code)
+        backbone, score = getattr(rm, rm.base_model_prefix), rm.score
+        if not isinstance(score, nn.Linear) or score.out_features != 1:
+            raise TypeError(f"{path}: the reward model's head is a {type(score).__name__}, not a one-output linear layer")
+        # a float32 head with a bias (Llama's score layer has none), so that the normalisation can be
+        # folded into it in place (`start_on_normalised_scale`)
+        head = nn.Linear(score.in_features, 1, bias=True, device=score.weight.device, dtype=torch.float32)
+        with torch.no_grad():
+            head.weight.copy_(score.weight.float())
+            head.bias.copy_(score.bias.float() if score.bias is not None else torch.zeros(1))
+        head = float32_head(head)
+        if not with_lora:
+            return disable_dropout(cls(backbone, head))
+        return disable_dropout(cls(add_lora(backbone, lora, "FEATURE_EXTRACTION"), head,
+                                   float32_head(score).requires_grad_(False)))
+
+    @torch.no_grad()
+    def start_on_normalised_scale(self, mean: float, std: float) -> None:
+        """Fold PPO's reward normalisation into the head, in place: the critic then predicts
+        (raw - mean) / std, the scale of the returns it is trained on (PPO's score is normalised),
+        from its first step. Left raw, a critic that predicts 6 for a target of 2 is closed only
+        slowly by value clipping, and GAE's advantages meanwhile carry a bias that depends on the
+        position. OpenRLHF normalises its critic's targets the same way. Call before the first update."""
+        std = max(std, 1e-6)
+        self.head.weight.div_(std)
+        self.head.bias.sub_(mean).div_(std)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, **kwargs) -> torch.Tensor:
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -80,7 +101,9 @@ class SharedRewardModel:
 
 def load_actor(base: str, dtype: str, lora: LoraConfig, trust_remote_code: bool = False,
                gradient_checkpointing: bool = False) -> nn.Module:
-    model = load_causal_lm(base, dtype, trust_remote_code)
+    """The trained policy (PPO's actor, SFT's model): fully trained in float32, or LoRA adapters
+    (float32) on the base in `dtype` (models/precision.py); dropout off (models/dropout.py)."""
+    model = load_causal_lm(base, trained_dtype(dtype, lora.enabled), trust_remote_code)
     if gradient_checkpointing:
         # transformers renamed it activation checkpointing (5.x; the old name warns); older versions have only the old
         enable = getattr(model, "activation_checkpointing_enable", None)
@@ -91,7 +114,7 @@ def load_actor(base: str, dtype: str, lora: LoraConfig, trust_remote_code: bool 
         model.config.use_cache = False  # generation turns it back on per call
     if lora.enabled:
         model = add_lora(model, lora, "CAUSAL_LM")
-    return model.train()
+    return disable_dropout(model).train()
 
 
 def load_reference(base: str, dtype: str, lora: LoraConfig, trust_remote_code: bool = False) -> nn.Module | None:
@@ -100,7 +123,7 @@ def load_reference(base: str, dtype: str, lora: LoraConfig, trust_remote_code: b
         return None
     ref = load_causal_lm(base, dtype, trust_remote_code)
     ref.requires_grad_(False)
-    return ref.eval()
+    return disable_dropout(ref).eval()
 
 
 @contextlib.contextmanager
@@ -116,7 +139,6 @@ def reference_mode(actor: nn.Module, ref: nn.Module | None) -> Iterator[nn.Modul
 
 def merged_policy(actor: nn.Module) -> nn.Module:
     """The policy as a plain causal LM for saving: LoRA adapters merged into the weights *in
-    place* (no second copy of a large model), so call it only when training is over."""
-    if hasattr(actor, "merge_and_unload"):
-        return actor.merge_and_unload()
-    return actor
+    place* (no second copy of a large model), so call it only when training is over. The merge
+    runs in float32 and the policy is saved in float32 (models/precision.py)."""
+    return merge_in_float32(actor)

@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import Config
+from ..data.chat_format import special_wrapping
 from ..data.preferences import Pair
 from ..models.loading import load_tokenizer
 from ..tracking import MetricsLogger, seed_everything
@@ -24,11 +25,15 @@ IGNORE = -100
 
 
 def sft_example(tokenizer, prompt: str, response: str, max_len: int) -> tuple[list[int], list[int]]:
-    """(input ids, labels): labels are IGNORE on the prompt; the prompt is cut from the left when long."""
+    """(input ids, labels): labels are IGNORE on the prompt; the prompt is cut from the left when long.
+    The prompt starts with the tokenizer's leading special tokens (BOS), as in every role
+    (`chat_format.special_wrapping`), and they are never cut."""
+    head, _ = special_wrapping(tokenizer)
     p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    r = r[:max_len]
-    p = p[max(0, len(p) - (max_len - len(r))):] if max_len > len(r) else []
+    r = r[:max(1, max_len - len(head))]
+    room = max(0, max_len - len(head) - len(r))
+    p = head + p[len(p) - room:] if room else head
     return p + r, [IGNORE] * len(p) + r
 
 
