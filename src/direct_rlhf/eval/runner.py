@@ -121,9 +121,11 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], k: int, cfg: Co
     Rows are generated sorted by prompt length, so a batch pads little; each batch has its own
     seed, so the result does not depend on how many batches ran before it.
     """
+    from ..data.chat_format import chat_format
     from ..rollout.hf_generate import sample
 
     ev = cfg.eval
+    stop = chat_format(cfg.model.chat_format, tokenizer).stop_strings  # where a response ends besides EOS
     flat = [p for p in prompts for _ in range(k)]
     lengths = [len(ids) for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
     order = sorted(range(len(flat)), key=lambda i: lengths[i // k])
@@ -135,7 +137,7 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], k: int, cfg: Co
     for b, start in enumerate(tqdm(starts, desc=desc, unit="batch", disable=not progress, leave=False)):
         chunk = order[start:start + bs]
         out = sample(model, tokenizer, [flat[i] for i in chunk], ev.max_new_tokens, ev.temperature, ev.top_p,
-                     batch_size=bs, seed=_seed(cfg, stream, b, model_index))
+                     batch_size=bs, seed=_seed(cfg, stream, b, model_index), stop_strings=stop)
         for i, text, end, ids in zip(chunk, out.texts, out.ended, out.response_ids):
             texts[i], ended[i], n_tokens[i] = text, end, len(ids)
     return {"texts": texts, "ended": ended, "n_tokens": n_tokens}
@@ -181,10 +183,21 @@ def check_models(cfg: Config, models: dict[str, str]) -> None:
 
 def fit_to_models(prompts: list[EvalPrompt], models: dict[str, str], cfg: Config) -> tuple[list[EvalPrompt], int]:
     """Prompts cut (data/prompt_truncation.py) so that each fits every model's tokenizer and context:
-    all models answer the same prompts. Returns the prompts and how many were cut."""
+    all models answer the same prompts. Returns the prompts and how many were cut. With
+    model.chat_format=template each model renders them with its own template, and all must agree."""
     from ..data.prompt_truncation import fit_prompts
 
     texts = [p.prompt for p in prompts]
+    if cfg.model.chat_format != "hh":
+        fitted = {src: fit_prompts(texts, src, cfg.model.trust_remote_code, cfg.eval.max_prompt_len,
+                                   cfg.eval.max_new_tokens, "eval", cfg.model.chat_format)[:2]
+                  for src in dict.fromkeys(models.values())}
+        (first, (texts, _)), *rest = fitted.items()
+        for src, (other, _) in rest:
+            if other != texts:
+                raise UserError(f"eval: with model.chat_format=template every evaluated model must render the prompts "
+                                f"alike, but {src} and {first} do not (evaluate one model family at a time)")
+        return [dataclasses.replace(p, prompt=t) for p, t in zip(prompts, texts)], max(n for _, n in fitted.values())
     for src in dict.fromkeys(models.values()):
         texts, _, _ = fit_prompts(texts, src, cfg.model.trust_remote_code, cfg.eval.max_prompt_len,
                                   cfg.eval.max_new_tokens, "eval")
@@ -373,6 +386,9 @@ def _reward_judge(judge: Any, per_model: dict, inp: Inputs, pairs: list[tuple[st
     kc = ev.conversation_samples
     prompts = [inp.conversation[i // kc].prompt for i in range(len(inp.conversation) * kc)]
     ids = [i // kc for i in range(len(prompts))]
+    ref = conversation["reference"]
+    judge.measure_stats(prompts, per_model[ref]["_conversation"]["texts"], f"responses of '{ref}'")
+    conversation["judges"]["reward_model"]["stats"] = judge.scorer.stats()
     scores = {}
     for name in tqdm(per_model, desc="reward-model judge", unit="model", disable=not progress):
         scores[name] = judge.score(prompts, per_model[name]["_conversation"]["texts"])
