@@ -274,3 +274,18 @@ def test_report_renders_in_headless_chromium(evaluated, tmp_path):
     proc = subprocess.run([*common, f"--screenshot={shot}", "--window-size=1200,1600", (evaluated / "report.html").as_uri()],
                           capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0 and shot.read_bytes()[:4] == b"\x89PNG", proc.stderr[-2000:]
+
+
+def test_a_reward_model_without_statistics_judges_with_ones_measured_on_the_reference(folders):
+    """Bring your own judge: a sequence classifier without reward_stats.json. Its mean and std are
+    measured on the reference model's responses and recorded; the reference then scores mean 0."""
+    tok = tiny.tokenizer()
+    rm = tiny.reward_folder(tok, folders["root"] / "rm_own", seed=5)
+    (rm / "reward_stats.json").unlink()
+    out = folders["root"] / "eval_rm_own"
+    assert main(["-q", "eval", "--models", f"base={folders['a']},other={folders['b']}", "--out", str(out),
+                 f"out={folders['root'] / 'run'}", f"eval.reward_model={rm}", "eval.general=none", *WORLD, *FAST]) == 0
+    res = json.loads((out / "results.json").read_text())["conversation"]
+    stats = res["judges"]["reward_model"]["stats"]
+    assert stats["source"].startswith("measured on ") and stats["source"].endswith("responses of 'base'")
+    assert abs(res["per_model"]["base"]["mean_reward"]) < 1e-5 and stats["std"] > 0
