@@ -53,6 +53,7 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False   # trade compute for memory in trained models (large models)
+    chat_format: Literal["hh", "template"] = "hh"  # HH transcripts (the paper's), or the tokenizer's own template
 
 
 @dataclass

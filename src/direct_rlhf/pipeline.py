@@ -128,7 +128,7 @@ def keyed_settings(cfg: Config, *sections: str) -> dict:
     copied or moved elsewhere (or a seed run reading the shared base under another path) finds its
     stages cached, and a prompt file edited in place is not. A hub id or a folder without a stamp
     stays as written."""
-    settings = cfg.section_dict(*sections)
+    settings = _settings(cfg, *sections)
     for section, name in ARTIFACT_SETTINGS:
         if settings.get(section, {}).get(name):
             settings[section][name] = read_key(settings[section][name]) or settings[section][name]
@@ -136,6 +136,34 @@ def keyed_settings(cfg: Config, *sections: str) -> dict:
         if settings.get(section, {}).get(name):
             settings[section][name] = source_identity(settings[section][name])
     return settings
+
+
+def _settings(cfg: Config, *sections: str) -> dict:
+    """`cfg.section_dict`, less `model.chat_format` while it is the default: HH is what every stage
+    was made with before the setting existed, so their cached folders stay valid."""
+    settings = cfg.section_dict(*sections)
+    if settings.get("model", {}).get("chat_format") == "hh":
+        del settings["model"]["chat_format"]
+    return settings
+
+
+def conversation_format(cfg: Config, model: str | None = None):
+    """The chat format (`model.chat_format`) of `model` (default `model.base`): HH needs nothing
+    loaded; `template` reads the model's tokenizer (a one-line error when it has no template)."""
+    from .data.chat_format import HH, chat_format
+
+    if cfg.model.chat_format == "hh":
+        return HH
+    from .models.loading import load_tokenizer
+
+    src = model or cfg.model.base
+    if src is None:
+        raise UserError(TOY_HAS_NO_TEMPLATE)
+    return chat_format(cfg.model.chat_format, load_tokenizer(src, cfg.model.trust_remote_code), str(src))
+
+
+TOY_HAS_NO_TEMPLATE = ("model.chat_format=template, but the toy model (model.base: null) has no chat template: "
+                       "set model.chat_format=hh, or model.base to a model that has one")
 
 
 def ensure_world(cfg: Config) -> Path:
@@ -155,6 +183,8 @@ def ensure_world(cfg: Config) -> Path:
 
 def ensure_base(cfg: Config, progress: bool = True) -> str:
     """The base model: the user's (a folder or hub id) or the toy one, pretrained when stale."""
+    if not cfg.model.base and cfg.model.chat_format != "hh":
+        raise UserError(TOY_HAS_NO_TEMPLATE)  # before pretraining a model it could not be used with
     if cfg.model.base:
         from .models.loading import check_causal_lm
 
@@ -167,7 +197,7 @@ def ensure_base(cfg: Config, progress: bool = True) -> str:
     world = ensure_world(cfg)
     out = run_dir(cfg) / "base"
     # keyed by the corpus itself: changing preference pairs or prompts does not retrain the base
-    key = cache_key("base", file_digest(world / "corpus.jsonl"), cfg.seed, cfg.section_dict("model", "pretrain"))
+    key = cache_key("base", file_digest(world / "corpus.jsonl"), cfg.seed, _settings(cfg, "model", "pretrain"))
     if is_fresh(out, key):
         _log_cached("base model", out)
         return str(out)
@@ -192,7 +222,8 @@ def _ensure_preference_model(cfg: Config, stage: str, progress: bool) -> str:
     refuse_toy_data(cfg, "reward")
     needs_world = cfg.reward.data is None
     # Data first: a bad file must fail in a second, not after pretraining a base model.
-    data = preference_data(cfg, ensure_world(cfg) if needs_world else None, cost=stage == "cost")
+    data = preference_data(cfg, ensure_world(cfg) if needs_world else None, cost=stage == "cost",
+                           fmt=conversation_format(cfg, cfg.reward.init))  # rendered for the model it trains
     init = cfg.reward.init or ensure_base(cfg, progress)
     out = run_dir(cfg) / stage
     key = cache_key(stage, read_key(init) or init, data.key, read_key(run_dir(cfg) / "world") if needs_world else None,
@@ -253,7 +284,7 @@ def ensure_policy(cfg: Config, progress: bool = True, resume: bool = False, init
         start = init or ensure_base(cfg, progress)
         # cut to the model: a pasted 3000-turn chat log grew PPO to 24 GB (data/prompt_truncation.py)
         prompts, n_cut, budget = fit_prompts(prompts, start, cfg.model.trust_remote_code, pc.max_prompt_len,
-                                             pc.max_new_tokens, "ppo")
+                                             pc.max_new_tokens, "ppo", cfg.model.chat_format)
         reward = pc.reward_model or ensure_reward(cfg, progress)
         cost = (pc.cost_model or ensure_cost(cfg, progress)) if pc.lagrangian else None
     out, work = run_dir(cfg) / name, run_dir(cfg) / f"{name}-work"
@@ -299,7 +330,8 @@ def ensure_sft(cfg: Config, progress: bool = True) -> str:
     world = ensure_world(cfg) if own is None and not from_reward else None
     source = own or cfg.reward.data or str(world / "pairs_train.jsonl")
     pairs, load = load_pairs(source, split=cfg.reward.split if from_reward else "train",
-                             skip_invalid=cfg.sft.skip_invalid or (from_reward and cfg.reward.skip_invalid))
+                             skip_invalid=cfg.sft.skip_invalid or (from_reward and cfg.reward.skip_invalid),
+                             fmt=conversation_format(cfg))
     base = ensure_base(cfg, progress)
     out = run_dir(cfg) / "sft"
     key = cache_key("sft", read_key(base) or base, read_key(world) if world else source_identity(source), cfg.seed,

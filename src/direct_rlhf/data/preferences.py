@@ -18,8 +18,10 @@ response safe; the cost model needs both on every harmless pair, docs/ppo-lagran
 ``system`` message is folded into the first user turn (a base model has no system slot),
 separated by a blank line.
 
-Every transcript goes through `chat_format.parse` and `chat_format.render`, so all formats of the
-same conversation give the same bytes, and those bytes are what PPO and evaluation produce too.
+Every record becomes a list of messages (`chat_format.parse` for transcripts), rendered by the run's
+chat format (`chat_format.ChatFormat`: the HH transcript by default, or the model's own template with
+`model.chat_format=template`), so all formats of the same conversation give the same bytes, and
+those bytes are what PPO and evaluation produce too.
 
 Rules for bad input (one `UserError` naming file, line and problem): malformed JSON, missing
 ``chosen``/``rejected``, a transcript with no final Assistant turn, chosen and rejected that do not
@@ -44,7 +46,7 @@ from typing import Any, Literal, Sequence
 
 from ..errors import UserError
 from ..io import read_jsonl
-from .chat_format import HUMAN, Message, parse, render, split_prompt_response
+from .chat_format import HH, HUMAN, ChatFormat, Message, parse, render
 
 Subset = Literal["all", "helpful", "harmless"]
 log = logging.getLogger("direct_rlhf")
@@ -52,7 +54,8 @@ log = logging.getLogger("direct_rlhf")
 
 @dataclass(frozen=True)
 class Pair:
-    """One preference: `prompt` ends in "\\n\\nAssistant:"; responses keep their leading space."""
+    """One preference: `prompt` ends in "\\n\\nAssistant:" (HH; with a template, its generation prompt);
+    responses keep their leading space and stop before the end of turn."""
 
     prompt: str
     chosen: str
@@ -81,17 +84,18 @@ SKIP_HINT = "reward.skip_invalid=true (sft.skip_invalid=true for sft.data) drops
 
 
 def load_pairs(source: str | Path, subset: Subset = "all", split: str = "train",
-               skip_invalid: bool = False) -> tuple[list[Pair], PairStats]:
+               skip_invalid: bool = False, fmt: ChatFormat = HH) -> tuple[list[Pair], PairStats]:
     """Load preference pairs from a local JSONL file, a `save_to_disk` folder or a HF dataset name.
 
-    `split` is used only for Hugging Face datasets. Raises `UserError` for anything the user must fix.
+    `split` is used only for Hugging Face datasets; `fmt` renders them (HH, or the model's template).
+    Raises `UserError` for anything the user must fix.
     """
     rows, label = _read_rows(source, split)
-    return pairs_from_rows(rows, label, subset, skip_invalid)
+    return pairs_from_rows(rows, label, subset, skip_invalid, fmt)
 
 
 def pairs_from_rows(rows: Sequence[dict[str, Any]], label: str, subset: Subset = "all",
-                    skip_invalid: bool = False) -> tuple[list[Pair], PairStats]:
+                    skip_invalid: bool = False, fmt: ChatFormat = HH) -> tuple[list[Pair], PairStats]:
     """Normalise raw records (each may carry `_line`, its 1-based position) into pairs."""
     stats = PairStats(source=label, rows=len(rows))
     if subset not in ("all", "helpful", "harmless"):
@@ -100,7 +104,7 @@ def pairs_from_rows(rows: Sequence[dict[str, Any]], label: str, subset: Subset =
     for i, row in enumerate(rows, 1):
         at = f"{label}:{row.get('_line', i)}"
         try:
-            pair = _to_pair(row, at)
+            pair = _to_pair(row, at, fmt)
         except UserError as err:
             if not skip_invalid:
                 raise UserError(f"{err} ({SKIP_HINT})") from None
@@ -205,13 +209,13 @@ def _read_hf(name: str, split: str, local: bool) -> tuple[list[dict[str, Any]], 
 # One record -> one Pair
 
 
-def _to_pair(row: dict[str, Any], at: str) -> Pair:
+def _to_pair(row: dict[str, Any], at: str, fmt: ChatFormat = HH) -> Pair:
     for key in ("chosen", "rejected"):
         if row.get(key) is None:
             raise UserError(f"{at}: missing field '{key}'")
     prompt = row.get("prompt")
-    c_prompt, chosen = _prompt_response(prompt, row["chosen"], at, "chosen")
-    r_prompt, rejected = _prompt_response(prompt, row["rejected"], at, "rejected")
+    c_prompt, chosen = _prompt_response(prompt, row["chosen"], at, "chosen", fmt)
+    r_prompt, rejected = _prompt_response(prompt, row["rejected"], at, "rejected", fmt)
     if c_prompt != r_prompt:
         raise UserError(f"{at}: 'chosen' and 'rejected' have different prompts (they must differ only in "
                         f"the last Assistant turn)")
@@ -219,8 +223,8 @@ def _to_pair(row: dict[str, Any], at: str) -> Pair:
                 _safe(row, at, "chosen_safe"), _safe(row, at, "rejected_safe"))
 
 
-def _prompt_response(prompt: Any, answer: Any, at: str, name: str) -> tuple[str, str]:
-    """Render (prompt, answer) in any accepted shape to the canonical transcript and split it."""
+def _prompt_response(prompt: Any, answer: Any, at: str, name: str, fmt: ChatFormat = HH) -> tuple[str, str]:
+    """(prompt, answer) in any accepted shape -> messages -> rendered by `fmt` and split."""
     if isinstance(answer, str):
         if prompt is None:
             transcript = answer
@@ -249,7 +253,10 @@ def _prompt_response(prompt: Any, answer: Any, at: str, name: str) -> tuple[str,
         raise UserError(f"{at}: field '{name}' does not end with an Assistant turn")
     if messages[0].role != "user":
         raise UserError(f"{at}: field '{name}' must start with a Human (user) turn")
-    return split_prompt_response(render(messages, add_generation_prompt=False))
+    try:
+        return fmt.prompt_response(messages)
+    except ValueError as err:  # a template that refuses the conversation
+        raise UserError(f"{at}: field '{name}': {err}") from None
 
 
 def is_transcript(text: str) -> bool:

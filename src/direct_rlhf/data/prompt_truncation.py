@@ -17,6 +17,11 @@ The rule (the end is what the model answers, so the end is kept):
    between its "Human:" tag and the open "Assistant:" turn.
 
 Counting is done with the tokenizer of the model that will read the prompt.
+
+With `model.chat_format=template` the prompts (HH transcripts, as every loader gives them) become
+messages, are cut by the same rule on the message list (whole oldest turns, each tail starting at a
+user turn; then the last user turn's last tokens), and are rendered with the model's chat template
+here, where its tokenizer is loaded (`render_prompts`).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import logging
 from typing import Any, Sequence
 
 from ..errors import UserError
-from .chat_format import ASSISTANT, HUMAN
+from .chat_format import ASSISTANT, HH, HUMAN, ChatFormat, Message, chat_format, prompt_messages
 
 log = logging.getLogger("direct_rlhf")
 
@@ -49,14 +54,16 @@ def special_token_count(tokenizer: Any) -> int:
 
 
 def prompt_budget(tokenizer: Any, max_prompt_len: int, max_new_tokens: int, context: int | None,
-                  section: str) -> int:
+                  section: str, fmt: ChatFormat = HH) -> int:
     """The tokens a prompt's text may take: `max_prompt_len`, and what the context leaves after the
-    response and the special tokens. `section` ("ppo", "eval") names the keys in the error."""
+    response and the special tokens. `section` ("ppo", "eval") names the keys in the error; `fmt`
+    frames a turn (HH tags, or the model's template)."""
     budget, why = max_prompt_len, f"{section}.max_prompt_len"
     if context is not None and context - max_new_tokens - special_token_count(tokenizer) < budget:
         budget = context - max_new_tokens - special_token_count(tokenizer)
         why = f"the model's context of {context} tokens less {section}.max_new_tokens={max_new_tokens}"
-    if budget < _tokens(tokenizer, HUMAN + ASSISTANT) + MIN_TEXT_TOKENS:
+    frame = HUMAN + ASSISTANT if fmt.name == "hh" else fmt.prompt([Message("user", "")])
+    if budget < _tokens(tokenizer, frame) + MIN_TEXT_TOKENS:
         raise UserError(f"{section}: a prompt may take only {budget} tokens ({why}), too few for one Human turn; "
                         f"raise {section}.max_prompt_len or lower {section}.max_new_tokens")
     return budget
@@ -75,9 +82,11 @@ def truncate_prompt(prompt: str, tokenizer: Any, budget: int) -> str:
 
 
 def fit_prompts(prompts: Sequence[str], model: str, trust_remote_code: bool, max_prompt_len: int,
-                max_new_tokens: int, section: str) -> tuple[list[str], int, int]:
+                max_new_tokens: int, section: str, chat_format_name: str = "hh") -> tuple[list[str], int, int]:
     """`prompts` cut for `model` (a folder or hub id; its tokenizer and config are read, not its
-    weights); returns (prompts, how many were cut, the budget in tokens), and says what it cut."""
+    weights); returns (prompts, how many were cut, the budget in tokens), and says what it cut.
+    `chat_format_name` (model.chat_format): with `template` the HH prompts come back rendered with
+    `model`'s chat template (`render_prompts`)."""
     from transformers import AutoConfig
 
     from ..models.loading import load_tokenizer
@@ -87,12 +96,59 @@ def fit_prompts(prompts: Sequence[str], model: str, trust_remote_code: bool, max
         context = context_length(AutoConfig.from_pretrained(str(model), trust_remote_code=trust_remote_code))
     except (OSError, ValueError, KeyError):
         context = None  # not a model config we can read: max_prompt_len alone bounds the prompts
-    budget = prompt_budget(tokenizer, max_prompt_len, max_new_tokens, context, section)
-    out, n_cut = truncate_prompts(prompts, tokenizer, budget)
+    fmt = chat_format(chat_format_name, tokenizer, str(model))
+    budget = prompt_budget(tokenizer, max_prompt_len, max_new_tokens, context, section, fmt)
+    if fmt.name == "hh":
+        out, n_cut = truncate_prompts(prompts, tokenizer, budget)
+    else:
+        out, n_cut = render_prompts(prompts, fmt, tokenizer, budget)
     if n_cut:
         log.warning("%s: %d of %d prompts were longer than %d tokens; their oldest turns were dropped "
                     "(%s.max_prompt_len)", section, n_cut, len(out), budget, section)
     return out, n_cut, budget
+
+
+def render_prompts(transcripts: Sequence[str], fmt: ChatFormat, tokenizer: Any, budget: int) -> tuple[list[str], int]:
+    """HH prompts rendered with `fmt` (a model's chat template), each cut to `budget` tokens by the
+    rule above applied to its messages; returns (prompts, how many were cut)."""
+    conversations, texts = [], []
+    for i, transcript in enumerate(transcripts, 1):
+        try:
+            messages = prompt_messages(transcript)
+            conversations.append(messages)
+            texts.append(fmt.prompt(messages))
+        except ValueError as err:
+            raise UserError(f"prompt {i} ({transcript[:40]!r}...): {err}") from None
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
+    out = [t if n <= budget else fmt.prompt(_cut_messages(m, fmt, tokenizer, budget))
+           for t, n, m in zip(texts, lengths, conversations)]
+    return out, sum(n > budget for n in lengths)
+
+
+def _cut_messages(messages: list[Message], fmt: ChatFormat, tokenizer: Any, budget: int) -> list[Message]:
+    """The longest tail starting at a user turn that fits (found by bisection: a shorter tail never
+    renders longer, and a 3000-turn chat log is rendered a dozen times, not 3000), else the last
+    user turn keeping its last tokens."""
+    starts = [i for i, m in enumerate(messages) if m.role == "user" and i > 0]
+    lo, hi = 0, len(starts)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if _tokens(tokenizer, fmt.prompt(messages[starts[mid]:])) <= budget:
+            hi = mid
+        else:
+            lo = mid + 1
+    if lo < len(starts):
+        return messages[starts[lo]:]
+    ids = tokenizer(messages[-1].content, add_special_tokens=False)["input_ids"]
+    keep = max(1, budget - _tokens(tokenizer, fmt.prompt([Message("user", "")])))
+    while True:
+        # a cut inside a character's bytes decodes as U+FFFD: drop the partial character
+        text = tokenizer.decode(ids[-keep:] if keep else [], skip_special_tokens=True).lstrip("\ufffd").strip()
+        out = [Message("user", text)]
+        excess = _tokens(tokenizer, fmt.prompt(out)) - budget
+        if excess <= 0 or keep == 0:
+            return out
+        keep = max(0, keep - excess)
 
 
 # --------------------------------------------------------------------------------------------------

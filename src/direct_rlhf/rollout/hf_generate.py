@@ -41,9 +41,9 @@ class Samples:
     ended: list[bool]                # stopped by itself (EOS or end-of-turn), not by the length limit
     logprobs: list[torch.Tensor] | None = None  # per row, size = (len(response_ids[i]),)
 
-    def add(self, tokenizer, row: list[int]) -> int:
+    def add(self, tokenizer, row: list[int], stop_strings: Sequence[str] = END_OF_TURN) -> int:
         """Cut one generated row at its end of turn (`cut_response`), append it; returns the kept length."""
-        ids, text, ended = cut_response(tokenizer, row)
+        ids, text, ended = cut_response(tokenizer, row, stop_strings)
         self.response_ids.append(ids)
         self.texts.append(text)
         self.ended.append(ended)
@@ -53,13 +53,14 @@ class Samples:
 @torch.no_grad()
 def sample(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float = 1.0,
            top_p: float = 1.0, batch_size: int = 32, seed: int | None = None, greedy: bool = False,
-           logprobs: bool = False) -> Samples:
+           logprobs: bool = False, stop_strings: Sequence[str] = END_OF_TURN) -> Samples:
+    """`stop_strings`: where a response ends besides EOS, the chat format's (`ChatFormat.stop_strings`)."""
     if seed is not None:
         torch.manual_seed(seed)
     was_training = model.training
     model.eval()
     out = Samples(prompts=list(prompts), texts=[], response_ids=[], ended=[], logprobs=[] if logprobs else None)
-    config = sampling_config(tokenizer, max_new_tokens, temperature, top_p, greedy)
+    config = sampling_config(tokenizer, max_new_tokens, temperature, top_p, greedy, stop_strings)
     try:
         for i in range(0, len(prompts), batch_size):
             chunk = prompts[i:i + batch_size]
@@ -75,7 +76,7 @@ def sample(model, tokenizer, prompts: list[str], max_new_tokens: int, temperatur
             new = gen[:, input_ids.shape[1]:]  # size = (b, S)
             lp = recorder.finish(new) if recorder else None
             for i, row in enumerate(new.tolist()):
-                kept = out.add(tokenizer, row)
+                kept = out.add(tokenizer, row, stop_strings)
                 if lp is not None:
                     out.logprobs.append(lp[i, :kept].cpu())
     finally:
@@ -84,9 +85,10 @@ def sample(model, tokenizer, prompts: list[str], max_new_tokens: int, temperatur
 
 
 def sampling_config(tokenizer, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
-                    greedy: bool = False) -> GenerationConfig:
+                    greedy: bool = False, stop_strings: Sequence[str] = END_OF_TURN) -> GenerationConfig:
     """Exactly the recipe's sampling settings: plain temperature and top-p, no top-k, no penalties."""
-    common = {"max_new_tokens": max_new_tokens, "stop_strings": list(END_OF_TURN), "pad_token_id": tokenizer.pad_token_id,
+    common = {"max_new_tokens": max_new_tokens, "stop_strings": list(stop_strings),
+              "pad_token_id": tokenizer.pad_token_id,
               "eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id, "use_cache": True}
     if greedy:
         return GenerationConfig(do_sample=False, **common)
@@ -152,25 +154,26 @@ class TokenLogprobs(LogitsProcessor):
         return torch.stack(self.steps, dim=1)
 
 
-def cut_response(tokenizer, ids: list[int]) -> tuple[list[int], str, bool]:
+def cut_response(tokenizer, ids: list[int], stop_strings: Sequence[str] = END_OF_TURN) -> tuple[list[int], str, bool]:
     """(kept token ids, response text, ended) for one generated row, right-padded with PAD.
 
     The kept ids are exactly the tokens the policy sampled, through the token that ended the turn:
     a sampled EOS, or the token that completed an end-of-turn marker, whichever came first. The
     first EOS ends the row for certain: after it there is only padding (and PAD is often EOS:
     Llama and Mistral have no PAD, SmolLM2 ships PAD == EOS). So a row that stopped on a marker
-    and was then padded keeps its marker and no EOS the policy never sampled."""
+    and was then padded keeps its marker and no EOS the policy never sampled. The markers are
+    `stop_strings` (the chat format's: the HH ones, and a template's end-of-turn text that is not EOS)."""
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     sampled_eos = eos in ids
     body = ids[:ids.index(eos)] if sampled_eos else list(ids)
     while not sampled_eos and body and body[-1] == pad:
         body.pop()  # a distinct PAD after a marker
-    text, ended = truncate_at_end_of_turn(tokenizer.decode(body))
+    text, ended = truncate_at_end_of_turn(tokenizer.decode(body), stop_strings)
     if ended:
         # the token that completed the marker: the shortest prefix whose text holds a marker. Generation
         # stops right there, so walk back from the end (from the start, a 256-token row took 256 decodes)
         k = len(body)
-        while k > 1 and truncate_at_end_of_turn(tokenizer.decode(body[:k - 1]))[1]:
+        while k > 1 and truncate_at_end_of_turn(tokenizer.decode(body[:k - 1]), stop_strings)[1]:
             k -= 1
         return body[:k], text, True
     if sampled_eos:

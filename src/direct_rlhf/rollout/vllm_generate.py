@@ -17,7 +17,7 @@ compare the training forward with itself, so the trainer recomputes the old log-
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 
@@ -64,19 +64,21 @@ class VLLMSampler:
         self.llm.reset_prefix_cache()
 
     def sample(self, prompts: list[str], max_new_tokens: int, temperature: float = 1.0,
-               top_p: float = 1.0) -> Samples:
+               top_p: float = 1.0, stop_strings: Sequence[str] = END_OF_TURN) -> Samples:
+        """`stop_strings`: as `hf_generate.sample`'s (the chat format's end-of-turn strings)."""
         from vllm import SamplingParams
 
         tok = self.tokenizer
         params = SamplingParams(n=1, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
-                                stop=list(END_OF_TURN), include_stop_str_in_output=True,
+                                stop=list(stop_strings), include_stop_str_in_output=True,
                                 stop_token_ids=[tok.eos_token_id], skip_special_tokens=False)
         ids = prompt_ids(tok, prompts)
         outs = self.llm.generate([{"prompt_token_ids": x} for x in ids], params, use_tqdm=False)
-        return samples_from_outputs(tok, prompts, outs)
+        return samples_from_outputs(tok, prompts, outs, stop_strings)
 
 
-def samples_from_outputs(tokenizer, prompts: list[str], outs: list[Any]) -> Samples:
+def samples_from_outputs(tokenizer, prompts: list[str], outs: list[Any],
+                         stop_strings: Sequence[str] = END_OF_TURN) -> Samples:
     """vLLM RequestOutputs -> Samples, cut exactly as the Hugging Face path cuts."""
     out = Samples(prompts=list(prompts), texts=[], response_ids=[], ended=[])
     for o in outs:
@@ -84,5 +86,5 @@ def samples_from_outputs(tokenizer, prompts: list[str], outs: list[Any]) -> Samp
         row = list(c.token_ids)
         if c.finish_reason == "stop" and c.stop_reason is None and row[-1:] != [tokenizer.eos_token_id]:
             row.append(tokenizer.eos_token_id)  # stopped at EOS without returning it: keep it, as generate does
-        out.add(tokenizer, row)
+        out.add(tokenizer, row, stop_strings)
     return out

@@ -41,7 +41,7 @@ from ..config import Config
 from ..errors import UserError
 from ..models.attention_kernels import without_cudnn_attention
 from ..models.loading import load_tokenizer
-from ..data.chat_format import prompt_ids
+from ..data.chat_format import chat_format, prompt_ids
 from ..rollout.hf_generate import Samples, left_pad, sample
 from ..rollout.policy_weights import MergedRolloutCopy
 from ..tracking import MetricsLogger, open_step_log, seed_everything
@@ -107,6 +107,7 @@ class PPOTrainer:
             raise UserError("no PPO prompts")
         self.prompts = prompts
         self.tokenizer = load_tokenizer(base, cfg.model.trust_remote_code)
+        self.chat = chat_format(cfg.model.chat_format, self.tokenizer, base)  # where a response ends
         dtype = cfg.model.dtype
         self.vllm = None
         if self.pc.rollout_backend == "vllm":  # first: vLLM sizes its share from the GPU's free memory
@@ -255,12 +256,12 @@ class PPOTrainer:
         pc, policy = self.pc, self.acc.unwrap_model(self.actor)
         if self.vllm is not None:  # outside autocast: vLLM runs its own kernels in its own dtype
             self.vllm.load_weights(policy)
-            return self.vllm.sample(prompts, pc.max_new_tokens, pc.temperature, pc.top_p)
+            return self.vllm.sample(prompts, pc.max_new_tokens, pc.temperature, pc.top_p, self.chat.stop_strings)
         if self.rollout_copy is not None:
             policy = self.rollout_copy.sync(policy)
         with self._autocast():
             return sample(policy, self.tokenizer, prompts, pc.max_new_tokens, pc.temperature, pc.top_p,
-                          batch_size=len(prompts), logprobs=True)
+                          batch_size=len(prompts), logprobs=True, stop_strings=self.chat.stop_strings)
 
     @torch.no_grad()
     def make_experience(self, prompts: list[str], samples: Samples, score: torch.Tensor,

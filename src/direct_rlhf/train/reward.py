@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from ..algos.bradley_terry import bradley_terry_loss, cost_sign_loss
 from ..artifacts import source_identity
 from ..config import Config
+from ..data.chat_format import HH, ChatFormat, chat_format
 from ..data.preferences import Pair, PairStats, has_splits, load_pairs, split_holdout
 from ..errors import UserError
 from ..models.reward_model import STATS_FILE, build_reward_model, encode, pad_right, plain_model, rewards, score_ids
@@ -76,8 +77,9 @@ def safety_targets(pairs: Sequence[Pair]) -> torch.Tensor:
     return torch.tensor([[float(not p.chosen_safe), float(not p.rejected_safe)] for p in pairs])
 
 
-def preference_data(cfg: Config, world: Path | None, cost: bool = False) -> PreferenceData:
-    """Load and validate the pairs a run asks for (before any model work, so mistakes surface fast).
+def preference_data(cfg: Config, world: Path | None, cost: bool = False, fmt: ChatFormat = HH) -> PreferenceData:
+    """Load and validate the pairs a run asks for (before any model work, so mistakes surface fast),
+    rendered by `fmt` (the HH transcript, or the trained model's chat template: model.chat_format).
 
     Sources: `reward.data` (null = the toy world's pairs_train.jsonl); held-out pairs from
     `reward.eval_data`, else the toy world's pairs_eval.jsonl, else the HF dataset's `eval_split`,
@@ -88,11 +90,11 @@ def preference_data(cfg: Config, world: Path | None, cost: bool = False) -> Pref
     if rc.data is None and world is None:
         raise ValueError("the toy world is needed when reward.data is null")
     train_src = rc.data if rc.data is not None else str(Path(world) / "pairs_train.jsonl")
-    train, train_stats = load_pairs(train_src, subset, rc.split, rc.skip_invalid)
+    train, train_stats = load_pairs(train_src, subset, rc.split, rc.skip_invalid, fmt)
     held_stats: PairStats | None = None
     if rc.eval_data is not None or rc.data is None or has_splits(rc.data):
         eval_src = rc.eval_data or (rc.data if rc.data is not None else str(Path(world) / "pairs_eval.jsonl"))
-        held, held_stats = load_pairs(eval_src, subset, rc.eval_split, rc.skip_invalid)
+        held, held_stats = load_pairs(eval_src, subset, rc.eval_split, rc.skip_invalid, fmt)
         eval_src = held_stats.source
     else:  # a local file and no eval file: hold out a seeded fraction
         train, held = split_holdout(train, rc.eval_fraction, cfg.seed)
@@ -108,7 +110,7 @@ def preference_data(cfg: Config, world: Path | None, cost: bool = False) -> Pref
     # "bt+sign": cost models trained before the classification term are retrained, not reused
     return PreferenceData(train, held, info,
                           key=[source_identity(rc.data), source_identity(rc.eval_data), subset,
-                               "bt+sign" if cost else False])
+                               "bt+sign" if cost else False] + ([fmt.name] if fmt.name != "hh" else []))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -324,11 +326,15 @@ def train_preference_model(cfg: Config, init: str, data: PreferenceData, out: Pa
 
 
 def evaluate_folder(model_dir: str | Path, data: str, subset: str = "all", split: str = "test",
-                    skip_invalid: bool = False) -> dict[str, float]:
-    """Pairwise accuracy of a saved reward model on a pair file, overall and per subset."""
+                    skip_invalid: bool = False, chat_format_name: str = "hh") -> dict[str, float]:
+    """Pairwise accuracy of a saved reward model on a pair file, overall and per subset, the pairs
+    rendered in `chat_format_name` (model.chat_format; a template is the reward model's own)."""
     from ..models.reward_model import RewardScorer
 
-    pairs, _ = load_pairs(data, subset, split, skip_invalid)  # type: ignore[arg-type]
+    from ..models.loading import load_tokenizer
+
+    fmt = HH if chat_format_name == "hh" else chat_format(chat_format_name, load_tokenizer(model_dir), str(model_dir))
+    pairs, _ = load_pairs(data, subset, split, skip_invalid, fmt)  # type: ignore[arg-type]
     scorer = RewardScorer(model_dir, device=str(training_device()))
     prompts = [p.prompt for p in pairs]
     chosen = scorer.score(prompts, [p.chosen for p in pairs])  # size = (N,)
