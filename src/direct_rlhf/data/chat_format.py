@@ -143,8 +143,8 @@ class ChatFormat:
     PPO. A response also ends at a template end-of-turn string that is not EOS (Llama-3's
     <|eot_id|>, SmolLM2 base's <|im_end|>), and at an HH marker, as with `hh`.
 
-    BOS: the token layout (`prompt_ids`, `text_ids`) adds the tokenizer's leading special tokens
-    to every text, so a leading BOS the template writes itself ("<s>", "<|begin_of_text|>") is cut
+    BOS: the token layout (`prompt_ids`, the reward model's `encode`) adds the tokenizer's leading
+    special tokens to every text, so a leading BOS the template writes itself ("<s>", "<|begin_of_text|>") is cut
     from its output (`bos_text`); a template's BOS that the tokenizer does not add stays in the text
     and is tokenised as the special token it is. Either way BOS appears once.
 
