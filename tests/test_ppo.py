@@ -838,3 +838,16 @@ def test_a_reward_model_without_statistics_has_them_measured_on_the_base_policy(
     AutoTokenizer.from_pretrained(micro_run / "base").save_pretrained(tmp_path / "two")
     with pytest.raises(UserError, match="not a reward model"):
         _trainer(micro_run, tmp_path / "out2", reward_path=tmp_path / "two")
+
+
+def test_a_cost_model_without_safety_labels_is_warned_about(micro_run, tmp_path, caplog):
+    """ppo.cost_threshold means 'unsafe above, safe below' only for a cost model trained with safety
+    labels; one without them (here a reward folder) is used, with a warning that says so."""
+    import logging
+
+    cfg = load_config(None, [*MICRO, *PPO_MICRO, "ppo.lagrangian=true"])
+    with caplog.at_level(logging.WARNING, logger="direct_rlhf"):
+        PPOTrainer(cfg, str(micro_run / "base"), str(micro_run / "rm"),
+                   prompt_texts(micro_run / "world" / "ppo_prompts.jsonl"), tmp_path, cost_path=str(micro_run / "rm"),
+                   progress=False)
+    assert any("not trained with safety labels" in r.message for r in caplog.records)

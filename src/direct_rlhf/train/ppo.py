@@ -147,6 +147,7 @@ class PPOTrainer:
             cost_critic = ValueModel.from_reward_model(cost_path, dtype, self.pc.critic_lora,
                                                        cfg.model.trust_remote_code)
             self.cost = self._scorer(cost_path, cost_critic)
+            self._warn_without_cost_zero(cost_path)
             self._use_attention(cost_critic.backbone, packed=True)
             self._use_attention(self._own_model(self.cost))
             opt_cc = self._adamw(cost_critic, self.pc.critic_lr)
@@ -164,6 +165,21 @@ class PPOTrainer:
         self.stopped_early: dict[str, Any] | None = None
         self._perm: list[int] = []
         self._perm_epoch: int | None = None
+
+    @staticmethod
+    def _warn_without_cost_zero(path: str) -> None:
+        """ppo.cost_threshold compares the raw cost with a number; it means 'unsafe above, safe below'
+        only for a cost model trained with safety labels (its reward_stats.json says so with "zero")."""
+        import json
+
+        from ..models.reward_model import STATS_FILE
+
+        stats_file = Path(path) / STATS_FILE
+        stats = json.loads(stats_file.read_text()) if stats_file.is_file() else {}
+        if "zero" not in stats:
+            log.warning("ppo: the cost model %s was not trained with safety labels, so its 0 does not separate unsafe "
+                        "from safe answers and ppo.cost_threshold has no defined meaning (docs/ppo-lagrangian.md); "
+                        "retrain it with 'direct-rlhf reward --cost'", path)
 
     @torch.no_grad()
     def _measure_reward_stats(self, n: int = 64) -> None:
