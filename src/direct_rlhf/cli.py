@@ -49,6 +49,19 @@ def _load(args: argparse.Namespace, writes_run_folder: bool = True, stages: tupl
     return cfg
 
 
+def _builds_only(args: argparse.Namespace, command: str, *own: str) -> None:
+    """Under several processes (torchrun, accelerate launch), the command builds only its `own`
+    stages: any other it needs must exist, or every process stops with one line naming the
+    command that builds it (pipeline.build_only)."""
+    import shlex
+
+    from .pipeline import build_only
+
+    same = [*(["--config", args.config] if args.config else []), *(["--out", str(args.out)] if args.out else []),
+            *args.overrides]
+    build_only(own, command, shlex.join(same))
+
+
 def cmd_toyworld(args: argparse.Namespace) -> None:
     from .data.toyworld.generate import write_world
 
@@ -63,6 +76,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     from .pipeline import ensure_base
 
     cfg = _load(args)
+    _builds_only(args, "pretrain")  # pretraining runs in one process: several are refused
     print(f"base model: {ensure_base(cfg, progress=not args.quiet)}")
 
 
@@ -74,6 +88,11 @@ def cmd_demo(args: argparse.Namespace) -> None:
     if args.quick and args.config is None:
         args.config = "quick"
     cfg = _load(args, stages=("reward", "sft", "ppo", "eval"))
+    from .pipeline import launched_processes
+
+    if launched_processes() > 1:
+        raise UserError(f"demo runs in one process, not {launched_processes()}: under several, run each stage's "
+                        "command (reward, sft, ppo) once the stages before it exist")
     summary = run_demo(cfg, seeds=args.seeds, with_sft_rlhf=args.with_sft_rlhf, progress=not args.quiet)
     print(format_summary(summary))
     wall, made = summary["wall_s"], summary["stage_wall_s"]["total"]
@@ -99,7 +118,9 @@ def cmd_chat(args: argparse.Namespace) -> None:
 def cmd_sft(args: argparse.Namespace) -> None:
     from .pipeline import ensure_sft
 
-    print(f"sft model: {ensure_sft(_load(args, stages=('sft',)), progress=not args.quiet)}")
+    cfg = _load(args, stages=("sft",))
+    _builds_only(args, "sft", "sft")
+    print(f"sft model: {ensure_sft(cfg, progress=not args.quiet)}")
 
 
 def cmd_ppo(args: argparse.Namespace) -> None:
@@ -108,6 +129,7 @@ def cmd_ppo(args: argparse.Namespace) -> None:
     from .pipeline import ensure_policy
 
     cfg = _load(args, stages=("ppo",))
+    _builds_only(args, "ppo")  # the reward (and cost) model and the base must exist under several processes
     policy = ensure_policy(cfg, progress=not args.quiet, resume=args.resume)
     if PartialState().is_main_process:  # once, not once per process
         print(f"policy: {policy}")
@@ -123,11 +145,15 @@ def cmd_reward(args: argparse.Namespace) -> None:
         print(format_accuracy(evaluate_folder(args.model, args.data, cfg.reward.subset, cfg.reward.eval_split,
                                               cfg.reward.skip_invalid, cfg.model.chat_format)))
         return
+    import os
+
     from .pipeline import ensure_cost, ensure_reward
 
-    print(f"reward model: {ensure_reward(cfg, progress=not args.quiet)}")
+    _builds_only(args, "reward", "reward", "cost")  # data parallel (train/reward.py); the base must exist
+    say = print if os.environ.get("RANK", "0") == "0" else (lambda *_: None)  # once, not once per process
+    say(f"reward model: {ensure_reward(cfg, progress=not args.quiet)}")
     if args.cost or cfg.reward.cost_model:
-        print(f"cost model: {ensure_cost(cfg, progress=not args.quiet)}")
+        say(f"cost model: {ensure_cost(cfg, progress=not args.quiet)}")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:

@@ -95,7 +95,8 @@ class RewardConfig:
     init: str | None = None          # model to start from; null = the base model
     cost_model: bool = False         # also train a harmfulness (cost) model on the harmless pairs
     epochs: int = 5                  # held-out helpful accuracy still climbs after 3 (fact pairs are learnt last)
-    batch_size: int = 32
+    batch_size: int = 32             # pairs per step over all processes (each takes batch_size / processes)
+    micro_batch_size: int = 0        # pairs per forward pass in a process, gradients accumulated; 0: its whole share
     lr: float = 5e-4
     weight_decay: float = 0.0
     warmup_steps: int = 10
@@ -109,6 +110,7 @@ class RewardConfig:
     stats_pairs: int = 1000          # training pairs scored for reward_stats.json (mean/std); 0 = all
     eval_every: int = 100
     log_every: int = 10
+    save_every: int = 100            # checkpoint every N steps (and each epoch's end) to resume from; 0: epochs only
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 

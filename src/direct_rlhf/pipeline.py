@@ -37,6 +37,48 @@ def run_dir(cfg: Config) -> Path:
     return Path(cfg.out)
 
 
+def launched_processes() -> int:
+    """How many processes `torchrun` / `accelerate launch` started (WORLD_SIZE); 1 otherwise."""
+    import os
+
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+# Under several processes, the stages a command needs but does not itself run must already exist:
+# built there, the first process would train them while the others wait at a barrier, which times
+# out (30 min) long before a 7B reward model is trained. Set by `build_only`; None: build anything.
+_builds: tuple[frozenset[str], str, str] | None = None  # (own stages, this command, its arguments)
+
+# the command that builds each upstream stage (the toy world comes with the toy base)
+_BUILT_BY = {"world": "pretrain", "base": "pretrain", "reward": "reward", "cost": "reward --cost", "sft": "sft"}
+_WHAT = {"world": "toy world", "base": "pretrained toy base model", "reward": "reward model", "cost": "cost model",
+         "sft": "SFT model"}
+
+
+def build_only(own: tuple[str, ...] | None, command: str = "", arguments: str = "") -> None:
+    """Under a launch of several processes, let the ensure_* functions build only the `own`
+    stages (the command's own) and refuse any other that is missing or stale, naming the command
+    that builds it; None lifts the rule. A single process builds everything, as always."""
+    global _builds
+    _builds = None if own is None or launched_processes() < 2 else (frozenset(own), command, arguments)
+
+
+def _may_build(cfg: Config, stage: str) -> None:
+    """Called by each ensure_* just before it builds `stage` (see `build_only`): one line, on every process."""
+    if _builds is None or stage in _builds[0]:
+        return
+    own, command, arguments = _builds
+    # without model.base, pretrain writes the world with the base; with it, only the command itself does
+    builder = command if stage == "world" and cfg.model.base else _BUILT_BY[stage]
+    line = " ".join(part for part in ("direct-rlhf", builder, arguments) if part)
+    raise UserError(f"{launched_processes()} processes launched, but the {_WHAT[stage]} ({run_dir(cfg) / stage}) is "
+                    f"missing or stale, and one process would build it while the others wait at a barrier that "
+                    f"times out: run '{line}' first (one process)")
+
+
 STAGE_FOLDERS = ("world", "base", "reward", "cost", "sft", "rlhf", "eval")  # each replaced whole when rebuilt
 # (section, key): the stage reading it is the section's; local files only (reward.data and sft.data
 # may name a hub dataset)
@@ -144,6 +186,10 @@ def _settings(cfg: Config, *sections: str) -> dict:
     settings = cfg.section_dict(*sections)
     if settings.get("model", {}).get("chat_format") == "hh":
         del settings["model"]["chat_format"]
+    reward = settings.get("reward", {})
+    reward.pop("save_every", None)  # when to checkpoint changes no weight
+    if reward.get("micro_batch_size") == 0:  # one pass per process: the reward models made before it existed
+        del reward["micro_batch_size"]
     return settings
 
 
@@ -175,6 +221,7 @@ def ensure_world(cfg: Config) -> Path:
     if is_fresh(out, key):
         _log_cached("toy world", out)
         return out
+    _may_build(cfg, "world")
     write_world(cfg.world, out)
     stamp(out, key, stage="world")
     log.info("toy world: written to %s", out)
@@ -201,6 +248,7 @@ def ensure_base(cfg: Config, progress: bool = True) -> str:
     if is_fresh(out, key):
         _log_cached("base model", out)
         return str(out)
+    _may_build(cfg, "base")
     log.info("base model: pretraining into %s", out)
     pretrain(cfg, world / "corpus.jsonl", out, run_dir(cfg) / "logs" / "pretrain", key, progress)
     return str(out)
@@ -231,6 +279,7 @@ def _ensure_preference_model(cfg: Config, stage: str, progress: bool) -> str:
     if is_fresh(out, key):
         _log_cached(f"{stage} model", out)
         return str(out)
+    _may_build(cfg, stage)
     log.info("%s model: training into %s", stage, out)
     train_preference_model(cfg, init, data, out, run_dir(cfg) / "logs" / stage, key, progress, stage=stage)
     return str(out)
@@ -254,39 +303,37 @@ def ensure_policy(cfg: Config, progress: bool = True, resume: bool = False, init
     """PPO from the base model (or from `init`, e.g. the SFT model for the conventional pipeline)
     into `<out>/<name>`; checkpoints and metrics under `<out>/<name>-work`.
 
-    Under `accelerate launch` the main process builds missing upstream artifacts first; the
-    others then find them cached.
+    Under several processes every process reads the upstream artifacts, which must exist already
+    (`build_only`: the CLI refuses, in one line on every process, a launch that would have one
+    process build them while the others wait at a barrier); a single process builds them here.
     """
-    from accelerate import PartialState
-
     from .data.prompt_files import prompt_texts
     from .data.prompt_truncation import fit_prompts
-    from .train.common import on_cpu, refuse_sharding
+    from .train.common import refuse_sharding
     from .train.ppo import PPOTrainer
 
     refuse_sharding()
     refuse_toy_data(cfg, "ppo")
     pc = cfg.ppo
-    with PartialState(cpu=on_cpu()).main_process_first():
-        from_pairs = pc.prompts is None and cfg.reward.data is not None
-        if pc.ptx_coef > 0 and pc.ptx_data is None and cfg.reward.data is not None:
-            raise UserError("ppo.ptx_coef > 0 mixes in pretraining text: give ppo.ptx_data (JSONL with 'text') "
-                            "for your own data, or set ppo.ptx_coef=0")
-        needs_world = (pc.prompts is None and not from_pairs) or (pc.ptx_coef > 0 and pc.ptx_data is None)
-        world = ensure_world(cfg) if needs_world else None
-        if from_pairs:  # user data without a prompt file: the preference data's prompts
-            from .data.preferences import load_pairs
+    from_pairs = pc.prompts is None and cfg.reward.data is not None
+    if pc.ptx_coef > 0 and pc.ptx_data is None and cfg.reward.data is not None:
+        raise UserError("ppo.ptx_coef > 0 mixes in pretraining text: give ppo.ptx_data (JSONL with 'text') "
+                        "for your own data, or set ppo.ptx_coef=0")
+    needs_world = (pc.prompts is None and not from_pairs) or (pc.ptx_coef > 0 and pc.ptx_data is None)
+    world = ensure_world(cfg) if needs_world else None
+    if from_pairs:  # user data without a prompt file: the preference data's prompts
+        from .data.preferences import load_pairs
 
-            prompts = list(dict.fromkeys(p.prompt for p in load_pairs(cfg.reward.data, split=cfg.reward.split,
-                                                                    skip_invalid=cfg.reward.skip_invalid)[0]))
-        else:
-            prompts = prompt_texts(pc.prompts or world / "ppo_prompts.jsonl")
-        start = init or ensure_base(cfg, progress)
-        # cut to the model: a pasted 3000-turn chat log grew PPO to 24 GB (data/prompt_truncation.py)
-        prompts, n_cut, budget = fit_prompts(prompts, start, cfg.model.trust_remote_code, pc.max_prompt_len,
-                                             pc.max_new_tokens, "ppo", cfg.model.chat_format)
-        reward = pc.reward_model or ensure_reward(cfg, progress)
-        cost = (pc.cost_model or ensure_cost(cfg, progress)) if pc.lagrangian else None
+        prompts = list(dict.fromkeys(p.prompt for p in load_pairs(cfg.reward.data, split=cfg.reward.split,
+                                                                skip_invalid=cfg.reward.skip_invalid)[0]))
+    else:
+        prompts = prompt_texts(pc.prompts or world / "ppo_prompts.jsonl")
+    start = init or ensure_base(cfg, progress)
+    # cut to the model: a pasted 3000-turn chat log grew PPO to 24 GB (data/prompt_truncation.py)
+    prompts, n_cut, budget = fit_prompts(prompts, start, cfg.model.trust_remote_code, pc.max_prompt_len,
+                                         pc.max_new_tokens, "ppo", cfg.model.chat_format)
+    reward = pc.reward_model or ensure_reward(cfg, progress)
+    cost = (pc.cost_model or ensure_cost(cfg, progress)) if pc.lagrangian else None
     out, work = run_dir(cfg) / name, run_dir(cfg) / f"{name}-work"
     # where the prompts and the PPO-ptx text come from, when no ppo.* setting names them
     prompt_source = None if pc.prompts else (
@@ -340,6 +387,7 @@ def ensure_sft(cfg: Config, progress: bool = True) -> str:
     if is_fresh(out, key):
         _log_cached("sft model", out)
         return str(out)
+    _may_build(cfg, "sft")
     log.info("sft model: fine-tuning %s on %d chosen responses into %s", base, len(pairs), out)
     train_sft(cfg, base, pairs, out, run_dir(cfg) / "logs" / "sft", key, progress, load=asdict(load))
     return str(out)

@@ -109,6 +109,12 @@ def build_reward_model(init: str, cfg: Config):
                            trust_remote_code=cfg.model.trust_remote_code)
     model.config.pad_token_id = tokenizer.pad_token_id
     float32_head(model.score)
+    if cfg.model.gradient_checkpointing:  # as load_actor does (train/ppo_models.py); only while training
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora.enabled:
         from .lora import add_lora
 

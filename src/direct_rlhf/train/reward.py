@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from ..algos.bradley_terry import bradley_terry_loss, cost_sign_loss
@@ -33,7 +34,7 @@ from ..errors import UserError
 from ..models.reward_model import STATS_FILE, build_reward_model, encode, pad_right, plain_model, rewards, score_ids
 from ..tracking import MetricsLogger, seed_everything
 from . import checkpoint
-from .common import adamw, cosine_schedule, save_model_folder, training_device
+from .common import adamw, cosine_schedule, on_cpu, save_model_folder, training_device
 from .pair_packing import EncodedPair, can_pack, packed_rewards, packed_scores, row_lengths
 
 log = logging.getLogger("direct_rlhf")
@@ -212,29 +213,120 @@ def length_grouped_batches(lengths: Sequence[int], batch_size: int, gen: torch.G
 # The trainer
 
 
-def _resume(root: Path, key: str, model, opt, sched, gen: torch.Generator) -> tuple[int, int] | None:
-    """Restore the newest end-of-epoch checkpoint made with the same inputs; (epoch, step) or None."""
+def _resume(root: Path, key: str, model, opt, sched, gen: torch.Generator, acc=None) -> tuple[int, int, int] | None:
+    """Restore the newest checkpoint made with the same inputs; (epoch, batches of it done, step) or None.
+    `gen` comes back as it was at the start of that epoch, so the epoch's batches are drawn again
+    alike and the done ones skipped (a checkpoint from before mid-epoch saves has no 'batch': 0)."""
     path = checkpoint.latest(root)
     if path is None:
         return None
     if checkpoint.trainer_state(path).get("key") != key:  # another run's (other inputs): start afresh,
-        checkpoint.clear(root)                            # or its later steps would shadow this run's
+        if acc is not None:                               # or its later steps would shadow this run's
+            acc.wait_for_everyone()
+        if acc is None or acc.is_main_process:
+            checkpoint.clear(root)
+        if acc is not None:
+            acc.wait_for_everyone()
         return None
     states, ts, rngs = checkpoint.load(path, {"model": model})
     opt.load_state_dict(states["opt"])
     sched.load_state_dict(states["sched"])
-    checkpoint.set_rng_state(rngs[0])
+    rank = acc.process_index if acc is not None else 0
+    checkpoint.set_rng_state(rngs[min(rank, len(rngs) - 1)])  # training draws none; kept for exactness
     gen.set_state(torch.tensor(ts["gen"], dtype=torch.uint8))
-    return ts["epoch"], ts["step"]
+    return ts["epoch"], ts.get("batch", 0), ts["step"]
+
+
+class _NoLog:
+    """The metrics log of a process other than the first: only the first writes one."""
+
+    def log(self, step: int, metrics: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _accumulate(model, enc: Sequence[EncodedPair], pairs: Sequence[Pair], idx: list[int], rank: int, world: int,
+                micro: int, pad_id: int, rc, packed: bool, cost: bool) -> dict[str, torch.Tensor]:
+    """Backward of this process's share of a global batch (`idx[rank::world]`), `micro` pairs a
+    pass, each pass's loss weighted by its share of the global batch: the gradients then sum, over
+    passes and processes, to those of one pass over the whole batch (every term of the loss is a
+    mean over pairs). Returns the loss and statistics, weighted alike (this process's part)."""
+    mine, total = idx[rank::world], {}
+    for s in range(0, len(mine), micro):
+        part = mine[s:s + micro]
+        w = len(part) / len(idx)  # 1.0 for one process in one pass: unchanged from before
+        batch_pairs = [pairs[i] for i in part]
+        loss, stats = pair_loss(model, [enc[i] for i in part], pad_id, _margins(batch_pairs, rc.margin),
+                                rc.center_coef, packed, safety_targets(batch_pairs) if cost else None)
+        (loss * w).backward()
+        for name, value in (("loss", loss.detach()), *stats.items()):
+            total[name] = total[name] + value.detach() * w if name in total else value.detach() * w
+    return total
+
+
+def _all_reduce_grads(model: torch.nn.Module, device: torch.device, bucket: int = 1 << 24) -> None:
+    """Sum the trainable parameters' gradients over the processes, in flat buckets of at most
+    `bucket` elements (a process with no pairs in a short last batch adds zeros). Not DDP: the
+    packed forward (train/pair_packing.py) calls the backbone and the head directly, past the
+    module's forward where DDP hooks in, and a process may have no pairs to run a forward on."""
+    import torch.distributed as dist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    groups, cur, size = [], [], 0
+    for p in params:
+        if cur and size + p.numel() > bucket:
+            groups.append(cur)
+            cur, size = [], 0
+        cur.append(p)
+        size += p.numel()
+    if cur:
+        groups.append(cur)
+    for group in groups:
+        flat = _flatten_dense_tensors([p.grad for p in group]).to(device)
+        dist.all_reduce(flat)
+        for p, g in zip(group, _unflatten_dense_tensors(flat, [p.grad for p in group])):
+            p.grad.copy_(g)
+
+
+def _all_sum(stats: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    import torch.distributed as dist
+
+    names = sorted(stats)
+    vec = torch.stack([stats[n].float().reshape(()) for n in names]).to(device)
+    dist.all_reduce(vec)
+    return dict(zip(names, vec.cpu()))
 
 
 def train_preference_model(cfg: Config, init: str, data: PreferenceData, out: Path, log_dir: Path, key: str,
                            progress: bool = True, stage: str = "reward") -> Path:
-    """Train, evaluate on held-out pairs, and save a plain HF folder + reward_stats.json + eval.json."""
+    """Train, evaluate on held-out pairs, and save a plain HF folder + reward_stats.json + eval.json.
+
+    Data parallel over every process of a `torchrun` / `accelerate launch`: `reward.batch_size`
+    is the global batch, each process backpropagates its share (in `reward.micro_batch_size`
+    passes) and the gradients are summed over the processes before the step, so every process
+    takes the same step as one process would on the whole batch. Every process scores the
+    held-out and statistics pairs itself (as long as one process alone would: no process waits on
+    another), so they are those of a one-process run; the first process alone writes the log, the
+    checkpoints and the folder."""
+    from accelerate import Accelerator
+
     rc, cost = cfg.reward, stage == "cost"
-    seed_everything(cfg.seed)
+    acc = Accelerator(cpu=on_cpu())
+    world, rank, main = acc.num_processes, acc.process_index, acc.is_main_process
+    if rc.batch_size % world:
+        raise UserError(f"reward.batch_size={rc.batch_size} is the batch of all {world} processes together and "
+                        f"must divide among them: make it a multiple of {world}")
+    micro = rc.micro_batch_size or rc.batch_size // world
+    seed_everything(cfg.seed)  # the same on every process: the same new head, the same batches
     model, tokenizer = build_reward_model(init, cfg)
-    model.to(training_device())
+    device = acc.device if world > 1 else training_device()
+    model.to(device)
     pad_id = tokenizer.pad_token_id
     train_enc, n_trunc = encode_pairs(tokenizer, data.train, rc.max_len)
     eval_enc, n_trunc_eval = encode_pairs(tokenizer, data.eval, rc.max_len)
@@ -249,31 +341,45 @@ def train_preference_model(cfg: Config, init: str, data: PreferenceData, out: Pa
     gen = torch.Generator().manual_seed(cfg.seed)
     start = time.perf_counter()
     held, held_sign, ckpt_root = {}, None, log_dir / "checkpoints"
-    resumed = _resume(ckpt_root, key, model, opt, sched, gen)
-    first_epoch, step = resumed or (0, 0)
-    logger = MetricsLogger(log_dir, resume_from=step if resumed else None)
+    resumed = _resume(ckpt_root, key, model, opt, sched, gen, acc)
+    first_epoch, skip, step = resumed or (0, 0, 0)
+    logger = MetricsLogger(log_dir, resume_from=step if resumed else None) if main else _NoLog()
     if resumed:
-        log.info("%s model: resumed after epoch %d (step %d)", stage, first_epoch, step)
+        log.info("%s model: resumed in epoch %d after step %d", stage, first_epoch + 1, step)
     else:
         logger.log(0, {"n_train": len(train_enc), "n_eval": len(eval_enc), "truncated_train": n_trunc,
                        "truncated_eval": n_trunc_eval, "dropped_identical": load.get("dropped_identical", 0)})
     window: dict[str, list[float]] = {"loss": [], "accuracy": [], "margin": []}
-    bar = tqdm(total=total, initial=step, desc=stage, disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=total, initial=step, desc=stage, disable=not (progress and main), dynamic_ncols=True)
     model.train()
     packed = can_pack(model, rc.max_len)
     lengths = row_lengths(train_enc, packed)
+
+    def save(epoch: int, batch: int, gen_state: torch.Tensor) -> None:
+        """A checkpoint to resume from: `batch` batches of `epoch` done, `gen` as at its start."""
+        rngs = checkpoint.gathered_rng_states(gather_object) if world > 1 else [checkpoint.rng_state()]
+        if main:
+            checkpoint.save(ckpt_root, step, {"model": model}, {"opt": opt.state_dict(), "sched": sched.state_dict()},
+                            {"key": key, "epoch": epoch, "batch": batch, "step": step, "rng": rngs,
+                             "gen": gen_state.tolist()}, world_size=world)
+        acc.wait_for_everyone()
+
     for epoch in range(first_epoch, rc.epochs):
-        for idx in length_grouped_batches(lengths, rc.batch_size, gen):
+        epoch_gen = gen.get_state()
+        batches = length_grouped_batches(lengths, rc.batch_size, gen)
+        for k, idx in enumerate(batches):
+            if epoch == first_epoch and k < skip:  # done before the checkpoint this run resumed from
+                continue
             step += 1
-            batch_pairs = [data.train[i] for i in idx]
-            loss, stats = pair_loss(model, [train_enc[i] for i in idx], pad_id, _margins(batch_pairs, rc.margin),
-                                    rc.center_coef, packed, safety_targets(batch_pairs) if cost else None)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            stats = _accumulate(model, train_enc, data.train, idx, rank, world, micro, pad_id, rc, packed, cost)
+            if world > 1:
+                _all_reduce_grads(model, device)
+                stats = _all_sum(stats, device)
             torch.nn.utils.clip_grad_norm_(model.parameters(), rc.grad_clip)
             opt.step()
             sched.step()
-            for name, value in (("loss", loss.detach()), *stats.items()):
+            for name, value in stats.items():
                 window.setdefault(name, []).append(value.item())
             if step % rc.log_every == 0 or step == total:
                 row = {k: sum(v) / len(v) for k, v in window.items() if v}
@@ -288,11 +394,10 @@ def train_preference_model(cfg: Config, init: str, data: PreferenceData, out: Pa
                     held_sign = sign_accuracy(held_scores, data.eval)
                     logger.log(step, {"eval/sign_accuracy": held_sign})
             bar.update(1)
-        if epoch + 1 < rc.epochs:  # a killed run restarts from the last finished epoch
-            checkpoint.save(ckpt_root, step, {"model": model},
-                            {"opt": opt.state_dict(), "sched": sched.state_dict()},
-                            {"key": key, "epoch": epoch + 1, "step": step, "rng": [checkpoint.rng_state()],
-                             "gen": gen.get_state().tolist()})
+            if rc.save_every and step % rc.save_every == 0 and k + 1 < len(batches):
+                save(epoch, k + 1, epoch_gen)  # in the middle of an epoch
+        if epoch + 1 < rc.epochs:  # a killed run restarts from here at the latest
+            save(epoch + 1, 0, gen.get_state())
     bar.close()
     train_s = time.perf_counter() - start
     model = plain_model(model).eval()
@@ -315,10 +420,12 @@ def train_preference_model(cfg: Config, init: str, data: PreferenceData, out: Pa
     logger.close()
     info = {"stage": stage, "key": key, "seed": cfg.seed, "init": init, "config": cfg.section_dict("reward"),
             "data": data.info, "steps": total, "train_s": train_s, "wall_s": time.perf_counter() - start,
-            "n_params": sum(p.numel() for p in model.parameters())}
-    saved = save_model_folder(out, model, tokenizer, info, extra={STATS_FILE: reward_stats, "eval.json": eval_json})
-    shutil.rmtree(ckpt_root, ignore_errors=True)  # only once the model is saved: a kill while scoring resumes
-    return saved
+            "n_params": sum(p.numel() for p in model.parameters()), **({"processes": world} if world > 1 else {})}
+    if main:
+        save_model_folder(out, model, tokenizer, info, extra={STATS_FILE: reward_stats, "eval.json": eval_json})
+        shutil.rmtree(ckpt_root, ignore_errors=True)  # only once the model is saved: a kill while scoring resumes
+    acc.wait_for_everyone()  # the folder is there when any process returns it
+    return Path(out)
 
 
 # --------------------------------------------------------------------------------------------------
