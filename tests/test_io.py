@@ -58,3 +58,19 @@ def test_a_byte_order_mark_is_read_as_nothing_wherever_jsonl_is_read(tmp_path):
     text = tmp_path / "ptx.jsonl"
     text.write_text(json.dumps({"text": "a"}) + "\n" + json.dumps({"text": "\ufeffb"}) + "\n", encoding="utf-8-sig")
     assert [r["text"] for r in read_jsonl(text, required=("text",))] == ["a", "\ufeffb"]  # only the file's first
+
+
+def test_a_gguf_model_enters_stage_keys_by_its_contents(tmp_path):
+    """model.base=x.gguf: a file replaced in place makes the stages built on it run again (a folder
+    or hub id is keyed as written, one of our artifacts by its own key)."""
+    from direct_rlhf.artifacts import model_identity, stamp
+
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"weights one")
+    first = model_identity(gguf)
+    gguf.write_bytes(b"weights two, a new file")
+    assert model_identity(gguf) != first
+    assert model_identity("org/model") == "org/model"
+    (tmp_path / "ours").mkdir()
+    stamp(tmp_path / "ours", "abc123", stage="reward")
+    assert model_identity(tmp_path / "ours") == "abc123"

@@ -59,6 +59,15 @@ def source_identity(source: str | Path | None) -> Any:
     return ["file", file_digest(path)] if path.is_file() else str(source)
 
 
+def model_identity(source: str | Path) -> Any:
+    """What a model setting contributes to a key: one of our artifacts by its key, a GGUF file by its
+    contents (replaced in place, the stages built on it run again), a folder or hub id as written."""
+    key = read_key(source)
+    if key:
+        return key
+    return source_identity(source) if str(source).endswith(".gguf") else str(source)
+
+
 def read_key(folder: str | Path) -> str | None:
     try:
         return json.loads((Path(folder) / STAMP).read_text()).get("key")

@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from .artifacts import cache_key, file_digest, is_fresh, read_key, source_identity
+from .artifacts import cache_key, file_digest, is_fresh, model_identity, read_key, source_identity
 from .config import Config
 from .errors import UserError
 
@@ -173,7 +173,7 @@ def keyed_settings(cfg: Config, *sections: str) -> dict:
     settings = _settings(cfg, *sections)
     for section, name in ARTIFACT_SETTINGS:
         if settings.get(section, {}).get(name):
-            settings[section][name] = read_key(settings[section][name]) or settings[section][name]
+            settings[section][name] = model_identity(settings[section][name])
     for section, name in DATA_SETTINGS:
         if settings.get(section, {}).get(name):
             settings[section][name] = source_identity(settings[section][name])
@@ -274,7 +274,7 @@ def _ensure_preference_model(cfg: Config, stage: str, progress: bool) -> str:
                            fmt=conversation_format(cfg, cfg.reward.init))  # rendered for the model it trains
     init = cfg.reward.init or ensure_base(cfg, progress)
     out = run_dir(cfg) / stage
-    key = cache_key(stage, read_key(init) or init, data.key, read_key(run_dir(cfg) / "world") if needs_world else None,
+    key = cache_key(stage, model_identity(init), data.key, read_key(run_dir(cfg) / "world") if needs_world else None,
                     cfg.seed, keyed_settings(cfg, "reward"), cfg.model.dtype)
     if is_fresh(out, key):
         _log_cached(f"{stage} model", out)
@@ -340,7 +340,7 @@ def ensure_policy(cfg: Config, progress: bool = True, resume: bool = False, init
         [source_identity(cfg.reward.data), cfg.reward.split, cfg.reward.skip_invalid] if from_pairs
         else read_key(world))
     ptx_source = [None if pc.ptx_data else read_key(world), cfg.pretrain.seq_len] if pc.ptx_coef > 0 else None
-    inputs = (read_key(start) or start, read_key(reward) or reward, (read_key(cost) or cost) if cost else None,
+    inputs = (model_identity(start), model_identity(reward), model_identity(cost) if cost else None,
               cfg.seed, prompt_source, ptx_source)
     settings = keyed_settings(cfg, "ppo", "model")
     key = cache_key("ppo", *inputs, settings)
@@ -381,7 +381,7 @@ def ensure_sft(cfg: Config, progress: bool = True) -> str:
                              fmt=conversation_format(cfg))
     base = ensure_base(cfg, progress)
     out = run_dir(cfg) / "sft"
-    key = cache_key("sft", read_key(base) or base, read_key(world) if world else source_identity(source), cfg.seed,
+    key = cache_key("sft", model_identity(base), read_key(world) if world else source_identity(source), cfg.seed,
                     keyed_settings(cfg, "sft", "model"),
                     *([cfg.reward.split, cfg.reward.skip_invalid] if from_reward else []))
     if is_fresh(out, key):
@@ -432,8 +432,8 @@ def ensure_eval(cfg: Config, models: dict[str, str], progress: bool = True) -> P
                  (("redteam", ev.redteam), ("conversation", ev.conversation),
                   ("badwords", ev.badwords or shipped_badwords())) if path}
         judge = sources.reward_model
-        key = cache_key("eval", RESULTS_SCHEMA, {name: read_key(src) or src for name, src in models.items()},
-                        read_key(run_dir(cfg) / "world"), files, judge and (read_key(judge) or judge), cfg.seed,
+        key = cache_key("eval", RESULTS_SCHEMA, {name: model_identity(src) for name, src in models.items()},
+                        read_key(run_dir(cfg) / "world"), files, judge and model_identity(judge), cfg.seed,
                         keyed_settings(cfg, "eval", "model"))
         if (out / "results.json").is_file() and is_fresh(out, key):
             _log_cached("evaluation", out)
