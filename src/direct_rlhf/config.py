@@ -53,6 +53,8 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False   # trade compute for memory in trained models (large models)
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # trained weights over processes: whole on each, or FSDP2-sharded (SFT only)
+    fsdp_cpu_offload: bool = False         # with fsdp: parameter shards, gradients and the optimiser step on the CPU
     chat_format: Literal["hh", "template"] = "hh"  # HH transcripts (the paper's), or the tokenizer's own template
 
 
@@ -122,7 +124,8 @@ class SFTConfig:
                                      # split and skip_invalid), else the toy world's
     skip_invalid: bool = False       # as reward.skip_invalid, for sft.data
     epochs: int = 1
-    batch_size: int = 32
+    batch_size: int = 32             # the global batch: each of N processes takes batch_size / N rows
+    micro_batch_size: int = 0        # rows per forward pass in a process, gradients accumulated; 0 = its whole share
     lr: float = 5e-4
     warmup_steps: int = 10
     max_len: int = 256

@@ -41,7 +41,7 @@ RANGES: dict[str, tuple] = {
     "reward.grad_clip": POSITIVE, "reward.stats_pairs": NON_NEGATIVE, "reward.micro_batch_size": NON_NEGATIVE,
     "reward.save_every": NON_NEGATIVE,
     **{f"sft.{k}": COUNT for k in ("epochs", "batch_size", "max_len", "log_every")},
-    "sft.lr": POSITIVE, "sft.warmup_steps": NON_NEGATIVE,
+    "sft.lr": POSITIVE, "sft.warmup_steps": NON_NEGATIVE, "sft.micro_batch_size": NON_NEGATIVE,
     **{f"ppo.{k}": COUNT for k in ("rollout_batch_size", "mini_batch_size", "micro_batch_size", "ppo_epochs",
                                    "max_new_tokens", "max_prompt_len", "kl_horizon", "ptx_batch_size", "save_every",
                                    "sample_every")},

@@ -18,7 +18,8 @@ from ..data.chat_format import special_wrapping
 from ..data.preferences import Pair
 from ..models.loading import load_tokenizer
 from ..tracking import MetricsLogger, seed_everything
-from .common import cosine_schedule, save_model_folder, training_device
+from . import sharding
+from .common import cosine_schedule, save_model_folder
 from .ppo_models import load_actor, merged_policy
 
 IGNORE = -100
@@ -48,36 +49,86 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int):
 
 
 def train_sft(cfg: Config, base: str, pairs: list[Pair], out: Path, log_dir: Path, key: str,
-              progress: bool = True, load: dict | None = None) -> Path:
-    """`load`: how the pairs were read (rows, records skipped as invalid, ...), for run_info.json."""
-    sc = cfg.sft
+              progress: bool = True, load: dict | None = None, checkpoints: Path | None = None,
+              save_every: int = 0, resume_from: Path | None = None) -> Path:
+    """`load`: how the pairs were read (rows, records skipped as invalid, ...), for run_info.json.
+
+    Data parallel over every process started by torchrun: `sft.batch_size` is the global batch,
+    each process takes its share in `sft.micro_batch_size` passes and `model.strategy` (ddp or
+    fsdp, train/sharding.py) spreads the model; the loss is the mean over the global batch's
+    response tokens, so N processes compute the step one process would. `save_every` > 0 writes a
+    sharded checkpoint `checkpoints/step-<N>` every that many steps; `resume_from` continues one,
+    on any number of processes."""
+    sc, mc = cfg.sft, cfg.model
+    device = sharding.init_processes()
+    n_proc, me = sharding.world_size(), sharding.rank()
+    share = sharding.split_batch(sc.batch_size, "sft.batch_size")
+    micro = sc.micro_batch_size or share
     seed_everything(cfg.seed)
-    tokenizer = load_tokenizer(base, cfg.model.trust_remote_code)
-    model = load_actor(base, cfg.model.dtype, sc.lora, cfg.model.trust_remote_code, cfg.model.gradient_checkpointing)
-    device = training_device()
+    tokenizer = load_tokenizer(base, mc.trust_remote_code)
+    model = load_actor(base, mc.dtype, sc.lora, mc.trust_remote_code, mc.gradient_checkpointing)
     model.to(device)
+    model = sharding.shard(model, mc.strategy, mc.dtype, mc.fsdp_cpu_offload, device)
     examples = [sft_example(tokenizer, p.prompt, p.chosen, sc.max_len) for p in pairs]
+    targets = [sum(t != IGNORE for t in labels[1:]) for _, labels in examples]  # tokens the loss averages over
     steps = max(1, sc.epochs * len(examples) // sc.batch_size)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=sc.lr)
     sched = cosine_schedule(opt, sc.warmup_steps, steps, 0.1)
     gen = torch.Generator().manual_seed(cfg.seed)
-    logger = MetricsLogger(log_dir)
     order: list[int] = []
+    first = 1
+    if resume_from is not None:
+        state = sharding.load_checkpoint(resume_from, model, opt)
+        sched.load_state_dict(state["sched"])
+        gen.set_state(state["gen"])
+        order, first = state["order"], state["step"] + 1
+    main = sharding.is_main()
+    logger = MetricsLogger(log_dir, resume_from=first - 1 if resume_from is not None else None) if main else None
     start = time.perf_counter()
-    for step in tqdm(range(1, steps + 1), desc="sft", disable=not progress, dynamic_ncols=True):
+    for step in tqdm(range(first, steps + 1), desc="sft", disable=not (progress and main), dynamic_ncols=True):
         if len(order) < sc.batch_size:
             order += torch.randperm(len(examples), generator=gen).tolist()
         batch, order = order[:sc.batch_size], order[sc.batch_size:]
-        ids, attn, labels = (t.to(device) for t in collate([examples[i] for i in batch], tokenizer.pad_token_id))
-        loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
+        mine = batch[me * share:(me + 1) * share]
+        chunks = [mine[i:i + micro] for i in range(0, share, micro)]
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if n_proc == 1 and len(chunks) == 1 and not sharding.is_sharded(model):
+            # one process, one pass: the loss is the batch's token mean as transformers computes it
+            ids, attn, labels = (t.to(device) for t in collate([examples[i] for i in batch], tokenizer.pad_token_id))
+            loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
+            loss.backward()
+            shown = loss.detach()
+        else:
+            # each pass's summed token loss over the global batch's token count: the passes of all
+            # processes add up to the one-pass mean (x n_proc: the gradient reduction averages)
+            tokens = sharding.all_sum(torch.tensor(float(sum(targets[i] for i in mine)), device=device))
+            shown = torch.zeros((), device=device)
+            for k, chunk in enumerate(chunks):
+                sharding.gradient_sync(model, k == len(chunks) - 1)
+                rows = collate([examples[i] for i in chunk], tokenizer.pad_token_id)
+                ids, attn, labels = (t.to(device) for t in rows)
+                loss = model(input_ids=ids, attention_mask=attn, labels=labels, num_items_in_batch=tokens).loss
+                (loss * n_proc).backward()
+                shown += loss.detach()
+            sharding.sync_gradients(model)
+            shown = sharding.all_sum(shown)
+        sharding.clip_grad_norm(model, 1.0)
         opt.step()
         sched.step()
-        if step % sc.log_every == 0 or step == steps:
-            logger.log(step, {"loss": loss.item(), "lr": sched.get_last_lr()[0]})
-    logger.close()
+        if main and (step % sc.log_every == 0 or step == steps):
+            logger.log(step, {"loss": shown.item(), "lr": sched.get_last_lr()[0]})
+        if checkpoints is not None and save_every > 0 and step % save_every == 0 and step < steps:
+            sharding.save_checkpoint(Path(checkpoints) / f"step-{step:06d}", model, opt,
+                                     {"step": step, "order": order, "gen": gen.get_state(),
+                                      "sched": sched.state_dict()})
+    if logger is not None:
+        logger.close()
     info = {"stage": "sft", "key": key, "seed": cfg.seed, "init": base, "data_load": load, "n_examples": len(examples),
             "steps": steps, "config": cfg.section_dict("sft"), "wall_s": time.perf_counter() - start}
-    return save_model_folder(out, merged_policy(model).eval(), tokenizer, info)
+    if n_proc > 1:
+        info["processes"] = n_proc
+    whole = sharding.unsharded(model)  # every process takes part; the whole model on the main one only
+    if main:
+        save_model_folder(out, merged_policy(whole).eval(), tokenizer, info)
+    sharding.barrier()
+    return Path(out)

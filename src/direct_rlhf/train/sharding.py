@@ -1,0 +1,236 @@
+"""How a trained model is spread over processes: the one place that knows the strategy.
+
+`model.strategy`:
+
+- `ddp`: every process holds the whole model, optimiser and gradients; the gradients are averaged
+  over the processes once per optimiser step (after the last micro-batch).
+- `fsdp`: PyTorch's FSDP2 (`torch.distributed.fsdp.fully_shard`): each decoder layer, then the
+  root, is sharded over the processes, so parameters, gradients and optimiser state are split
+  between them; a layer's parameters are gathered only while it runs. With `model.dtype:
+  bfloat16` the layers compute in bf16 from fp32 master weights, gradients reduced in fp32;
+  `model.fsdp_cpu_offload` keeps the shards (and the optimiser step) on the CPU.
+
+Checkpoints are `torch.distributed.checkpoint` (DCP) folders of model + optimiser state, each
+process writing its own shards; a checkpoint loads into any number of processes (resharded). The
+finished model is gathered whole on the main process and written as one Hugging Face folder.
+
+Both strategies run on the CPU over gloo (`torchrun --nproc_per_node 2`), so CI tests them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
+
+from ..errors import UserError
+
+STRATEGIES = ("ddp", "fsdp")
+
+
+# --- processes -------------------------------------------------------------------------------------
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def init_processes() -> torch.device:
+    """Join the other processes when started by torchrun / accelerate launch (WORLD_SIZE > 1), over
+    gloo on the CPU and NCCL on GPUs (accelerate's PartialState picks, as PPO's Accelerator does);
+    returns this process's device. A single process starts no process group."""
+    from .common import on_cpu, training_device
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return training_device()
+    from accelerate import PartialState
+
+    return PartialState(cpu=on_cpu()).device
+
+
+def split_batch(global_batch: int, what: str) -> int:
+    """Rows per process for a global batch of `global_batch` rows; a one-line error if it does not divide."""
+    n = world_size()
+    if global_batch % n:
+        raise UserError(f"{what}={global_batch} is the global batch: it must divide by the number of processes ({n})")
+    return global_batch // n
+
+
+def all_sum(x: torch.Tensor) -> torch.Tensor:
+    """`x` summed over the processes (a new tensor; `x` itself when there is one process)."""
+    if world_size() == 1:
+        return x
+    x = x.clone()
+    dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+# --- the model ---------------------------------------------------------------------------------------
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The transformer's stack of decoder layers, found generically: the largest ModuleList of
+    identical blocks (Llama/Mistral/Qwen `model.model.layers`, GPT-2 `transformer.h`, ...)."""
+    best: nn.ModuleList | None = None
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) and len({type(m) for m in module}) == 1:
+            if best is None or len(module) > len(best):
+                best = module
+    if best is None:
+        raise UserError(f"model.strategy=fsdp: no stack of decoder layers found in {type(model).__name__}")
+    return best
+
+
+def shard(model: nn.Module, strategy: str, dtype: str = "float32", cpu_offload: bool = False,
+          device: torch.device | None = None) -> nn.Module:
+    """Spread `model` (already on `device`) over the processes for training under `strategy`;
+    build the optimiser after this call (FSDP replaces the parameters by their shards).
+    `ddp` leaves the model as it is (gradients are averaged by `sync_gradients`)."""
+    if strategy not in STRATEGIES:
+        raise UserError(f"model.strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    if strategy == "ddp":
+        return model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    if any(not p.requires_grad for p in model.parameters()):
+        raise UserError("model.strategy=fsdp trains every parameter (full fine-tuning): turn LoRA off")
+    device = device or next(model.parameters()).device
+    if not dist.is_initialized():  # one process: a group of one, so the same code runs everywhere
+        dist.init_process_group("gloo" if device.type == "cpu" else "nccl", store=dist.HashStore(), rank=0,
+                                world_size=1)
+    mesh = init_device_mesh(device.type, (world_size(),))
+    compute = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
+    kw: dict[str, Any] = {
+        "mesh": mesh,
+        # fp32 master weights and gradient reduction; the layers run in bf16 when the config asks for it
+        "mp_policy": MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32 if compute else None),
+        # pinned host memory needs an accelerator: an all-CPU run offloads to plain memory
+        "offload_policy": CPUOffloadPolicy(pin_memory=device.type != "cpu") if cpu_offload else OffloadPolicy(),
+    }
+    for layer in decoder_layers(model):
+        fully_shard(layer, **kw)
+    fully_shard(model, **kw)
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def gradient_sync(model: nn.Module, enabled: bool) -> None:
+    """FSDP: reduce-scatter gradients in this backward pass (the last micro-batch) or keep them
+    local, unreduced, to accumulate (the ones before). `ddp` reduces in `sync_gradients` instead."""
+    if is_sharded(model):
+        model.set_requires_gradient_sync(enabled)
+
+
+def sync_gradients(model: nn.Module) -> None:
+    """`ddp` with several processes: average every gradient over them, once per optimiser step.
+    FSDP has already reduce-scattered its gradients during the backward pass."""
+    n = world_size()
+    if n == 1 or is_sharded(model):
+        return
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])  # one collective for all gradients
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= n
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip the global gradient norm to `max_norm`; works on whole and on sharded (DTensor)
+    gradients (the norm is then reduced over the processes). Returns the norm before clipping."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+# --- exporting and checkpoints ----------------------------------------------------------------------
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's state dict on the main process (on the CPU), empty on the others: every
+    process must call it (FSDP gathers the shards). An unsharded model's own state dict, as is."""
+    if not is_sharded(model):
+        return model.state_dict() if is_main() else {}
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def unsharded(model: nn.Module) -> nn.Module | None:
+    """The trained model whole, as a plain module of its own class (no FSDP wrapping) on the main
+    process, None on the others; every process must call it. An unsharded model is returned as is
+    (on the main process)."""
+    if not is_sharded(model):
+        return model if is_main() else None
+    from torch.distributed.fsdp import FSDPModule
+
+    state = full_state_dict(model)
+    if not is_main():
+        return None
+    cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))  # FSDP2 subclasses the model's class
+    plain = cls(model.config)  # built on the CPU: non-persistent buffers (rotary tables) made as from_pretrained does
+    plain.load_state_dict(state)
+    return plain
+
+
+def save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, extra: dict[str, Any]) -> Path:
+    """Write model + optimiser state as a DCP checkpoint at `path`, atomically: every process
+    writes its shards into a temporary folder that the main process renames into place once all
+    are done (a killed run leaves the old checkpoint or the new one). `extra` (step, schedule,
+    data order: the same on every process) is written by the main process beside them."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    if is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    model_sd, optim_sd = get_state_dict(model, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    if is_main():
+        torch.save(extra, tmp / "trainer.pt")
+    barrier()
+    if is_main():
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    barrier()
+    return path
+
+
+def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """Load a `save_checkpoint` folder into `model` and `opt` in place, resharded to this run's
+    processes (a 2-process checkpoint resumes on 1 process and the other way round); returns `extra`."""
+    path = Path(path)
+    if not (path / ".metadata").is_file() or not (path / "trainer.pt").is_file():
+        raise UserError(f"{path}: not a complete checkpoint")
+    model_sd, optim_sd = get_state_dict(model, opt)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    return torch.load(path / "trainer.pt", weights_only=True)
