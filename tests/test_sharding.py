@@ -171,5 +171,17 @@ def test_a_global_batch_that_does_not_divide_over_the_processes_is_a_one_line_er
         sharding.split_batch(8, "sft.batch_size")
 
 
+def test_the_new_settings_at_their_defaults_leave_every_stage_key_as_it_was():
+    """model.strategy, model.fsdp_cpu_offload and sft.micro_batch_size at their defaults train as
+    before they existed: left out of the stage keys, run folders made before them stay cached
+    (checked against a run folder made by the previous commit); set, they are keyed."""
+    from direct_rlhf.config import load_config
+
+    settings = load_config(None, []).section_dict("model", "sft")
+    assert {"strategy", "fsdp_cpu_offload"}.isdisjoint(settings["model"]) and "micro_batch_size" not in settings["sft"]
+    settings = load_config(None, ["model.strategy=fsdp", "sft.micro_batch_size=2"]).section_dict("model", "sft")
+    assert settings["model"]["strategy"] == "fsdp" and settings["sft"]["micro_batch_size"] == 2
+
+
 if __name__ == "__main__":
     _worker(json.loads(sys.argv[1]))

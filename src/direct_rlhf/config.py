@@ -258,9 +258,21 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def section_dict(self, *names: str) -> dict[str, Any]:
-        """The config of some sections as plain data: the cache key of a stage's artifacts."""
-        return {n: dataclasses.asdict(getattr(self, n)) if dataclasses.is_dataclass(getattr(self, n))
-                else getattr(self, n) for n in names}
+        """The config of some sections as plain data: the cache key of a stage's artifacts. The
+        settings in `KEYED_UNLESS_DEFAULT` are left out at their defaults (what every stage was made
+        with before they existed), so the folders made before them stay cached."""
+        out = {n: dataclasses.asdict(getattr(self, n)) if dataclasses.is_dataclass(getattr(self, n))
+               else getattr(self, n) for n in names}
+        for (section, key), default in KEYED_UNLESS_DEFAULT.items():
+            if section in out and out[section].get(key, default) == default:
+                out[section].pop(key, None)
+        return out
+
+
+# (section, key): default. Settings added after stages were cached whose default trains as before.
+KEYED_UNLESS_DEFAULT: dict[tuple[str, str], Any] = {
+    ("model", "strategy"): "ddp", ("model", "fsdp_cpu_offload"): False, ("sft", "micro_batch_size"): 0,
+}
 
 
 DEFAULT_RECIPE = "toy.yaml"
