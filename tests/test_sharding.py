@@ -179,8 +179,11 @@ def test_the_new_settings_at_their_defaults_leave_every_stage_key_as_it_was():
 
     settings = load_config(None, []).section_dict("model", "sft")
     assert {"strategy", "fsdp_cpu_offload"}.isdisjoint(settings["model"]) and "micro_batch_size" not in settings["sft"]
-    settings = load_config(None, ["model.strategy=fsdp", "sft.micro_batch_size=2"]).section_dict("model", "sft")
+    cfg = load_config(None, ["model.strategy=fsdp", "sft.micro_batch_size=2"])
+    settings = cfg.section_dict("model", "sft")
     assert settings["model"]["strategy"] == "fsdp" and settings["sft"]["micro_batch_size"] == 2
+    # only the SFT stage reads it: the base it starts from (and reward, PPO) keep their keys
+    assert cfg.section_dict("model", "pretrain") == load_config(None, []).section_dict("model", "pretrain")
 
 
 if __name__ == "__main__":

@@ -263,8 +263,10 @@ class Config:
         with before they existed), so the folders made before them stay cached."""
         out = {n: dataclasses.asdict(getattr(self, n)) if dataclasses.is_dataclass(getattr(self, n))
                else getattr(self, n) for n in names}
+        sharded = any(n in SHARDED_STAGES for n in names)
         for (section, key), default in KEYED_UNLESS_DEFAULT.items():
-            if section in out and out[section].get(key, default) == default:
+            if section in out and (out[section].get(key, default) == default
+                                   or (section == "model" and not sharded)):
                 out[section].pop(key, None)
         return out
 
@@ -273,6 +275,9 @@ class Config:
 KEYED_UNLESS_DEFAULT: dict[tuple[str, str], Any] = {
     ("model", "strategy"): "ddp", ("model", "fsdp_cpu_offload"): False, ("sft", "micro_batch_size"): 0,
 }
+# The stages whose trainer reads model.strategy (train/sharding.py): the others' keys leave the
+# model section's sharding settings out, so an fsdp SFT run finds its base cached.
+SHARDED_STAGES = ("sft",)
 
 
 DEFAULT_RECIPE = "toy.yaml"
