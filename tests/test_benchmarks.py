@@ -46,6 +46,17 @@ def test_logprob_memory_benchmark_runs_both_ways(tmp_path):
     assert all(r["shape"] == [2, 4] and "peak_rss_mib" in r for r in res["runs"])
 
 
+def test_sharding_memory_benchmark_counts_half_the_state_per_process_under_fsdp(tmp_path):
+    out = tmp_path / "bench.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sharding_memory.py"), "--hidden", "64", "--layers", "2",
+                    "--vocab", "256", "--rows", "4", "--tokens", "16", "--steps", "2", "--out", str(out)],
+                   check=True, capture_output=True, timeout=300)
+    res = json.loads(out.read_text())
+    assert [(r["strategy"], r["processes"]) for r in res["runs"]] == [("ddp", 1), ("ddp", 2), ("fsdp", 1), ("fsdp", 2)]
+    assert res["fsdp_over_ddp_state_2_processes"] == pytest.approx(0.5, abs=0.02)  # each process keeps its half
+    assert all(len(r["step_s"]) == 1 and r["peak_rss_mib_per_process"] > 0 for r in res["runs"])
+
+
 def test_side_by_side_prompts_spread_longer_stay_valid_and_reach_our_step(tmp_path):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import ppo_step
