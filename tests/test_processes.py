@@ -192,3 +192,12 @@ def test_gradient_checkpointing_trains_the_reward_model_to_the_same_weights(tmp_
                                   str(tiny_base), data, tmp_path / "b", tmp_path / "lb", "k", progress=False)
     a, b = _weights(plain), _weights(ckpt)
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def test_the_sft_command_under_two_processes_says_its_result_once(tmp_path, tiny_base, small_world):
+    """`direct-rlhf sft` under torchrun trains data parallel (tests/test_sharding.py checks the
+    weights) and, like reward and ppo, prints its result line from one process, not from each."""
+    res = _torchrun("sft", "--out", str(tmp_path), *MICRO, f"model.base={tiny_base}", "sft.batch_size=8",
+                    f"sft.data={small_world / 'pairs_train.jsonl'}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("sft model: ") == 1, res.stdout

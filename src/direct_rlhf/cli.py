@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -115,12 +116,18 @@ def cmd_chat(args: argparse.Namespace) -> None:
          trust_remote_code=args.trust_remote_code, chat_format_name=args.chat_format)
 
 
+def _print_once(text: str) -> None:
+    """A result line from the first process only: under torchrun every process runs the command."""
+    if os.environ.get("RANK", "0") == "0":
+        print(text)
+
+
 def cmd_sft(args: argparse.Namespace) -> None:
     from .pipeline import ensure_sft
 
     cfg = _load(args, stages=("sft",))
     _builds_only(args, "sft", "sft")
-    print(f"sft model: {ensure_sft(cfg, progress=not args.quiet)}")
+    _print_once(f"sft model: {ensure_sft(cfg, progress=not args.quiet)}")
 
 
 def cmd_ppo(args: argparse.Namespace) -> None:
@@ -145,15 +152,12 @@ def cmd_reward(args: argparse.Namespace) -> None:
         print(format_accuracy(evaluate_folder(args.model, args.data, cfg.reward.subset, cfg.reward.eval_split,
                                               cfg.reward.skip_invalid, cfg.model.chat_format)))
         return
-    import os
-
     from .pipeline import ensure_cost, ensure_reward
 
     _builds_only(args, "reward", "reward", "cost")  # data parallel (train/reward.py); the base must exist
-    say = print if os.environ.get("RANK", "0") == "0" else (lambda *_: None)  # once, not once per process
-    say(f"reward model: {ensure_reward(cfg, progress=not args.quiet)}")
+    _print_once(f"reward model: {ensure_reward(cfg, progress=not args.quiet)}")
     if args.cost or cfg.reward.cost_model:
-        say(f"cost model: {ensure_cost(cfg, progress=not args.quiet)}")
+        _print_once(f"cost model: {ensure_cost(cfg, progress=not args.quiet)}")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
