@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Iterator
