@@ -2,13 +2,18 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-# CPU machines: pin torch in the same pip command so pip takes the local CPU build and never a
-# multi-GB CUDA wheel. On a GPU machine run `make demo TORCH=torch` (or install torch yourself first).
-TORCH  ?= torch==2.13.0
+# torch is pinned in the same pip command as the project, so pip never swaps it for another build.
+# Where pip's index serves a CPU build (this project's CI machine), that is all. On a stock Linux
+# machine PyPI's torch is the CUDA build (GBs): for the CPU build there, take PyTorch's own index:
+#   make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# On a GPU machine: `make demo TORCH=torch` (PyPI's CUDA build), or install your torch first.
+TORCH       ?= torch==2.13.0
+TORCH_INDEX ?=
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(if $(TORCH_INDEX),$(PY) -m pip install -q --index-url $(TORCH_INDEX) "$(TORCH)")
 	$(PY) -m pip install -q "$(TORCH)" -e ".[dev]"
 	touch $@
 
