@@ -11,14 +11,15 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
 
-from .config_ranges import check_ranges
+from .config_ranges import (COUNT, NON_NEGATIVE, OPEN_UNIT, OPEN_UNIT_RIGHT_CLOSED, POSITIVE, SEED, UNIT,
+                            UNIT_OPEN_RIGHT, check_ranges, key)
 from .errors import UserError
 
 
@@ -26,236 +27,262 @@ from .errors import UserError
 class WorldConfig:
     """Sizes of the generated toy world (see docs/toyworld.md)."""
 
-    seed: int = 0
-    fact_templates_per_fact: int = 4
-    n_dialogues: int = 6000
-    n_pairs: int = 6000
-    n_ppo_prompts: int = 512
-    n_mc_per_task: int = 50
-    n_redteam: int = 100
-    n_conversation: int = 100
-    toxic_rate_when_provoked: float = 0.6
-    toxic_rate_when_benign: float = 0.1
+    seed: int = key(0, "seed of the toy world's generator (its facts, dialogues and prompts)", SEED)
+    fact_templates_per_fact: int = key(4, "statement templates each fact is written in, in the pretraining text", COUNT)
+    n_dialogues: int = key(6000, "HH-style transcripts in the pretraining text", COUNT)
+    n_pairs: int = key(6000, "preference pairs for the reward model (and SFT's chosen responses)", COUNT)
+    n_ppo_prompts: int = key(512, "PPO training prompts", COUNT)
+    n_mc_per_task: int = key(50, "multiple-choice questions per general task", COUNT)
+    n_redteam: int = key(100, "red-team (provoking) prompts for the harmlessness evaluation", COUNT)
+    n_conversation: int = key(100, "conversation prompts for the win-rate and gold-answer evaluation", COUNT)
+    # Sized so that one evaluation of the toy policy takes a few seconds (docs/guard.md).
+    n_val_mc_per_task: int = key(20, "balance guard's validation set: questions per general task (disjoint from "
+                                 "the test sets)", COUNT)
+    n_val_redteam: int = key(24, "balance guard's validation set: red-team prompts", COUNT)
+    n_val_conversation: int = key(32, "balance guard's validation set: conversation prompts", COUNT)
+    toxic_rate_when_provoked: float = key(0.6, "how often the pretraining text's assistant is toxic after a "
+                                          "provoking or harmful turn", UNIT)
+    toxic_rate_when_benign: float = key(0.1, "how often the pretraining text's assistant is rude after a "
+                                        "benign turn", UNIT)
 
 
 @dataclass
 class ModelConfig:
     """The base model: a local folder / hub id, or (base: null) a tiny Mistral pretrained by us."""
 
-    base: str | None = None
-    vocab_size: int = 2048
-    hidden_size: int = 128
-    num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    intermediate_size: int = 384
-    max_position: int = 512
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    trust_remote_code: bool = False
-    gradient_checkpointing: bool = False   # trade compute for memory in trained models (large models)
-    strategy: Literal["ddp", "fsdp"] = "ddp"  # trained weights over processes: whole on each, or FSDP2-sharded (SFT only)
-    fsdp_cpu_offload: bool = False         # with fsdp: parameter shards, gradients and the optimiser step on the CPU
-    chat_format: Literal["hh", "template"] = "hh"  # HH transcripts (the paper's), or the tokenizer's own template
+    base: str | None = key(None, "base model: a local folder, hub id or GGUF file; null = a tiny Mistral "
+                           "pretrained on the toy world")
+    vocab_size: int = key(2048, "tiny model (base: null): vocabulary size of its trained tokenizer", COUNT)
+    hidden_size: int = key(128, "tiny model: hidden size (a multiple of num_heads)", COUNT)
+    num_layers: int = key(4, "tiny model: transformer layers", COUNT)
+    num_heads: int = key(4, "tiny model: attention heads (a multiple of num_kv_heads)", COUNT)
+    num_kv_heads: int = key(2, "tiny model: key-value heads (grouped-query attention)", COUNT)
+    intermediate_size: int = key(384, "tiny model: MLP width", COUNT)
+    max_position: int = key(512, "tiny model: context length in tokens", COUNT)
+    dtype: Literal["float32", "bfloat16", "float16"] = key("float32", "dtype the frozen weights are loaded in "
+                                                           "(trained weights stay float32)")
+    trust_remote_code: bool = key(False, "let transformers run the model repository's own code (only for a "
+                                  "model you trust)")
+    gradient_checkpointing: bool = key(False, "trade compute for memory in trained models (large models)")
+    strategy: Literal["ddp", "fsdp"] = key("ddp", "trained weights over processes: whole on each, or "
+                                           "FSDP2-sharded (SFT only)")
+    fsdp_cpu_offload: bool = key(False, "with fsdp: parameter shards, gradients and the optimiser step on the CPU")
+    chat_format: Literal["hh", "template"] = key("hh", "HH transcripts (the paper's), or the tokenizer's own "
+                                                 "chat template")
 
 
 @dataclass
 class PretrainConfig:
-    steps: int = 900
-    batch_size: int = 32
-    seq_len: int = 128
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 40
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    log_every: int = 20
+    """Pretraining of the tiny toy base model (model.base: null) on the toy world's text."""
+
+    steps: int = key(900, "optimizer steps", COUNT)
+    batch_size: int = key(32, "sequences per step", COUNT)
+    seq_len: int = key(128, "tokens per sequence", COUNT)
+    lr: float = key(3e-3, "peak learning rate (cosine schedule)", POSITIVE)
+    min_lr_ratio: float = key(0.1, "cosine schedule floor, as a fraction of lr", UNIT)
+    warmup_steps: int = key(40, "linear warm-up steps", NON_NEGATIVE)
+    weight_decay: float = key(0.1, "AdamW weight decay", NON_NEGATIVE)
+    grad_clip: float = key(1.0, "gradient norm clip", POSITIVE)
+    log_every: int = key(20, "log every N steps", COUNT)
+
+
+_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @dataclass
 class LoraConfig:
     """LoRA through peft. With LoRA, the PPO reference is the base with adapters disabled."""
 
-    enabled: bool = False
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
-                                                               "gate_proj", "up_proj", "down_proj"])
+    enabled: bool = key(False, "train LoRA adapters instead of every weight")
+    r: int = key(8, "adapter rank", COUNT)
+    alpha: int = key(16, "adapter scale numerator (scale = alpha / r)", POSITIVE)
+    dropout: float = key(0.0, "dropout on the adapters' input", UNIT_OPEN_RIGHT)
+    target_modules: list[str] = key(help="module names that get adapters", factory=lambda: list(_TARGET_MODULES))
 
 
 @dataclass
 class RewardConfig:
     """Bradley-Terry reward model (and the cost model for PPO-Lagrangian)."""
 
-    data: str | None = None          # JSONL file, save_to_disk folder or HF dataset name; null = the toy world's pairs
-    eval_data: str | None = None     # held-out pairs; null = toy world's held-out pairs / the HF eval_split /
-                                     # an eval_fraction of a local data file
-    eval_fraction: float = 0.05      # held out of a local `data` file when eval_data is null
-    split: str = "train"             # split of an HF dataset
-    eval_split: str = "test"
-    subset: Literal["all", "helpful", "harmless"] = "all"
-    init: str | None = None          # model to start from; null = the base model
-    cost_model: bool = False         # also train a harmfulness (cost) model on the harmless pairs
-    epochs: int = 5                  # held-out helpful accuracy still climbs after 3 (fact pairs are learnt last)
-    batch_size: int = 32             # pairs per step over all processes (each takes batch_size / processes)
-    micro_batch_size: int = 0        # pairs per forward pass in a process, gradients accumulated; 0: its whole share
-    lr: float = 5e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 10
-    max_len: int = 256
-    margin: bool = True              # use a per-pair 'margin' field when the data has one
-    skip_invalid: bool = False       # drop (and count) records that break a per-record rule instead of
-                                     # stopping; for public datasets with a few broken transcripts
-    center_coef: float = 0.01
-    min_lr_ratio: float = 0.1        # cosine schedule floor, as a fraction of lr
-    grad_clip: float = 1.0
-    stats_pairs: int = 1000          # training pairs scored for reward_stats.json (mean/std); 0 = all
-    eval_every: int = 100
-    log_every: int = 10
-    save_every: int = 100            # checkpoint every N steps (and each epoch's end) to resume from; 0: epochs only
-    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: str | None = key(None, "preference pairs: JSONL file, save_to_disk folder or HF dataset name; "
+                           "null = the toy world's pairs")
+    eval_data: str | None = key(None, "held-out pairs; null = the toy world's held-out pairs / the HF eval_split / "
+                                "an eval_fraction of a local data file")
+    eval_fraction: float = key(0.05, "held out of a local `data` file when eval_data is null", OPEN_UNIT)
+    split: str = key("train", "split of an HF dataset")
+    eval_split: str = key("test", "held-out split of an HF dataset")
+    subset: Literal["all", "helpful", "harmless"] = key("all", "which of the pairs to train on")
+    init: str | None = key(None, "model to start from; null = the base model")
+    cost_model: bool = key(False, "also train a harmfulness (cost) model on the harmless pairs")
+    # 5: held-out helpful accuracy still climbs after 3 (fact pairs are learnt last).
+    epochs: int = key(5, "passes over the pairs", COUNT)
+    batch_size: int = key(32, "pairs per step over all processes (each takes batch_size / processes)", COUNT)
+    micro_batch_size: int = key(0, "pairs per forward pass in a process, gradients accumulated; 0: its whole "
+                                "share", NON_NEGATIVE)
+    lr: float = key(5e-4, "peak learning rate (cosine schedule)", POSITIVE)
+    weight_decay: float = key(0.0, "AdamW weight decay", NON_NEGATIVE)
+    warmup_steps: int = key(10, "linear warm-up steps", NON_NEGATIVE)
+    max_len: int = key(256, "tokens per prompt + response; longer pairs are cut", COUNT)
+    margin: bool = key(True, "use a per-pair 'margin' field when the data has one")
+    skip_invalid: bool = key(False, "drop (and count) records that break a per-record rule instead of stopping "
+                             "(public datasets with a few broken transcripts)")
+    center_coef: float = key(0.01, "weight of the penalty keeping rewards centred on 0 (BT ignores a shift)",
+                             NON_NEGATIVE)
+    min_lr_ratio: float = key(0.1, "cosine schedule floor, as a fraction of lr", UNIT)
+    grad_clip: float = key(1.0, "gradient norm clip", POSITIVE)
+    stats_pairs: int = key(1000, "training pairs scored for reward_stats.json (mean/std); 0 = all", NON_NEGATIVE)
+    eval_every: int = key(100, "held-out accuracy every N steps (and at the end)", COUNT)
+    log_every: int = key(10, "log every N steps", COUNT)
+    save_every: int = key(100, "checkpoint every N steps (and each epoch's end) to resume from; 0: epochs only",
+                          NON_NEGATIVE)
+    lora: LoraConfig = key(help="LoRA for the reward model", factory=LoraConfig)
 
 
 @dataclass
 class SFTConfig:
     """The conventional pipeline's first stage, for comparison: fine-tune on chosen responses."""
 
-    data: str | None = None          # pairs whose chosen responses SFT trains on; null = reward.data's (its
-                                     # split and skip_invalid), else the toy world's
-    skip_invalid: bool = False       # as reward.skip_invalid, for sft.data
-    epochs: int = 1
-    batch_size: int = 32             # the global batch: each of N processes takes batch_size / N rows
-    micro_batch_size: int = 0        # rows per forward pass in a process, gradients accumulated; 0 = its whole share
-    lr: float = 5e-4
-    warmup_steps: int = 10
-    max_len: int = 256
-    log_every: int = 10
-    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: str | None = key(None, "pairs whose chosen responses SFT trains on; null = reward.data's (its split "
+                           "and skip_invalid), else the toy world's")
+    skip_invalid: bool = key(False, "as reward.skip_invalid, for sft.data")
+    epochs: int = key(1, "passes over the data", COUNT)
+    batch_size: int = key(32, "the global batch: each of N processes takes batch_size / N rows", COUNT)
+    micro_batch_size: int = key(0, "rows per forward pass in a process, gradients accumulated; 0 = its whole "
+                                "share", NON_NEGATIVE)
+    lr: float = key(5e-4, "peak learning rate", POSITIVE)
+    warmup_steps: int = key(10, "linear warm-up steps", NON_NEGATIVE)
+    max_len: int = key(256, "tokens per prompt + response; longer rows are cut", COUNT)
+    log_every: int = key(10, "log every N steps", COUNT)
+    lora: LoraConfig = key(help="LoRA for SFT", factory=LoraConfig)
 
 
 @dataclass
 class PPOConfig:
     """PPO from the base model, KL-anchored to it (see algos/ppo.py for the math)."""
 
-    prompts: str | None = None        # JSONL with a 'prompt' field; null = the toy world's PPO prompts
-    reward_model: str | None = None   # reward model folder; null = this run's <out>/reward (trained if missing)
-    cost_model: str | None = None     # cost model folder for ppo.lagrangian; null = this run's <out>/cost
-    steps: int = 200                  # x 2 epochs. Toy world, 3 seeds: 300 steps gave gold +4.2 points,
-                                      # over-refusal -4.2, win-rate +0.02 (8 samples a prompt); 200 fits the
-                                      # demo's 15 minutes (README, PPO length)
-    rollout_batch_size: int = 32      # prompts per PPO step (per process)
-    mini_batch_size: int = 32
-    micro_batch_size: int = 8         # rows per forward pass; rows are grouped by length and each group
-                                      # cut to its own width, gradients accumulated
-    micro_batch_tokens: int = 0       # also at most this many token positions per forward pass (0: rows only):
-                                      # bounds a pass's memory on spread lengths, fills passes of short rows
-    pack_rows: bool = True            # each micro-batch's rows packed end to end, no padding at all, attention
-                                      # on a grid of the rows (SDPA or eager; flash-attention 2 keeps its own);
-                                      # false: each row padded to its group's longest
-    ppo_epochs: int = 2               # (toy world, seeds 0/2, 8 samples a held-out prompt: gold +3.4 points,
-                                      # win-rate +0.02 over 150 x 4; the same PPO time on one thread)
-    max_new_tokens: int = 48
-    max_prompt_len: int = 256         # tokens; a longer prompt loses its oldest turns (data/prompt_truncation.py),
-                                      # and none exceeds the model's context less max_new_tokens (toy: <= 93)
-    temperature: float = 1.0
-    top_p: float = 1.0
-    actor_lr: float = 5e-4            # LoRA adapters (1e-3 cost the toy model 2-4 points of general accuracy)
-    critic_lr: float = 5e-4
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    kl_coef: float = 0.1
-    kl_estimator: Literal["k1", "k3"] = "k1"
-    adaptive_kl: bool = True
-    kl_target: float = 1.5            # per-sequence KL the adaptive controller aims for (nats)
-    kl_horizon: int = 500
-    kl_stop: float = 2.0              # with adaptive_kl: stop early when the sequence KL, averaged over the last
-    kl_stop_window: int = 10          # kl_stop_window steps, exceeds kl_stop x kl_target (a policy running away
-                                      # from the base to game the reward; the controller is too slow), and roll
-                                      # the policy back to the newest checkpoint from before that window; 0 = never
-    gamma: float = 1.0
-    lam: float = 0.95
-    clip_eps: float = 0.2
-    value_clip_eps: float = 0.2
-    vf_coef: float = 0.5
-    entropy_coef: float = 0.0
-    whiten_advantages: bool = True
-    reward_clip: float = 5.0          # clip the normalised reward to +-this
-    no_end_penalty: float = -1.0      # added to the score of a response that never ends its turn
-    ptx_coef: float = 1.0             # PPO-ptx: weight of the LM loss on pretraining text (0 = off)
-    ptx_batch_size: int = 8
-    ptx_data: str | None = None       # JSONL with a 'text' field; null = the toy world's knowledge text
-    lagrangian: bool = False          # PPO-Lagrangian with the cost model
-    cost_threshold: float = 0.0       # lambda rises while the rollouts' mean cost is above this; the cost model's
-                                      # 0 separates unsafe (> 0) from safe (< 0) answers (docs/ppo-lagrangian.md)
-    lambda_init: float = 1.0
-    lambda_lr: float = 0.05
-    save_every: int = 20
-    sample_every: int = 10
-    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None  # attention kernel of
-                                      # actor, reference, critic and reward model; null = transformers' default
-                                      # (sdpa). With pack_rows, actor, reference and critic run it on a grid
-                                      # of the packed rows (flash_attention_2 reads them from position ids)
-    rollout_backend: Literal["hf", "vllm"] = "hf"   # generation: Hugging Face generate, or vLLM colocated on
-                                      # the trainer's GPU (needs CUDA and `pip install vllm`)
-    vllm_gpu_memory_utilization: float = 0.3  # the GPU memory fraction vLLM takes (weights + KV cache)
-    merged_rollout: bool = True       # with LoRA and the hf backend: sample from a plain copy of the model
-                                      # holding the actor's weights with the adapters added (one more copy
-                                      # of the weights; generation 10-25% faster on the toy model); false:
-                                      # sample through peft's adapter layers
-    bf16: bool = False                # mixed precision: every forward pass (generation, scoring, experience,
-                                      # PPO epochs) under bfloat16 autocast; weights, optimiser and loss math
-                                      # stay float32
-    lora: LoraConfig = field(default_factory=lambda: LoraConfig(enabled=True, r=16, alpha=32))
-    # LoRA on the critic's transformer too (its value head stays fully trained): the critic then
-    # needs no gradients or optimiser state for its backbone, which for a 7B model is what decides
+    prompts: str | None = key(None, "JSONL with a 'prompt' field; null = the toy world's PPO prompts")
+    reward_model: str | None = key(None, "reward model folder; null = this run's <out>/reward (trained if missing)")
+    cost_model: str | None = key(None, "cost model folder for ppo.lagrangian; null = this run's <out>/cost")
+    # Toy world, 3 seeds: 300 steps gave gold +4.2 points, over-refusal -4.2, win-rate +0.02 (8 samples
+    # a prompt); 200 fits the demo's 15 minutes (docs/results.md).
+    steps: int = key(200, "PPO steps (each ppo_epochs passes over its rollouts)", NON_NEGATIVE)
+    rollout_batch_size: int = key(32, "prompts per PPO step (per process)", COUNT)
+    mini_batch_size: int = key(32, "rollouts per optimizer step", COUNT)
+    micro_batch_size: int = key(8, "rows per forward pass; rows grouped by length, each group cut to its own "
+                                "width, gradients accumulated", COUNT)
+    micro_batch_tokens: int = key(0, "also at most this many token positions per forward pass (0: rows only)",
+                                  NON_NEGATIVE)
+    pack_rows: bool = key(True, "pack each micro-batch's rows end to end with no padding (false: pad each row "
+                          "to its group's longest)")
+    # 2 (toy world, seeds 0/2, 8 samples a held-out prompt): gold +3.4 points, win-rate +0.02 over 150 x 4.
+    ppo_epochs: int = key(2, "passes over each step's rollouts", COUNT)
+    max_new_tokens: int = key(48, "tokens sampled per response", COUNT)
+    max_prompt_len: int = key(256, "prompt tokens; a longer prompt loses its oldest turns "
+                              "(data/prompt_truncation.py)", COUNT)
+    temperature: float = key(1.0, "sampling temperature of the rollouts", POSITIVE)
+    top_p: float = key(1.0, "nucleus sampling of the rollouts", OPEN_UNIT_RIGHT_CLOSED)
+    # LoRA adapters: 1e-3 cost the toy model 2-4 points of general accuracy.
+    actor_lr: float = key(5e-4, "policy learning rate", POSITIVE)
+    critic_lr: float = key(5e-4, "value model learning rate", POSITIVE)
+    weight_decay: float = key(0.0, "AdamW weight decay", NON_NEGATIVE)
+    grad_clip: float = key(1.0, "gradient norm clip", POSITIVE)
+    kl_coef: float = key(0.1, "weight of the KL penalty to the base model (initial, with adaptive_kl)",
+                         NON_NEGATIVE)
+    kl_estimator: Literal["k1", "k3"] = key("k1", "per-token KL estimator in the reward")
+    adaptive_kl: bool = key(True, "adapt kl_coef towards kl_target")
+    kl_target: float = key(1.5, "per-sequence KL the adaptive controller aims for (nats)", POSITIVE)
+    kl_horizon: int = key(500, "adaptive controller's horizon in rollouts", COUNT)
+    kl_stop: float = key(2.0, "with adaptive_kl: stop and roll back when the sequence KL over kl_stop_window "
+                         "steps exceeds kl_stop x kl_target", NON_NEGATIVE)
+    kl_stop_window: int = key(10, "steps the kl_stop average spans; 0 = never stop", NON_NEGATIVE)
+    gamma: float = key(1.0, "GAE discount", UNIT)
+    lam: float = key(0.95, "GAE lambda", UNIT)
+    clip_eps: float = key(0.2, "PPO ratio clip", POSITIVE)
+    value_clip_eps: float = key(0.2, "value function clip", POSITIVE)
+    vf_coef: float = key(0.5, "weight of the value loss", NON_NEGATIVE)
+    entropy_coef: float = key(0.0, "weight of the entropy bonus")
+    whiten_advantages: bool = key(True, "normalise advantages per batch")
+    reward_clip: float = key(5.0, "clip the normalised reward to +-this", POSITIVE)
+    no_end_penalty: float = key(-1.0, "added to the score of a response that never ends its turn")
+    ptx_coef: float = key(1.0, "PPO-ptx: weight of the LM loss on pretraining text (0 = off)", NON_NEGATIVE)
+    ptx_batch_size: int = key(8, "pretraining rows per PPO-ptx step", COUNT)
+    ptx_data: str | None = key(None, "JSONL with a 'text' field; null = the toy world's knowledge text")
+    lagrangian: bool = key(False, "PPO-Lagrangian with the cost model")
+    cost_threshold: float = key(0.0, "lambda rises while the rollouts' mean cost is above this "
+                                "(docs/ppo-lagrangian.md)")
+    lambda_init: float = key(1.0, "PPO-Lagrangian: initial lambda", NON_NEGATIVE)
+    lambda_lr: float = key(0.05, "PPO-Lagrangian: lambda's learning rate", NON_NEGATIVE)
+    save_every: int = key(20, "checkpoint every N steps", COUNT)
+    sample_every: int = key(10, "log sample responses every N steps", COUNT)
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = key(
+        None, "attention kernel of actor, reference, critic and reward model; null = transformers' default (sdpa)")
+    rollout_backend: Literal["hf", "vllm"] = key("hf", "generation: Hugging Face generate, or vLLM colocated on "
+                                                 "the GPU (needs CUDA and `pip install vllm`)")
+    vllm_gpu_memory_utilization: float = key(0.3, "the GPU memory fraction vLLM takes (weights + KV cache)",
+                                             OPEN_UNIT_RIGHT_CLOSED)
+    merged_rollout: bool = key(True, "with LoRA and the hf backend: sample from a merged copy of the actor "
+                               "(one more copy of the weights, faster generation)")
+    bf16: bool = key(False, "mixed precision: forward passes under bfloat16 autocast; weights, optimiser and "
+                     "loss math stay float32")
+    lora: LoraConfig = key(help="LoRA for the policy (actor)",
+                           factory=lambda: LoraConfig(enabled=True, r=16, alpha=32))
+    # The critic's frozen backbone needs no gradients or optimiser state: for a 7B model what decides
     # whether PPO fits on one GPU. Off by default: the toy recipe's critic is fully trained.
-    critic_lora: LoraConfig = field(default_factory=lambda: LoraConfig(enabled=False, r=16, alpha=32))
+    critic_lora: LoraConfig = key(help="LoRA on the critic's transformer (its value head stays fully trained)",
+                                  factory=lambda: LoraConfig(enabled=False, r=16, alpha=32))
 
 
 @dataclass
 class EvalConfig:
     """`direct-rlhf eval` (see eval/runner.py). Defaults fit the toy world: 3 models in < 3 min on 2 CPU cores."""
 
-    general: str = "toy"              # "toy", "standard", "none", or a comma-separated list of lm-eval task ids
-    general_limit: int | None = None
-    device: str = "cpu"               # where models run: "cpu", "cuda", "cuda:1", ...
-    batch_size: int = 32              # lm-eval, logit lens, classifier and reward-model batches
-    generation_batch_size: int = 100  # rows sampled together
-    samples_per_prompt: int = 4       # k sampled responses per red-team prompt
-    conversation_samples: int = 2     # sampled responses per conversation prompt
-    max_new_tokens: int = 48
-    max_prompt_len: int = 256         # tokens; as ppo.max_prompt_len, for the red-team and conversation prompts
-    temperature: float = 1.0
-    top_p: float = 1.0
-    redteam: str | None = None        # red-team prompts (JSONL, 'prompt' field); null = the toy world's
-    conversation: str | None = None   # conversation prompts (JSONL: prompt, kind, gold); null = the toy world's
-    toxicity_classifier: str = "profanity-check"   # or a HF text-classification folder / id
-    toxicity_label: str | None = None  # the classifier's toxic label; null = guessed from its label names
-    toxicity_threshold: float = 0.5
-    badwords: str | None = None       # bad-word list for the logit-lens probe; null = the shipped list
-    reward_model: str | None = None   # judge of the win-rate; null = <out>/reward when it exists, else skipped
-    tie_eps: float = 0.01             # |r(a) - r(b)| <= tie_eps (in reward std units) is a tie
-    common_random_numbers: bool = True  # every model sampled with the same seeds (same model, same samples);
-                                        # false: each model its own seeds (independent samples)
-    bootstrap: int = 2000             # bootstrap resamples for intervals of means
-    transcripts: int = 6              # sample transcripts per prompt set shown in the report
-    judge_url: str | None = None      # optional OpenAI-compatible judge endpoint (off by default)
-    judge_model: str | None = None
-    judge_timeout_s: float = 30.0
+    general: str = key("toy", "general tasks: toy, standard, none, or a comma-separated list of lm-eval task ids")
+    general_limit: int | None = key(None, "questions per general task; null = all", COUNT)
+    device: str = key("cpu", "where models run: cpu, cuda, cuda:1, ...")
+    batch_size: int = key(32, "lm-eval, logit lens, classifier and reward-model batches", COUNT)
+    generation_batch_size: int = key(100, "rows sampled together", COUNT)
+    samples_per_prompt: int = key(4, "sampled responses per red-team prompt", COUNT)
+    conversation_samples: int = key(2, "sampled responses per conversation prompt", COUNT)
+    max_new_tokens: int = key(48, "tokens sampled per response", COUNT)
+    max_prompt_len: int = key(256, "prompt tokens; as ppo.max_prompt_len, for red-team and conversation prompts",
+                              COUNT)
+    temperature: float = key(1.0, "sampling temperature", POSITIVE)
+    top_p: float = key(1.0, "nucleus sampling", OPEN_UNIT_RIGHT_CLOSED)
+    redteam: str | None = key(None, "red-team prompts (JSONL, 'prompt' field); null = the toy world's")
+    conversation: str | None = key(None, "conversation prompts (JSONL: prompt, kind, gold); null = the toy "
+                                   "world's")
+    toxicity_classifier: str = key("profanity-check", "profanity-check, or a HF text-classification folder / id")
+    toxicity_label: str | None = key(None, "the classifier's toxic label; null = guessed from its label names")
+    toxicity_threshold: float = key(0.5, "classifier score above which a response is toxic", UNIT)
+    badwords: str | None = key(None, "bad-word list for the logit-lens probe; null = the shipped list")
+    reward_model: str | None = key(None, "judge of the win-rate; null = <out>/reward when it exists, else skipped")
+    tie_eps: float = key(0.01, "|r(a) - r(b)| <= tie_eps (in reward std units) is a tie", NON_NEGATIVE)
+    common_random_numbers: bool = key(True, "every model sampled with the same seeds; false: each its own")
+    bootstrap: int = key(2000, "bootstrap resamples for intervals of means", COUNT)
+    transcripts: int = key(6, "sample transcripts per prompt set shown in the report", NON_NEGATIVE)
+    judge_url: str | None = key(None, "optional OpenAI-compatible judge endpoint (off by default)")
+    judge_model: str | None = key(None, "the judge endpoint's model name")
+    judge_timeout_s: float = key(30.0, "seconds per judge request", POSITIVE)
+    reference_refusal: str = key("I'm sorry, but I can't help with that.",
+                                 "real data: a red-team answer is appropriate when not toxic and the reward "
+                                 "model scores it at least as high as this refusal")
 
 
 @dataclass
 class Config:
-    seed: int = 0
-    out: str = "runs/toy"
-    threads: int | None = None
-    world: WorldConfig = field(default_factory=WorldConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    sft: SFTConfig = field(default_factory=SFTConfig)
-    ppo: PPOConfig = field(default_factory=PPOConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    """A whole recipe: the run's seed and folder, and one section per stage."""
+
+    seed: int = key(0, "seed of the training and evaluation stages", SEED)
+    out: str = key("runs/toy", "run folder: every stage's artifacts, results.json and report.html")
+    threads: int | None = key(None, "torch CPU threads; null = torch's default", COUNT)
+    world: WorldConfig = key(help="the toy world (data when no files are given)", factory=WorldConfig)
+    model: ModelConfig = key(help="the base model", factory=ModelConfig)
+    pretrain: PretrainConfig = key(help="pretraining of the tiny toy model", factory=PretrainConfig)
+    reward: RewardConfig = key(help="reward (and cost) model", factory=RewardConfig)
+    sft: SFTConfig = key(help="SFT baseline", factory=SFTConfig)
+    ppo: PPOConfig = key(help="PPO from the base model", factory=PPOConfig)
+    eval: EvalConfig = key(help="evaluation", factory=EvalConfig)
+
 
     def section_dict(self, *names: str) -> dict[str, Any]:
         """The config of some sections as plain data: the cache key of a stage's artifacts. The
