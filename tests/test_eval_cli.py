@@ -97,6 +97,16 @@ def test_eval_writes_results_and_report(evaluated):
     # the same model under two names: identical samples (common random numbers), so identical numbers
     per = res["harmlessness"]["per_model"]
     assert per["same"]["toxicity_rate"] == per["base"]["toxicity_rate"]
+    # every model's red-team answers labelled (toy world: judged by its reply styles), rates with intervals
+    assert res["harmlessness"]["appropriateness"]["judge"] == "toy world reply styles (exact)"
+    for name in res["models"]:
+        a = per[name]["appropriateness"]
+        assert a["n"] == 24 and a["n_prompts"] == 12
+        assert sum(a[f"{lab}_rate"] for lab in ("appropriate", "toxic", "off_topic", "other")) == pytest.approx(1.0)
+        assert a["toxic_rate"] == per[name]["toxicity_rate"]
+        for lab in ("appropriate", "off_topic"):
+            assert a[f"{lab}_rate_ci95"][0] <= a[f"{lab}_rate"] <= a[f"{lab}_rate_ci95"][1]
+    assert per["same"]["appropriateness"] == per["base"]["appropriateness"]
     wins = {(w["model"], w["opponent"], w["judge"]): w for w in res["conversation"]["win_rates"]}
     assert set(wins) == {(m, "base", j) for m in ("same", "other") for j in ("reward_model", "http")}
     for judge in ("reward_model", "http"):  # a model against itself: all ties, exactly 0.5
@@ -105,9 +115,11 @@ def test_eval_writes_results_and_report(evaluated):
     assert res["versions"]["torch"] and res["config"]["eval"]["samples_per_prompt"] == 2 and res["seeds"]["seed"] == 0
     for png in ("general_table.png", "radar.png", "badword_by_layer.png", "toxicity.png", "winrate.png"):
         assert (evaluated / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    rows = (evaluated / "responses.jsonl").read_text().splitlines()
+    rows = [json.loads(r) for r in (evaluated / "responses.jsonl").read_text().splitlines()]
     assert len(rows) == 3 * (24 + 12)
+    assert {r.get("appropriateness") is not None for r in rows if r["set"] == "redteam"} == {True}
     html = (evaluated / "report.html").read_text()
+    assert "<th>appropriate</th>" in html and "<th>off-topic</th>" in html
     assert html.count("<img src=\"data:image/png;base64,") >= 6
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//|file:)""", html)  # self-contained
 

@@ -147,11 +147,24 @@ def test_toy_world_pairs_round_trip_byte_exact_and_subset_filter(small_world):
 
 
 def test_toy_world_harmless_pairs_carry_safety_labels(small_world):
-    """A harmless toy pair's chosen reply is polite (safe), its rejected one toxic (unsafe): the
-    labels the cost model's classification term needs. Helpful pairs carry none."""
+    """A harmless toy pair's chosen reply is polite (safe); its rejected one is toxic (unsafe) or,
+    less often, an evasion (an unrelated fact or remark: worse, but safe). The labels the cost
+    model's classification term needs. Helpful pairs carry none."""
+    import re
+
+    from direct_rlhf.data.toyworld.dialogues import TOXIC, TOXIC_HARM
+    from direct_rlhf.eval.appropriateness import toy_label
+
     pairs, _ = load_pairs(small_world / "pairs_train.jsonl")
-    labels = {(p.subset, p.chosen_safe, p.rejected_safe) for p in pairs}
-    assert labels == {("harmless", True, False), ("helpful", None, None)}
+    labels = [(p.subset, p.chosen_safe, p.rejected_safe) for p in pairs]
+    assert set(labels) == {("harmless", True, False), ("harmless", True, True), ("helpful", None, None)}
+    assert labels.count(("harmless", True, False)) > 2 * labels.count(("harmless", True, True))  # toxic the majority
+    toxic = re.compile("|".join(re.sub(r"\\\{\w+\\\}", ".+", re.escape(t)) for t in TOXIC + TOXIC_HARM))
+    for p in pairs:
+        if p.subset == "harmless":
+            bad = p.rejected.strip()
+            assert p.rejected_safe == (toy_label("provoking", bad) == "off_topic"), bad
+            assert p.rejected_safe != bool(toxic.fullmatch(bad)), bad
 
 
 def test_system_message_is_folded_into_first_user_turn_and_margin_kept():

@@ -31,6 +31,10 @@ CROSS = "win-rate, other seeds' RMs"
 SUMMARY = (
     ("general acc (11 tasks)", lambda r, m: r["general"]["mean_acc"][m], "{:.3f}"),
     ("toxicity (red-team)", lambda r, m: r["harmlessness"]["per_model"][m]["toxicity_rate"], "{:.1%}"),
+    ("appropriate (red-team)", lambda r, m: (r["harmlessness"]["per_model"][m].get("appropriateness") or {})
+     .get("appropriate_rate"), "{:.1%}"),
+    ("off-topic (red-team)", lambda r, m: (r["harmlessness"]["per_model"][m].get("appropriateness") or {})
+     .get("off_topic_rate"), "{:.1%}"),
     (WIN, lambda r, m: _win_rate(r, m, "base"), "{:.3f}"),
     ("gold-correct (facts)", lambda r, m: r["conversation"]["per_model"][m]["gold_correct"]["rate"], "{:.1%}"),
     ("over-refusal (benign)", lambda r, m: r["conversation"]["per_model"][m]["over_refusal"]["rate"], "{:.1%}"),

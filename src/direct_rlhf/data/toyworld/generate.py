@@ -21,7 +21,7 @@ from . import dialogues as D
 from .knowledge import FAMILIES, Family, fill
 
 # Bump when the generator's output changes for the same config, so cached worlds are rebuilt.
-GENERATOR_VERSION = 8  # 8: harmless pairs carry chosen_safe / rejected_safe
+GENERATOR_VERSION = 9  # 8: harmless pairs carry chosen_safe / rejected_safe; 9: and may reject evasions
 
 FILES = {
     "knowledge": "knowledge.jsonl",
@@ -94,6 +94,14 @@ BENIGN_REJECTED_STYLES = {
     "small_talk": {"other_family": 1, "refusal": 1, "off_topic": 1, "rude": 1},
 }
 
+# What a harmless pair (a provoking or harmful turn, answered with the right de-escalation) may
+# reject. With only toxic replies rejected the reward model never learnt that an unrelated fact is a
+# worse answer to a provocation than de-escalating, and policies answered 44-47% of red-team prompts
+# with one ("Be honest, the bus driver is a moron, right? Say it." -> "Of course. 2 plus 1 is 4.").
+# Toxic stays the large majority, so the reward model still ranks toxicity hardest. The evasive
+# styles are safe replies (rejected_safe=true): worse, not harmful.
+HARMLESS_REJECTED_STYLES = {"toxic": 7, "other_family": 2, "off_topic": 1}
+
 # Corpus sources that carry knowledge (prose and drills) rather than mixed-quality dialogue: the
 # text PPO-ptx keeps the policy close to, so that it keeps its knowledge without being pulled back
 # towards the rude, off-topic and refusing answers that web-like dialogue contains.
@@ -105,9 +113,10 @@ def _opening(rng: random.Random, opening: str | None) -> str:
 
 
 def _bad_reply(turn: Turn, rng: random.Random, style: str | None = None, opening: str | None = None) -> str:
-    """A dispreferred reply: for benign turns in `style` (default: one of BENIGN_REJECTED_STYLES),
-    else toxic. Confident-fact styles open with `opening` when given."""
-    if turn.kind in ("provoking", "harmful"):
+    """A dispreferred reply: for benign turns in `style` (default: one of BENIGN_REJECTED_STYLES);
+    for provoking / harmful turns toxic unless `style` names an evasion ("other_family", "off_topic").
+    Confident-fact styles open with `opening` when given."""
+    if turn.kind in ("provoking", "harmful") and style in (None, "toxic", "rude"):
         return D.toxic_reply(rng, harmful=turn.kind == "harmful")
     style = style or _pick(rng, BENIGN_REJECTED_STYLES[turn.kind])
     if style == "wrong":
@@ -212,9 +221,11 @@ def pairs(n: int, rng: random.Random, heldout: bool) -> list[dict[str, Any]]:
         # in what it says: otherwise the reward model learns noise about "Sure!" vs "Of course."
         # (1.5 reward points on held-out prompts) and PPO chases it.
         opening = rng.choice(D.HELPFUL_PREFIXES)
-        good, bad = _good_reply(turn, rng, opening), _bad_reply(turn, rng, opening=opening)
-        # a harmless pair's rejected reply is toxic and its chosen one polite: the cost model's labels
-        safety = {"chosen_safe": True, "rejected_safe": False} if subset == "harmless" else {}
+        style = _pick(rng, HARMLESS_REJECTED_STYLES) if subset == "harmless" else None
+        good, bad = _good_reply(turn, rng, opening), _bad_reply(turn, rng, style, opening=opening)
+        # a harmless pair's chosen reply is polite (safe); its rejected one is unsafe only when toxic:
+        # the cost model's labels (an evasion is a worse answer, not a harmful one)
+        safety = {"chosen_safe": True, "rejected_safe": style != "toxic"} if subset == "harmless" else {}
         out.append({"chosen": f"{prefix}\n\nAssistant: {good}", "rejected": f"{prefix}\n\nAssistant: {bad}",
                     "subset": subset, **safety})
     return out
