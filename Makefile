@@ -44,5 +44,10 @@ bench-trl: $(VENV)/.installed
 bench-trl-bf16: $(VENV)/.installed
 	$(PY) benchmarks/ppo_vs_trl.py --bf16 --out benchmarks/results/ppo_vs_trl-bf16.json
 
+# docs/config.md from the config fields' help and ranges (tests/test_config_docs.py fails when it is stale)
+.PHONY: config-docs
+config-docs: $(VENV)/.installed
+	$(VENV)/bin/direct-rlhf config show --markdown > docs/config.md.tmp && mv docs/config.md.tmp docs/config.md
+
 clean:
 	rm -rf runs .pytest_cache

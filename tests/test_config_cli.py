@@ -133,3 +133,22 @@ def test_help_lists_the_subcommands():
     assert res.returncode == 0
     for name in ("toyworld", "pretrain", "demo"):
         assert name in res.stdout
+
+
+@pytest.mark.parametrize("args", [["world.sed=1"], ["pretrain.log_every=0"], ["--config", "does-not-exist.yaml"]])
+def test_config_show_refuses_a_config_as_every_command_does(tmp_path, args):
+    shown = _cli("config", "show", *args)
+    run = _cli("toyworld", "--out", str(tmp_path / "w"), *args)
+    assert shown.returncode == run.returncode == 2 and shown.stdout == ""
+    assert shown.stderr == run.stderr and len(shown.stderr.strip().splitlines()) == 1
+
+
+def test_config_show_prints_the_resolved_config_and_the_markdown_reference():
+    from direct_rlhf.config_docs import markdown, show_yaml
+
+    res = _cli("config", "show", "--config", "quick", "ppo.steps=3")
+    assert res.returncode == 0 and res.stdout == show_yaml(load_config("quick", ["ppo.steps=3"])), res.stderr
+    res = _cli("config", "show", "--markdown")
+    assert res.returncode == 0 and res.stdout == markdown()
+    res = _cli("config", "show", "--markdown", "ppo.steps=3")
+    assert res.returncode == 2 and "takes no --config or overrides" in res.stderr

@@ -172,6 +172,18 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(f"results: {out / 'results.json'}\nreport: {out / 'report.html'}")
 
 
+def cmd_config_show(args: argparse.Namespace) -> None:
+    from .config import load_config
+    from .config_docs import markdown, show_yaml
+
+    if args.markdown:
+        if args.config or args.overrides:
+            raise UserError("config show --markdown documents the defaults: it takes no --config or overrides")
+        print(markdown(), end="")
+        return
+    print(show_yaml(load_config(args.config, args.overrides)), end="")
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     from .eval.report import report_from_dir
 
@@ -217,6 +229,14 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(s)
     s.set_defaults(func=cmd_eval)
 
+    s = sub.add_parser("config", help="show the config a command will use, each key with its help and range")
+    show = s.add_subparsers(dest="action", required=True, parser_class=_Parser).add_parser(
+        "show", help="print the resolved config as YAML, each key with its help and range")
+    _config_args(show)
+    show.add_argument("--markdown", action="store_true", help="print the reference of every key and its default "
+                      "instead (docs/config.md)")
+    show.set_defaults(func=cmd_config_show)
+
     s = sub.add_parser("report", help="rebuild report.html and the figures from RESULTS_DIR/results.json")
     s.add_argument("results_dir", type=Path, metavar="RESULTS_DIR")
     s.set_defaults(func=cmd_report)
@@ -236,7 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hh: HH transcripts (default); template: the tokenizer's own chat template "
                         "(as model.chat_format)")
     s.set_defaults(func=cmd_chat)
+    for parser in (p, *sub.choices.values(), show):
+        parser.epilog = CONFIG_EPILOG
     return p
+
+
+CONFIG_EPILOG = ("config keys: 'direct-rlhf config show [--config X] [KEY=VALUE ...]' prints every key of the "
+                 "config a command will use, with its help and range; docs/config.md lists them all")
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
