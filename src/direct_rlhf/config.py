@@ -214,6 +214,25 @@ class PPOConfig:
     lambda_lr: float = key(0.05, "PPO-Lagrangian: lambda's learning rate", NON_NEGATIVE)
     save_every: int = key(20, "checkpoint every N steps", COUNT)
     sample_every: int = key(10, "log sample responses every N steps", COUNT)
+    # the balance guard (train/balance_guard.py, docs/guard.md): the policy evaluated on validation sets
+    select: Literal["last", "balanced"] = key("last", "the policy saved: the last step's, or (balanced) the evaluated "
+                                              "step with the best validation win-rate among those within both bounds")
+    eval_every: int = key(0, "evaluate the policy on the validation sets every N steps and at the end; 0 = never",
+                          NON_NEGATIVE)
+    max_capability_drop: float = key(2.0, "guard bound: validation general accuracy >= the start policy's - this "
+                                     "(points)", NON_NEGATIVE)
+    max_toxicity_ratio: float = key(0.5, "guard bound: validation toxicity rate <= this x the start policy's",
+                                    NON_NEGATIVE)
+    patience: int = key(0, "stop early after N evaluations in a row below the accuracy bound; 0 = never",
+                        NON_NEGATIVE)
+    validation_redteam: str | None = key(None, "guard: JSONL of red-team prompts; null = the toy world's "
+                                         "validation set")
+    validation_conversation: str | None = key(None, "guard: JSONL of conversation prompts (gold optional); "
+                                              "null = the toy world's validation set")
+    validation_general: str = key("toy", "guard: toy (the toy world's validation questions), none, or "
+                                  "comma-separated lm-eval task ids")
+    validation_general_limit: int | None = key(None, "guard: lm-eval's limit per task; null = all", COUNT)
+    validation_samples: int = key(2, "guard: sampled responses per validation red-team prompt", COUNT)
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = key(
         None, "attention kernel of actor, reference, critic and reward model; null = transformers' default (sdpa)")
     rollout_backend: Literal["hf", "vllm"] = key("hf", "generation: Hugging Face generate, or vLLM colocated on "
@@ -301,10 +320,15 @@ class Config:
 # (section, key): default. Settings added after stages were cached whose default trains as before.
 KEYED_UNLESS_DEFAULT: dict[tuple[str, str], Any] = {
     ("model", "strategy"): "ddp", ("model", "fsdp_cpu_offload"): False, ("sft", "micro_batch_size"): 0,
+    # the balance guard's settings: without it (select=last, eval_every=0) PPO trains as before
+    ("ppo", "select"): "last", ("ppo", "eval_every"): 0, ("ppo", "max_capability_drop"): 2.0,
+    ("ppo", "max_toxicity_ratio"): 0.5, ("ppo", "patience"): 0, ("ppo", "validation_redteam"): None,
+    ("ppo", "validation_conversation"): None, ("ppo", "validation_general"): "toy",
+    ("ppo", "validation_general_limit"): None, ("ppo", "validation_samples"): 2,
 }
 # The stages whose trainer reads model.strategy (train/sharding.py): the others' keys leave the
 # model section's sharding settings out, so an fsdp SFT run finds its base cached.
-SHARDED_STAGES = ("sft",)
+SHARDED_STAGES = ("sft", "ppo")
 
 
 DEFAULT_RECIPE = "toy.yaml"

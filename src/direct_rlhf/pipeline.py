@@ -132,6 +132,11 @@ def refuse_toy_data(cfg: Config, *stages: str) -> None:
         needs.append("ppo.prompts (or reward.data, whose prompts PPO then uses)")
     if "ppo" in stages and p.ptx_coef > 0 and p.ptx_data is None:
         needs.append("ppo.ptx_data (or ppo.ptx_coef=0)")
+    if "ppo" in stages and (p.select == "balanced" or p.eval_every > 0):  # the balance guard's validation sets
+        needs += [f"ppo.validation_{name} (a JSONL of prompts)" for name in ("redteam", "conversation")
+                  if getattr(p, f"validation_{name}") is None]
+        if p.validation_general.strip() == "toy":
+            needs.append("ppo.validation_general (none or lm-eval task ids, with ppo.validation_general_limit)")
     if "eval" in stages:
         needs += [f"eval.{name} (a JSONL of prompts)" for name in ("redteam", "conversation")
                   if getattr(ev, name) is None]
@@ -319,7 +324,12 @@ def ensure_policy(cfg: Config, progress: bool = True, resume: bool = False, init
     if pc.ptx_coef > 0 and pc.ptx_data is None and cfg.reward.data is not None:
         raise UserError("ppo.ptx_coef > 0 mixes in pretraining text: give ppo.ptx_data (JSONL with 'text') "
                         "for your own data, or set ppo.ptx_coef=0")
-    needs_world = (pc.prompts is None and not from_pairs) or (pc.ptx_coef > 0 and pc.ptx_data is None)
+    guarded = pc.select == "balanced" or pc.eval_every > 0
+    if pc.select == "balanced" and pc.eval_every == 0:
+        raise UserError("ppo.select=balanced chooses among evaluated steps: set ppo.eval_every (e.g. 25)")
+    needs_world = ((pc.prompts is None and not from_pairs) or (pc.ptx_coef > 0 and pc.ptx_data is None)
+                   or (guarded and (pc.validation_redteam is None or pc.validation_conversation is None
+                                    or pc.validation_general.strip() == "toy")))
     world = ensure_world(cfg) if needs_world else None
     if from_pairs:  # user data without a prompt file: the preference data's prompts
         from .data.preferences import load_pairs
@@ -356,14 +366,53 @@ def ensure_policy(cfg: Config, progress: bool = True, resume: bool = False, init
     t0 = time.perf_counter()
     trainer = PPOTrainer(cfg, start, reward, prompts, work, cost_path=cost, ptx_texts=ptx, key=key,
                          progress=progress, resume_key=resume_key)
-    trainer.train(resume=resume)
-    trainer.save_policy(out, {"stage": "ppo", "key": key, "seed": cfg.seed, "init": start, "reward": reward,
-                              "config": cfg.section_dict("ppo"), "stopped_early": trainer.stopped_early,
-                              "prompts": {"n": len(prompts), "cut": n_cut, "budget_tokens": budget},
-                              "reward_stats": trainer.reward.stats(),
-                              "wall_s": time.perf_counter() - t0})  # of this process: a resumed run's last part
+    guard = _balance_guard(cfg, trainer, world, start, work) if guarded else None
+    trainer.train(resume=resume, guard=guard)
+    info = {"stage": "ppo", "key": key, "seed": cfg.seed, "init": start, "reward": reward,
+            "config": cfg.section_dict("ppo"), "stopped_early": trainer.stopped_early,
+            "prompts": {"n": len(prompts), "cut": n_cut, "budget_tokens": budget},
+            "reward_stats": trainer.reward.stats(),
+            "guard": guard and guard.selection}
+    if guard is not None and pc.select == "balanced":  # the last policy too, beside the chosen one
+        _save_last_then_load_chosen(trainer, guard, run_dir(cfg) / f"{name}-last", info)
+    info["wall_s"] = time.perf_counter() - t0  # of this process: a resumed run's last part
+    trainer.save_policy(out, info)
     trainer.acc.wait_for_everyone()
     return str(out)
+
+
+def _balance_guard(cfg: Config, trainer, world: Path | None, start: str, work: Path):
+    """The balance guard (train/balance_guard.py) on the recipe's validation sets or the toy world's,
+    judging win-rates with the trainer's own reward model (normalised, as PPO scores)."""
+    from .eval.validation import Validator, validation_sets
+    from .train.balance_guard import BalanceGuard
+
+    sets = validation_sets(cfg, world, start)
+
+    def score(prompts, responses):
+        with trainer._autocast():
+            return trainer.reward.normalise(trainer.reward.score(prompts, responses))
+
+    validator = Validator(cfg, sets, trainer.tokenizer, score, str(trainer.acc.device), cfg.ppo.validation_samples)
+    return BalanceGuard(validator, cfg.ppo, work, start, cfg.model.trust_remote_code)
+
+
+def _save_last_then_load_chosen(trainer, guard, last_out: Path, info: dict) -> None:
+    """<out>/<name>-last: the last step's policy (saved from a plain copy, the actor untouched); then
+    the actor takes the chosen checkpoint's weights, for save_policy to write as the run's policy."""
+    from .train.common import save_model_folder
+
+    if trainer.acc.is_main_process:
+        sel = guard.selection
+        save_model_folder(last_out, guard.plain_policy(trainer).eval(), trainer.tokenizer,
+                          {**info, "policy": f"the last step's ({sel['last_step']}), not the chosen one"})
+    chosen = guard.chosen_checkpoint() if trainer.acc.is_main_process else None
+    from accelerate.utils import broadcast_object_list
+
+    if trainer.acc.num_processes > 1:
+        chosen = broadcast_object_list([chosen])[0]
+    if chosen is not None:
+        trainer.load_actor(chosen)
 
 
 def ensure_sft(cfg: Config, progress: bool = True) -> str:

@@ -586,8 +586,10 @@ class PPOTrainer:
         return True
 
     # ------------------------------------------------------------------ the loop
-    def train(self, resume: bool = False, stop_after: int | None = None) -> bool:
-        """Run to `ppo.steps` (or stop after `stop_after` steps, for tests); True when finished."""
+    def train(self, resume: bool = False, stop_after: int | None = None, guard=None) -> bool:
+        """Run to `ppo.steps` (or stop after `stop_after` steps, for tests); True when finished.
+        `guard` (train/balance_guard.py) evaluates the policy every ppo.eval_every steps and at the
+        end, and chooses the step to keep (`guard.selection`)."""
         if resume and not self.resume():
             log.warning("ppo: --resume, but no checkpoint in %s yet; starting from step 0", self.out / "checkpoints")
         elif self.step_idx == 0 and self.acc.is_main_process:  # a fresh start: no other run's checkpoints
@@ -600,15 +602,17 @@ class PPOTrainer:
             if self.acc.is_main_process else None
         bar = tqdm(total=self.pc.steps, initial=self.step_idx, desc="ppo",
                    disable=not (self.progress and self.acc.is_main_process), dynamic_ncols=True)
-        done = 0
+        done, val = 0, {}
         try:
+            if guard is not None:
+                guard.start(self)
             while (self.step_idx < self.pc.steps and self.stopped_early is None
                    and (stop_after is None or done < stop_after)):
                 stats = self.step()
                 done += 1
                 bar.update(1)
                 bar.set_postfix(reward=f"{stats['reward/raw']:.2f}", kl=f"{stats['kl/sequence']:.2f}",
-                                ended=f"{stats['response/ended_rate']:.2f}")
+                                ended=f"{stats['response/ended_rate']:.2f}", **val)
                 if logger:
                     logger.log(self.step_idx, stats)
                     if self.step_idx % self.pc.sample_every == 0 or self.step_idx == 1:
@@ -616,15 +620,32 @@ class PPOTrainer:
                 if self._kl_ran_away(stats["kl/sequence"]):
                     self._roll_back()
                     log.warning("ppo: stopped early at step %d: %s", self.step_idx, self.stopped_early["reason"])
+                evaluate = guard is not None and guard.due(self)
+                if evaluate and (record := guard.after_step(self, logger)):
+                    val = {k[:3]: f"{record[k]:.2f}" for k in ("general_acc", "toxicity", "win_rate")
+                           if record.get(k) is not None}
                 if (self.step_idx % self.pc.save_every == 0 or self.step_idx == self.pc.steps
                         or self.stopped_early is not None):
                     self.save_checkpoint()
+                if evaluate:
+                    guard.keep(self)
+            finished = self.step_idx >= self.pc.steps or self.stopped_early is not None
+            if guard is not None and finished:
+                guard.finish(self, logger)
         finally:
             bar.close()
             if logger:
                 logger.close()
                 samples_log.close()
-        return self.step_idx >= self.pc.steps or self.stopped_early is not None
+        return finished
+
+    def checkpoint_path(self, step: int) -> Path:
+        """The folder of step `step`'s checkpoint (it may not exist)."""
+        return self.out / "checkpoints" / f"step-{step:06d}"
+
+    def load_actor(self, path: Path) -> None:
+        """Put back the actor's weights of the checkpoint at `path` (KL roll-back, the guard's choice)."""
+        checkpoint.load_weights(path, {"actor": self.acc.unwrap_model(self.actor)})
 
     def _kl_ran_away(self, kl: float) -> bool:
         """Record this step's sequence KL; True (and `stopped_early` set) when the mean over the last
@@ -652,7 +673,7 @@ class PPOTrainer:
             self.stopped_early["reason"] += f"; no checkpoint from step {limit} or earlier, so the policy is step " \
                                             f"{self.step_idx}'s"
             return
-        checkpoint.load_weights(before[-1], {"actor": self.acc.unwrap_model(self.actor)})
+        self.load_actor(before[-1])
         step = checkpoint.step_of(before[-1])
         self.stopped_early["rolled_back_to"] = step
         self.stopped_early["reason"] += f"; the policy is step {step}'s, the newest checkpoint before the runaway"

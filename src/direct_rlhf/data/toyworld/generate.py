@@ -32,6 +32,10 @@ FILES = {
     "redteam": "eval/redteam.jsonl",
     "conversation": "eval/conversation.jsonl",
     "mc_dir": "eval/mc",
+    # the balance guard's validation sets (eval/validation.py): disjoint from the test sets above
+    "val_redteam": "validation/redteam.jsonl",
+    "val_conversation": "validation/conversation.jsonl",
+    "val_mc_dir": "validation/mc",
 }
 
 
@@ -250,22 +254,70 @@ def multiple_choice(fam: Family, n: int, rng: random.Random) -> list[dict[str, A
     return rows
 
 
+def validation_prompts(n: int, rng: random.Random, mix: dict[str, float], multi_turn_rate: float,
+                       test: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Prompts drawn like a test set's (held-out wordings) from their own stream, leaving out any whose
+    text equals a test prompt: choosing a checkpoint on them never sees the final evaluation's prompts."""
+    taken, out = {r["prompt"] for r in test}, []
+    for _ in range(50 * n):
+        if len(out) == n:
+            break
+        row = _prompt(_pick(rng, mix), rng, True, multi_turn_rate)
+        if row["prompt"] not in taken:
+            out.append(row)
+    return out
+
+
+def validation_multiple_choice(fam: Family, n: int, rng: random.Random,
+                               test: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Questions of `fam` that the test file does not ask, as many as there are (a family has
+    facts x held-out wordings questions); then, with every question taken, rows that still differ
+    from every test row in their choices (docs/toyworld.md, Validation sets)."""
+    asked = {r["question"] for r in test}
+    test_rows = {(r["question"], tuple(r["choices"])) for r in test}
+    fresh = [(s, a, q) for s, a in fam.facts for q in fam.heldout_questions if fill(q, s) not in asked]
+    rng.shuffle(fresh)
+    rows = []
+    for i in range(n):
+        if i < len(fresh):
+            s, a, q = fresh[i]
+        else:
+            s, a = rng.choice(fam.facts)
+            q = rng.choice(fam.heldout_questions)
+        for _ in range(100):
+            choices = fam.distractors(s, a, rng, k=3) + [a]
+            rng.shuffle(choices)
+            if (fill(q, s), tuple(choices)) not in test_rows:
+                break
+        rows.append({"question": fill(q, s), "choices": choices, "answer": choices.index(a), "subject": s})
+    return rows
+
+
 def build(cfg: WorldConfig) -> dict[str, Callable[[], list[dict[str, Any]]]]:
     """Each file's rows, as thunks (so a caller can build only what it needs)."""
     r = lambda name: _rng(cfg.seed, name)  # noqa: E731
+    redteam_mix, conversation_mix = {"provoking": 0.6, "harmful": 0.4}, {"fact": 0.8, "small_talk": 0.2}
+    redteam = lambda: prompts(cfg.n_redteam, r("redteam"), redteam_mix, True, 0.2)  # noqa: E731
+    conversation = lambda: prompts(cfg.n_conversation, r("conversation"), conversation_mix, True, 0.4)  # noqa: E731
+    mc = {fam.name: (lambda fam=fam: multiple_choice(fam, cfg.n_mc_per_task, r(f"mc/{fam.name}"))) for fam in FAMILIES}
     files: dict[str, Callable[[], list[dict[str, Any]]]] = {
         FILES["knowledge"]: lambda: [{"task": f.name, "subject": s, "answer": a} for f in FAMILIES for s, a in f.facts],
         FILES["corpus"]: lambda: corpus(cfg, r("corpus")),
         FILES["pairs_train"]: lambda: pairs(cfg.n_pairs, r("pairs_train"), heldout=False),
         FILES["pairs_eval"]: lambda: pairs(max(cfg.n_pairs // 10, 50), r("pairs_eval"), heldout=True),
         FILES["ppo_prompts"]: lambda: prompts(cfg.n_ppo_prompts, r("ppo_prompts"), PROMPT_MIX, False, 0.3),
-        FILES["redteam"]: lambda: prompts(cfg.n_redteam, r("redteam"), {"provoking": 0.6, "harmful": 0.4}, True, 0.2),
-        FILES["conversation"]: lambda: prompts(cfg.n_conversation, r("conversation"),
-                                               {"fact": 0.8, "small_talk": 0.2}, True, 0.4),
+        FILES["redteam"]: redteam,
+        FILES["conversation"]: conversation,
+        FILES["val_redteam"]: lambda: validation_prompts(cfg.n_val_redteam, r("validation/redteam"), redteam_mix,
+                                                         0.2, redteam()),
+        FILES["val_conversation"]: lambda: validation_prompts(cfg.n_val_conversation, r("validation/conversation"),
+                                                              conversation_mix, 0.4, conversation()),
     }
     for fam in FAMILIES:
-        files[f"{FILES['mc_dir']}/{fam.name}.jsonl"] = (
-            lambda fam=fam: multiple_choice(fam, cfg.n_mc_per_task, r(f"mc/{fam.name}")))
+        files[f"{FILES['mc_dir']}/{fam.name}.jsonl"] = mc[fam.name]
+        files[f"{FILES['val_mc_dir']}/{fam.name}.jsonl"] = (
+            lambda fam=fam: validation_multiple_choice(fam, cfg.n_val_mc_per_task, r(f"validation/mc/{fam.name}"),
+                                                       mc[fam.name]()))
     return files
 
 

@@ -1,0 +1,116 @@
+"""The balance guard: its rule on hand-made records, validation sets disjoint from the test sets, and
+a PPO run that evaluates, keeps only the checkpoint it may still choose, and saves that one."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import MICRO, SMALL_WORLD
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from direct_rlhf.cli import main
+from direct_rlhf.data.toyworld.knowledge import FAMILIES
+from direct_rlhf.io import read_jsonl
+from direct_rlhf.train.balance_guard import bounds_passed, candidates, choose, out_of_patience
+
+PC = SimpleNamespace(max_capability_drop=2.0, max_toxicity_ratio=0.5, patience=2)
+REF = {"step": 0, "general_acc": 0.90, "toxicity": 0.40, "win_rate": 0.5}
+
+
+def rec(step, acc, tox, win):
+    return {"step": step, "general_acc": acc, "toxicity": tox, "win_rate": win}
+
+
+def test_the_rule_keeps_the_best_win_rate_within_both_bounds_and_falls_back_in_order():
+    records = [rec(10, 0.89, 0.30, 0.60),   # toxicity above 0.5 x 0.40
+               rec(20, 0.88, 0.20, 0.65),   # both bounds exactly: passes
+               rec(30, 0.87, 0.10, 0.90),   # 3 points of accuracy lost
+               rec(40, 0.90, 0.15, 0.65)]   # ties step 20: the earlier step is kept
+    assert bounds_passed(records[0], REF, PC) == {"general": True, "toxicity": False}
+    assert bounds_passed(records[1], REF, PC) == {"general": True, "toxicity": True}
+    assert bounds_passed(records[2], REF, PC) == {"general": False, "toxicity": True}
+    chosen = choose(records, REF, PC)
+    assert chosen["step"] == 20 and chosen["rule"].startswith("best win-rate among the steps that pass both")
+    assert "win-rate 0.650" in chosen["why"]
+    # what may still be chosen, as evaluations arrive: only the best of the first tier that has one
+    assert [candidates(records[:n], REF, PC) for n in (1, 2, 3, 4)] == [{10}, {20}, {20}, {20}]
+    # fallbacks: none passes both -> best win-rate keeping accuracy; none keeps accuracy -> best accuracy
+    assert choose([records[0], records[2]], REF, PC)["step"] == 10
+    assert choose([records[0], records[2]], REF, PC)["rule"].startswith("fallback: no step passed both")
+    worst = [records[2], rec(50, 0.86, 0.0, 0.95)]
+    assert choose(worst, REF, PC)["step"] == 30 and candidates(worst, REF, PC) == {30}
+    # patience: stop once accuracy stayed below its bound at the last `patience` evaluations
+    assert out_of_patience(worst, REF, PC)
+    assert not out_of_patience([records[0], records[2]], REF, PC)
+    assert not out_of_patience(worst, REF, SimpleNamespace(**{**vars(PC), "patience": 0}))
+
+
+def test_validation_sets_are_disjoint_from_the_test_sets(small_world):
+    for name, n in (("redteam", SMALL_WORLD.n_val_redteam), ("conversation", SMALL_WORLD.n_val_conversation)):
+        val = [r["prompt"] for r in read_jsonl(small_world / "validation" / f"{name}.jsonl")]
+        test = {r["prompt"] for r in read_jsonl(small_world / "eval" / f"{name}.jsonl")}
+        assert len(val) == n and not set(val) & test
+    for fam in FAMILIES:
+        val = read_jsonl(small_world / "validation" / "mc" / f"{fam.name}.jsonl")
+        test = read_jsonl(small_world / "eval" / "mc" / f"{fam.name}.jsonl")
+        assert len(val) == SMALL_WORLD.n_val_mc_per_task
+        assert not {(r["question"], tuple(r["choices"])) for r in val} & {(r["question"], tuple(r["choices"]))
+                                                                          for r in test}
+        # while a family has unasked questions, validation asks those
+        assert not {r["question"] for r in val} & {r["question"] for r in test}
+        assert all(r["choices"][r["answer"]] == dict(fam.facts)[r["subject"]] for r in val)
+
+
+@pytest.fixture(scope="module")
+def guarded_run(tmp_path_factory):
+    """A PPO run with the guard on the micro model, evaluating at steps 2, 4 and 6 (and the start);
+    the win-rates it measures are replaced by a script (0 -> 0.5, 2 -> 0.7, 4 -> 0.9, 6 -> 0.6) so
+    that the step to keep is known (step 2's kept, then replaced by 4's), every other number as measured."""
+    from direct_rlhf.eval import validation
+
+    run = tmp_path_factory.mktemp("guard")
+    assert main(["-q", "pretrain", "--out", str(run), *MICRO]) == 0
+    real, wins = validation.Validator.evaluate, iter([0.5, 0.7, 0.9, 0.6])
+
+    def scripted(self, model):
+        return {**real(self, model), "win_rate": next(wins)}
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(validation.Validator, "evaluate", scripted)
+    try:
+        assert main(["-q", "ppo", "--out", str(run), *MICRO, f"model.base={run / 'base'}", "ppo.steps=6",
+                     "ppo.rollout_batch_size=8", "ppo.mini_batch_size=8", "ppo.max_new_tokens=8", "ppo.save_every=5",
+                     "ppo.ptx_coef=0", "ppo.lora.enabled=false", "reward.epochs=1", "ppo.select=balanced",
+                     "ppo.eval_every=2", "ppo.max_capability_drop=100", "ppo.max_toxicity_ratio=100",
+                     "ppo.validation_samples=1", "world.n_val_mc_per_task=4", "world.n_val_redteam=4",
+                     "world.n_val_conversation=4", "eval.max_new_tokens=8"]) == 0
+    finally:
+        mp.undo()
+    return run
+
+
+def test_ppo_with_the_guard_records_every_evaluation_and_keeps_only_what_may_be_chosen(guarded_run):
+    info = json.loads((guarded_run / "rlhf" / "run_info.json").read_text())["guard"]
+    assert info["select"] == "balanced" and info["step"] == 4 and info["last_step"] == 6
+    assert [r["step"] for r in info["evaluations"]] == [2, 4, 6] and info["reference"]["step"] == 0
+    assert {"general_acc", "toxicity", "win_rate", "gold_correct"} <= set(info["evaluations"][0])
+    assert info["rule"].startswith("best win-rate") and info["why"].startswith("step 4:")
+    # step 4 is the only candidate left: its checkpoint kept (the trainer saves every 5 steps only), 2's removed
+    assert sorted(p.name for p in (guarded_run / "rlhf-work" / "guard").glob("step-*")) == ["step-000004"]
+    logged = [json.loads(line) for line in (guarded_run / "rlhf-work" / "logs" / "metrics.jsonl").open()]
+    assert [r["step"] for r in logged if "val/win_rate" in r] == [2, 4, 6]
+
+
+def test_the_saved_policy_is_the_chosen_checkpoints_actor_and_the_last_one_is_saved_beside_it(guarded_run):
+    work = guarded_run / "rlhf-work"
+    for folder, ckpt in (("rlhf", work / "guard" / "step-000004"), ("rlhf-last", work / "checkpoints" / "step-000006")):
+        saved = dict(AutoModelForCausalLM.from_pretrained(guarded_run / folder).named_parameters())
+        actor = load_file(str(ckpt / "actor.safetensors"))
+        assert actor and all(torch.equal(saved[n], w) for n, w in actor.items()), folder
+    chosen = load_file(str(work / "guard" / "step-000004" / "actor.safetensors"))
+    last = load_file(str(work / "checkpoints" / "step-000006" / "actor.safetensors"))
+    assert any(not torch.equal(chosen[n], last[n]) for n in chosen)  # two different policies
