@@ -21,7 +21,9 @@ MICRO = ["world.n_dialogues=300", "world.n_pairs=200", "world.n_ppo_prompts=64",
          "world.n_redteam=20", "world.n_conversation=20", "model.vocab_size=400", "model.hidden_size=32",
          "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=1", "model.intermediate_size=64",
          "pretrain.steps=60", "pretrain.batch_size=8", "pretrain.seq_len=64", "pretrain.log_every=5",
-         "pretrain.warmup_steps=5"]
+         "pretrain.warmup_steps=5",
+         # toy.yaml's balance guard off: PPO tests test PPO (the guard: tests/test_balance_guard.py)
+         "ppo.select=last", "ppo.eval_every=0"]
 
 
 @pytest.fixture(scope="session")

@@ -104,7 +104,8 @@ def test_reward_sft_and_ppo_get_the_templates_rendering_through_the_pipeline(cha
             {"prompt": QUESTION, "chosen": "Paris.", "rejected": "Rome."}]
     data = write_jsonl(tmp_path / "pairs.jsonl", rows)
     cfg = load_config(None, [f"out={tmp_path / 'run'}", f"model.base={path}", "model.chat_format=template",
-                             f"reward.data={data}", f"reward.eval_data={data}", "ppo.ptx_coef=0"])
+                             f"reward.data={data}", f"reward.eval_data={data}", "ppo.ptx_coef=0",
+                             "ppo.select=last", "ppo.eval_every=0"])  # no validation files: no balance guard
     seen = {}
 
     class Given(Exception):

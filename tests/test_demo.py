@@ -25,12 +25,14 @@ def quick_run(tmp_path_factory):
 
 def test_quick_demo_writes_results_and_report_for_every_model(quick_run):
     results = json.loads((quick_run / "eval" / "results.json").read_text())
-    assert set(results["models"]) == {"base", "sft", "rlhf", "sft_rlhf"}
+    # quick.yaml keeps the balance guard's choice (ppo.select=balanced) and evaluates the last step's policy too
+    assert set(results["models"]) == {"base", "sft", "rlhf", "rlhf-last", "sft_rlhf"}
     for axis in ("general", "harmlessness", "conversation"):
         assert results[axis]
     assert len(results["general"]["per_model"]["rlhf"]) >= 11
     html = (quick_run / "eval" / "report.html").read_text()
     assert "<img" in html and "rlhf" in html
+    assert 'id="guard"' in html and (quick_run / "eval" / "guard_trajectory.png").is_file()
     summary = json.loads((quick_run / "summary.json").read_text())
     table = summary["table"]
     for label, row in table.items():

@@ -23,6 +23,9 @@ OWN = "some-org/some-base"  # a hub id: refused before anything would load it
     (["demo"], "reward.data (preference pairs); sft.data or reward.data"),
     (["ppo", "ppo.ptx_coef=0"], "set reward.data (preference pairs); ppo.prompts"),
     (["ppo", f"ppo.reward_model={OWN}", "ppo.ptx_coef=0"], "set ppo.prompts (or reward.data"),
+    (["ppo", "reward.data=x.jsonl", "ppo.ptx_coef=0"], "set ppo.validation_redteam (a JSONL of prompts), "
+     "ppo.validation_conversation (a JSONL of prompts), ppo.validation_general (none or lm-eval task ids, with "
+     "ppo.validation_general_limit) for the balance guard (or ppo.select=last ppo.eval_every=0: no guard)"),
     (["reward"], "set reward.data (preference pairs)"),
     (["sft"], "set sft.data or reward.data"),
 ])
@@ -42,7 +45,8 @@ def test_the_toy_base_and_fully_named_data_pass(tmp_path):
     assert is_own_base(load_config(None, [f"model.base={tmp_path}"]))
     refuse_toy_data(load_config(None, [f"model.base={toy_base}"]), "reward", "sft", "ppo", "eval")
     named = load_config(None, [f"model.base={OWN}", "reward.data=x.jsonl", "ppo.ptx_coef=0", "eval.redteam=r.jsonl",
-                               "eval.conversation=c.jsonl", "eval.general=none"])
+                               "eval.conversation=c.jsonl", "eval.general=none", "ppo.validation_redteam=vr.jsonl",
+                               "ppo.validation_conversation=vc.jsonl", "ppo.validation_general=none"])
     refuse_toy_data(named, "reward", "sft", "ppo", "eval")
 
 

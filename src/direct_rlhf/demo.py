@@ -60,6 +60,9 @@ def train_and_evaluate(cfg: Config, with_sft_rlhf: bool, progress: bool) -> Path
     base = ensure_base(cfg, progress)
     ensure_reward(cfg, progress)
     models = {"base": base, "sft": ensure_sft(cfg, progress), "rlhf": ensure_policy(cfg, progress)}
+    last = Path(models["rlhf"] + "-last")  # with ppo.select=balanced: the last step's policy, beside the chosen one
+    if cfg.ppo.select == "balanced" and (last / "config.json").is_file():
+        models["rlhf-last"] = str(last)
     if with_sft_rlhf:
         models["sft_rlhf"] = ensure_policy(cfg, progress, init=models["sft"], name="sft_rlhf")
     return ensure_eval(cfg, models, progress)
@@ -90,8 +93,22 @@ def run_demo(cfg: Config, seeds: int = 1, with_sft_rlhf: bool = False, progress:
     summary["stage_wall_s"] = recorded_stage_times(root, {f"seed-{s}": e.parent for s, e in
                                                           zip(range(cfg.seed, cfg.seed + seeds), evals)})
     summary["reports"] = [str(e / "report.html") for e in evals]
+    summary["guard"] = kept_steps({s: e.parent for s, e in zip(range(cfg.seed, cfg.seed + seeds), evals)})
     write_json(root / "summary.json", summary)
     return summary
+
+
+def kept_steps(seed_dirs: dict[int, Path]) -> dict[str, Any]:
+    """Per seed, the step the balance guard kept and why (rlhf/run_info.json; train/balance_guard.py)."""
+    out = {}
+    for seed, d in seed_dirs.items():
+        try:
+            sel = json.loads((d / "rlhf" / "run_info.json").read_text()).get("guard")
+        except (OSError, json.JSONDecodeError):
+            sel = None
+        if sel:
+            out[str(seed)] = {k: sel[k] for k in ("select", "step", "last_step", "rule", "why")}
+    return out
 
 
 STAGE_FOLDERS = ("reward", "cost", "sft", "rlhf", "sft_rlhf", "eval")
@@ -163,4 +180,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"{label:{width}}  " + "  ".join(cells))
     seeds = ", ".join(map(str, summary["seeds"]))
     lines.append(f"(seed{'s' if n > 1 else ''} {seeds}; mean ± std over seeds)" if n > 1 else f"(seed {seeds})")
+    for seed, sel in summary.get("guard", {}).items():
+        lines.append(f"seed {seed}: rlhf is step {sel['step']} of {sel['last_step']} ({sel['rule']}; chosen on validation "
+                     f"data only, the numbers above are test data) - {sel['why']}")
     return "\n".join(lines)

@@ -133,10 +133,12 @@ def refuse_toy_data(cfg: Config, *stages: str) -> None:
     if "ppo" in stages and p.ptx_coef > 0 and p.ptx_data is None:
         needs.append("ppo.ptx_data (or ppo.ptx_coef=0)")
     if "ppo" in stages and (p.select == "balanced" or p.eval_every > 0):  # the balance guard's validation sets
-        needs += [f"ppo.validation_{name} (a JSONL of prompts)" for name in ("redteam", "conversation")
-                  if getattr(p, f"validation_{name}") is None]
+        guard = [f"ppo.validation_{name} (a JSONL of prompts)" for name in ("redteam", "conversation")
+                 if getattr(p, f"validation_{name}") is None]
         if p.validation_general.strip() == "toy":
-            needs.append("ppo.validation_general (none or lm-eval task ids, with ppo.validation_general_limit)")
+            guard.append("ppo.validation_general (none or lm-eval task ids, with ppo.validation_general_limit)")
+        if guard:
+            needs.append(", ".join(guard) + " for the balance guard (or ppo.select=last ppo.eval_every=0: no guard)")
     if "eval" in stages:
         needs += [f"eval.{name} (a JSONL of prompts)" for name in ("redteam", "conversation")
                   if getattr(ev, name) is None]

@@ -163,12 +163,46 @@ def winrate_bars(results: dict[str, Any]) -> bytes | None:
     return _png(fig)
 
 
+GUARD_AXES = (("general_acc", "general accuracy (validation)"), ("toxicity", "toxicity (validation red-team)"),
+              ("win_rate", "win-rate vs start (validation)"))
+
+
+def guard_trajectory(results: dict[str, Any]) -> bytes | None:
+    """The balance guard's evaluations (train/balance_guard.py) of each guarded model: the three axes
+    against the PPO step, the start policy at step 0, the bounds dashed, the kept step marked."""
+    guarded = results.get("guard") or {}
+    if not guarded:
+        return None
+    fig = Figure(figsize=(10, 2.6 * len(guarded)))
+    axes = fig.subplots(len(guarded), len(GUARD_AXES), squeeze=False)
+    for row, (name, sel) in zip(axes, guarded.items()):
+        ref, records = sel["reference"], sel["evaluations"]
+        steps = [0] + [r["step"] for r in records]
+        bounds = sel.get("bounds", {})
+        for ax, (key, label) in zip(row, GUARD_AXES):
+            vals = [ref.get(key)] + [r.get(key) for r in records]
+            pts = [(s, v) for s, v in zip(steps, vals) if v is not None]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=_colour(1))
+            if key == "general_acc" and ref.get(key) is not None:
+                ax.axhline(ref[key] - bounds.get("max_capability_drop_points", 0) / 100, color="grey", linestyle="--")
+            if key == "toxicity" and ref.get(key) is not None:
+                ax.axhline(ref[key] * bounds.get("max_toxicity_ratio", 1), color="grey", linestyle="--")
+            ax.axvline(sel["step"], color="black", linewidth=1)
+            ax.set_title(f"{name}: {label}", fontsize=8)
+            ax.set_xlabel("PPO step", fontsize=8)
+    fig.suptitle("Balance guard: validation data only (kept step: black line; bounds: dashed)", fontsize=9)
+    fig.tight_layout()
+    return _png(fig)
+
+
 FIGURES = {
     "general_table.png": general_table,
     "radar.png": radar,
     "badword_by_layer.png": badword_layers,
     "toxicity.png": toxicity_bars,
     "winrate.png": winrate_bars,
+    "guard_trajectory.png": guard_trajectory,
 }
 
 

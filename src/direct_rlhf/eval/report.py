@@ -220,6 +220,32 @@ def _transcripts(results: dict[str, Any]) -> str:
     return "".join(parts) or "<p>No sample transcripts.</p>"
 
 
+def guard_selections(results: dict[str, Any]) -> dict[str, Any]:
+    """{model: the balance guard's record} for each model folder whose run_info.json has one
+    (a PPO policy saved with ppo.eval_every > 0; train/balance_guard.py)."""
+    out = {}
+    for name, src in results.get("models", {}).items():
+        try:
+            sel = json.loads((Path(src) / "run_info.json").read_text()).get("guard")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if sel:
+            out[name] = sel
+    return out
+
+
+def _guard(results: dict[str, Any], images: dict[str, bytes]) -> str:
+    guarded = results.get("guard") or {}
+    if not guarded:
+        return ""
+    lines = "".join(f"<li><b>{_e(n)}</b>: kept step {_e(s['step'])} of {_e(s['last_step'])} "
+                    f"({_e(s['rule'])}): {_e(s['why'])}</li>" for n, s in guarded.items())
+    return (f'<h2 id="guard">Balance guard</h2><ul>{lines}</ul><p class="note">The step was chosen on '
+            f"validation data only (sets disjoint from the test sets); every other number in this report "
+            f"comes from test data only.</p>"
+            f'<div class="figs">{_img(images, "guard_trajectory.png", "validation axes against PPO step")}</div>')
+
+
 def render_html(results: dict[str, Any], images: dict[str, bytes]) -> str:
     models = model_names(results)
     model_rows = [[_e(n), f"<code>{_e(results['models'][n])}</code>"] for n in models]
@@ -246,6 +272,7 @@ reference <b>{_e(results['reference']['base'])}</b>{', SFT <b>' + _e(results['re
 {_harmlessness(results, images)}
 <h2 id="conversation">Conversation</h2>
 {_conversation(results, images)}
+{_guard(results, images)}
 <h2 id="transcripts">Sample transcripts (side by side)</h2>
 {_transcripts(results)}
 <h2 id="run">Run</h2>
@@ -259,6 +286,7 @@ reference <b>{_e(results['reference']['base'])}</b>{', SFT <b>' + _e(results['re
 def write_report(results: dict[str, Any], out_dir: str | Path) -> Path:
     """Write the PNG figures and report.html into out_dir (each file atomically); return the HTML path."""
     out_dir = Path(out_dir)
+    results = {**results, "guard": guard_selections(results)}  # for the figure and the report only
     images = make_figures(results)
     html = render_html(results, images)  # everything drawn before the first file is written
     out_dir.mkdir(parents=True, exist_ok=True)

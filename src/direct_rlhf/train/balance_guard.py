@@ -121,7 +121,8 @@ class BalanceGuard:
 
     # -- records, kept across a resume
     def _save(self) -> None:
-        write_json(self.dir / "evaluations.json", {"reference": self.reference, "records": self.records})
+        write_json(self.dir / "evaluations.json", {"reference": self.reference, "records": self.records,
+                                                   "reference_scores": self.validator.reference_scores})
 
     def _load(self, upto: int) -> None:
         path = self.dir / "evaluations.json"
@@ -129,7 +130,10 @@ class BalanceGuard:
             return
         saved = json.loads(path.read_text())
         self.reference = saved["reference"]
-        self.records = [r for r in saved["records"] if r["step"] <= upto]
+        # an evaluation off the ppo.eval_every grid was the end of a run that is now continued to more
+        # steps: dropped, so that the continued run chooses as the longer run would
+        self.records = [r for r in saved["records"] if r["step"] <= upto and r["step"] % self.pc.eval_every == 0]
+        self.validator.reference_scores = saved.get("reference_scores")
 
     def start(self, trainer: Any) -> None:
         """Before the first step: the start policy's numbers (once: a resumed run reads them back)."""
@@ -139,28 +143,28 @@ class BalanceGuard:
             self._load(trainer.step_idx)
         else:
             shutil.rmtree(self.dir, ignore_errors=True)
-        if self.reference is None:
+        if self.reference is None or self.validator.reference_scores is None:
+            if trainer.step_idx > 0:
+                raise RuntimeError(f"{self.dir}: no record of the start policy's evaluation to resume from")
             self.reference = {"step": 0, **self._evaluate(trainer)}
             self._save()
             log.info("guard: start policy %s", _short(self.reference))
-        else:  # the reference's conversation scores are needed again for the win-rates
-            self._evaluate(trainer)
 
     def due(self, trainer: Any) -> bool:
-        return self.pc.eval_every > 0 and trainer.step_idx % self.pc.eval_every == 0
+        """Every ppo.eval_every steps, and the last step (the run's end, or an early stop)."""
+        return self.pc.eval_every > 0 and (trainer.step_idx % self.pc.eval_every == 0 or trainer.step_idx >= self.pc.steps
+                                           or trainer.stopped_early is not None)
 
-    def after_step(self, trainer: Any, logger: Any) -> Record | None:
-        """At an evaluation step (`due`): evaluate and log; sets `trainer.stopped_early` when general
-        accuracy ran out of patience. The caller saves its checkpoint, then calls `keep`."""
+    def after_step(self, trainer: Any) -> Record | None:
+        """At an evaluation step (`due`): evaluate; sets `trainer.stopped_early` when general accuracy
+        ran out of patience. Returns the record (main process) for the caller to log with the step's
+        row; the caller then saves its checkpoint and calls `keep`."""
         record = None
         if trainer.acc.is_main_process:
             record = {"step": trainer.step_idx, **self._evaluate(trainer)}
             record["passes"] = bounds_passed(record, self.reference, self.pc)
             self.records = [r for r in self.records if r["step"] != record["step"]] + [record]
             self._save()
-            if logger is not None:
-                logger.log(record["step"], {f"val/{k}": v for k, v in record.items()
-                                            if k not in ("step", "passes") and v is not None})
             log.info("guard: step %d %s", record["step"], _short(record))
         stop = _broadcast(trainer, record is not None and out_of_patience(self.records, self.reference, self.pc))
         if stop and trainer.stopped_early is None:
@@ -187,12 +191,12 @@ class BalanceGuard:
             if int(old.name.removeprefix("step-")) not in keep:
                 shutil.rmtree(old, ignore_errors=True)
 
-    def finish(self, trainer: Any, logger: Any) -> dict[str, Any] | None:
+    def finish(self, trainer: Any) -> dict[str, Any] | None:
         """After the last step: evaluate it if it was not, then choose. Returns the selection (main
         process; None elsewhere), also kept in `self.selection`."""
         evaluated = _broadcast(trainer, bool(self.records) and self.records[-1]["step"] == trainer.step_idx)
-        if not evaluated:  # stopped between evaluations, or a length that is no multiple of ppo.eval_every
-            self.after_step(trainer, logger)
+        if not evaluated:  # a finished run resumed: its end was dropped as off the grid (`_load`)
+            self.after_step(trainer)
             self.keep(trainer)
         if not trainer.acc.is_main_process:
             return None

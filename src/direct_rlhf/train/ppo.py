@@ -613,17 +613,19 @@ class PPOTrainer:
                 bar.update(1)
                 bar.set_postfix(reward=f"{stats['reward/raw']:.2f}", kl=f"{stats['kl/sequence']:.2f}",
                                 ended=f"{stats['response/ended_rate']:.2f}", **val)
-                if logger:
-                    logger.log(self.step_idx, stats)
-                    if self.step_idx % self.pc.sample_every == 0 or self.step_idx == 1:
-                        self._log_samples(samples_log, bar)
                 if self._kl_ran_away(stats["kl/sequence"]):
                     self._roll_back()
                     log.warning("ppo: stopped early at step %d: %s", self.step_idx, self.stopped_early["reason"])
                 evaluate = guard is not None and guard.due(self)
-                if evaluate and (record := guard.after_step(self, logger)):
+                if evaluate and (record := guard.after_step(self)):  # logged in this step's row
+                    stats.update({f"val/{k}": v for k, v in record.items() if k not in ("step", "passes")
+                                  and v is not None})
                     val = {k[:3]: f"{record[k]:.2f}" for k in ("general_acc", "toxicity", "win_rate")
                            if record.get(k) is not None}
+                if logger:
+                    logger.log(self.step_idx, stats)
+                    if self.step_idx % self.pc.sample_every == 0 or self.step_idx == 1:
+                        self._log_samples(samples_log, bar)
                 if (self.step_idx % self.pc.save_every == 0 or self.step_idx == self.pc.steps
                         or self.stopped_early is not None):
                     self.save_checkpoint()
@@ -631,7 +633,7 @@ class PPOTrainer:
                     guard.keep(self)
             finished = self.step_idx >= self.pc.steps or self.stopped_early is not None
             if guard is not None and finished:
-                guard.finish(self, logger)
+                guard.finish(self)
         finally:
             bar.close()
             if logger:
