@@ -117,7 +117,7 @@ def _general(results: dict[str, Any], images: dict[str, bytes]) -> str:
 
 def _appropriateness_note(judged: dict[str, Any] | None) -> str:
     if not judged:
-        return "<p class='meta'>Appropriateness was not judged (no toy world and no reward model).</p>"
+        return "<p class='meta'>Appropriateness was not judged for these results (see the notes).</p>"
     how = (f"judged by the reward model against the reference refusal &ldquo;{_e(judged['reference_refusal'])}&rdquo;"
            f" (off-topic is not told apart there: it counts as other)" if "reference_refusal" in judged
            else "judged exactly by the toy world's reply styles")
