@@ -668,7 +668,9 @@ def test_processes_draw_disjoint_shares_of_each_pass_over_the_prompts():
     def draws(world: int, rank: int, steps: int, seed: int = 0) -> list[list[str]]:
         t = PPOTrainer.__new__(PPOTrainer)
         t.prompts, t.cfg = [f"p{i}" for i in range(24)], SimpleNamespace(seed=seed)
-        t.pc, t.acc = SimpleNamespace(rollout_batch_size=4), SimpleNamespace(num_processes=world, process_index=rank)
+        # ppo.rollout_batch_size is the global batch: 8 prompts a step, 4 for each process
+        t.pc, t.acc = SimpleNamespace(rollout_batch_size=8), SimpleNamespace(num_processes=world, process_index=rank)
+        t._rollout_rows = 8 // world
         t._perm, t._perm_epoch = [], None
         out = []
         for step in range(steps):

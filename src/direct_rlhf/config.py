@@ -65,7 +65,7 @@ class ModelConfig:
                                   "model you trust)")
     gradient_checkpointing: bool = key(False, "trade compute for memory in trained models (large models)")
     strategy: Literal["ddp", "fsdp"] = key("ddp", "trained weights over processes: whole on each, or "
-                                           "FSDP2-sharded (SFT only)")
+                                           "FSDP2-sharded (SFT and PPO)")
     fsdp_cpu_offload: bool = key(False, "with fsdp: parameter shards, gradients and the optimiser step on the CPU")
     chat_format: Literal["hh", "template"] = key("hh", "HH transcripts (the paper's), or the tokenizer's own "
                                                  "chat template")
@@ -166,10 +166,10 @@ class PPOConfig:
     # Toy world, 3 seeds: 300 steps gave gold +4.2 points, over-refusal -4.2, win-rate +0.02 (8 samples
     # a prompt); 200 fits the demo's 15 minutes (docs/results.md).
     steps: int = key(200, "PPO steps (each ppo_epochs passes over its rollouts)", NON_NEGATIVE)
-    rollout_batch_size: int = key(32, "prompts per PPO step (per process)", COUNT)
-    mini_batch_size: int = key(32, "rollouts per optimizer step", COUNT)
-    micro_batch_size: int = key(8, "rows per forward pass; rows grouped by length, each group cut to its own "
-                                "width, gradients accumulated", COUNT)
+    rollout_batch_size: int = key(32, "prompts per PPO step, over all processes (each takes its share)", COUNT)
+    mini_batch_size: int = key(32, "rollouts per optimizer step, over all processes", COUNT)
+    micro_batch_size: int = key(8, "rows per forward pass in a process; rows grouped by length, each group cut to "
+                                "its own width, gradients accumulated", COUNT)
     micro_batch_tokens: int = key(0, "also at most this many token positions per forward pass (0: rows only)",
                                   NON_NEGATIVE)
     pack_rows: bool = key(True, "pack each micro-batch's rows end to end with no padding (false: pad each row "

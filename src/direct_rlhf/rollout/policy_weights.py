@@ -11,13 +11,21 @@ import torch
 from ..models.loading import load_causal_lm
 
 
+def _whole(p: torch.Tensor) -> torch.Tensor:
+    """A parameter whole: an FSDP2 shard (DTensor) is gathered from every process (a collective:
+    every process must ask for the same parameters in the same order)."""
+    p = p.detach()
+    return p.full_tensor() if hasattr(p, "full_tensor") else p
+
+
 def actor_weights(actor: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """The actor's weights under plain Hugging Face names, one at a time, each LoRA delta added on
-    the fly. The actor is not touched: merging in place and unmerging after would leave rounding
-    error in the frozen base weights at every step, and they are also PPO's KL reference."""
+    the fly; a sharded (model.strategy=fsdp) actor's gathered whole, one parameter at a time. The
+    actor is not touched: merging in place and unmerging after would leave rounding error in the
+    frozen base weights at every step, and they are also PPO's KL reference."""
     if not hasattr(actor, "get_base_model"):
         for name, p in actor.named_parameters():
-            yield name, p.detach()
+            yield name, _whole(p)
         return
     base = actor.get_base_model()
     modules = dict(base.named_modules())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -26,6 +27,7 @@ from ..errors import UserError
 from ..io import atomic_dir
 
 KEEP = 2
+SHARDS = "sharded"  # model.strategy=fsdp: the weights and optimiser states, a DCP folder written by every process
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -81,11 +83,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save(root: Path, step: int, models: dict[str, torch.nn.Module], states: dict[str, Any],
-         trainer_state: dict[str, Any], rank: int = 0, world_size: int = 1) -> Path:
+         trainer_state: dict[str, Any], rank: int = 0, world_size: int = 1, shards: Path | None = None) -> Path:
     """Write `root/step-<step>` atomically (call on the main process; RNG states of all ranks
-    are passed in `trainer_state['rng']` as a list)."""
+    are passed in `trainer_state['rng']` as a list). `shards`: a complete DCP folder (sharded
+    weights and optimiser states, every process's) moved into it as `SHARDS`."""
     out = root / f"step-{step:06d}"
     with atomic_dir(out) as tmp:
+        if shards is not None:
+            os.replace(shards, tmp / SHARDS)
         for name, model in models.items():
             save_file(trainable_state(model), str(tmp / f"{name}.safetensors"))
         torch.save(states, tmp / "optim.pt")
@@ -121,7 +126,7 @@ def step_of(path: Path) -> int:
 
 
 @contextlib.contextmanager
-def _readable(path: Path) -> Iterator[None]:
+def readable(path: Path) -> Iterator[None]:
     """A checkpoint whose files cannot be read back (cut short, edited, from another model) is
     one line naming it, for every trainer that resumes from one."""
     try:
@@ -131,13 +136,13 @@ def _readable(path: Path) -> Iterator[None]:
 
 
 def trainer_state(path: Path) -> dict[str, Any]:
-    with _readable(path):
+    with readable(path):
         return json.loads((path / "trainer_state.json").read_text())
 
 
 def load(path: Path, models: dict[str, torch.nn.Module]) -> tuple[dict[str, Any], dict[str, Any], list]:
     """Load weights into `models` in place; returns (optimiser states, trainer state, rng states)."""
-    with _readable(path):
+    with readable(path):
         load_weights(path, models)
         states = torch.load(path / "optim.pt", weights_only=True)
         rng = torch.load(path / "rng.pt", weights_only=True)

@@ -45,7 +45,7 @@ from ..data.chat_format import chat_format, prompt_ids
 from ..rollout.hf_generate import Samples, left_pad, sample
 from ..rollout.policy_weights import MergedRolloutCopy
 from ..tracking import MetricsLogger, open_step_log, seed_everything
-from . import checkpoint
+from . import checkpoint, sharding
 from .common import on_cpu, refuse_sharding
 from .micro_batching import length_groups, packs
 from .packed_rows import Packed, longest_packable, pack, use_packed_attention
@@ -85,6 +85,7 @@ class MicroBatch(NamedTuple):
     attn: torch.Tensor  # size = (b, p + r)
     pos: torch.Tensor   # size = (b, p + r)
     packed: Packed | None = None
+    pad: bool = False   # a repeat that only keeps the processes' FSDP collectives in step: weighs nothing
 
     def inputs(self) -> dict[str, Any]:
         if self.packed is None:
@@ -105,6 +106,14 @@ class PPOTrainer:
         seed_everything(cfg.seed + self.acc.process_index)
         if not prompts:
             raise UserError("no PPO prompts")
+        self.fsdp = cfg.model.strategy == "fsdp"
+        if self.fsdp:
+            self._refuse_under_fsdp()
+        # global batches (the same whatever the number of processes); each process takes its share
+        self._rollout_rows = sharding.split_batch(self.pc.rollout_batch_size, "ppo.rollout_batch_size") \
+            if self.acc.num_processes > 1 else self.pc.rollout_batch_size
+        self._mini_rows = sharding.split_batch(self.pc.mini_batch_size, "ppo.mini_batch_size") \
+            if self.acc.num_processes > 1 else self.pc.mini_batch_size
         self.prompts = prompts
         self.tokenizer = load_tokenizer(base, cfg.model.trust_remote_code)
         self.chat = chat_format(cfg.model.chat_format, self.tokenizer, base)  # where a response ends
@@ -126,13 +135,18 @@ class PPOTrainer:
         self.reward = self._scorer(reward_path, critic)
         # tests and custom objectives may replace the learned reward by a function of the text
         self.reward_fn = reward_fn or self.reward.score
-        opt_a, opt_c = self._adamw(actor, self.pc.actor_lr), self._adamw(critic, self.pc.critic_lr)
         rollout_model = self.rollout_copy.model if self.rollout_copy else None
         self._use_attention(actor, critic.backbone, self.ref, packed=True)
         self._use_attention(self._own_model(self.reward), rollout_model)
         windows = [w for w in (longest_packable(actor.config), longest_packable(critic.backbone.config)) if w]
         self._pack_limit = min(windows, default=None)
-        self.actor, self.critic, self.opt_a, self.opt_c = self.acc.prepare(actor, critic, opt_a, opt_c)
+        if self.fsdp:  # each model sharded by its own fully_shard, then given its own optimiser
+            self.actor, self.critic = self._shard(actor), critic.to(self.acc.device)  # critic: once on its scale
+            self.opt_a = self._adamw(self.actor, self.pc.actor_lr)
+            self.ref = self._shard(self.ref, frozen=True) if self.ref is not None else None
+        else:
+            opt_a, opt_c = self._adamw(actor, self.pc.actor_lr), self._adamw(critic, self.pc.critic_lr)
+            self.actor, self.critic, self.opt_a, self.opt_c = self.acc.prepare(actor, critic, opt_a, opt_c)
         for frozen in (self.ref, rollout_model):
             if frozen is not None:
                 frozen.to(self.acc.device)
@@ -140,6 +154,9 @@ class PPOTrainer:
             self._measure_reward_stats()
         # the critic predicts the normalised score that its targets are built from, from the first step
         self.acc.unwrap_model(self.critic).start_on_normalised_scale(self.reward.mean, self.reward.std)
+        if self.fsdp:
+            self.critic = self._shard(self.critic)
+            self.opt_c = self._adamw(self.critic, self.pc.critic_lr)
         self.lagrangian = self.pc.lagrangian
         if self.lagrangian:
             if not cost_path:
@@ -150,8 +167,12 @@ class PPOTrainer:
             self._warn_without_cost_zero(cost_path)
             self._use_attention(cost_critic.backbone, packed=True)
             self._use_attention(self._own_model(self.cost))
-            opt_cc = self._adamw(cost_critic, self.pc.critic_lr)
-            self.cost_critic, self.opt_cc = self.acc.prepare(cost_critic, opt_cc)
+            if self.fsdp:
+                self.cost_critic = self._shard(cost_critic)
+                self.opt_cc = self._adamw(self.cost_critic, self.pc.critic_lr)
+            else:
+                opt_cc = self._adamw(cost_critic, self.pc.critic_lr)
+                self.cost_critic, self.opt_cc = self.acc.prepare(cost_critic, opt_cc)
             self.lam = F.LagrangeMultiplier(self.pc.lambda_init, self.pc.lambda_lr)
         self.kl_ctl = (F.AdaptiveKLController(self.pc.kl_coef, self.pc.kl_target, self.pc.kl_horizon)
                        if self.pc.adaptive_kl else F.FixedKLController(self.pc.kl_coef))
@@ -165,6 +186,22 @@ class PPOTrainer:
         self.stopped_early: dict[str, Any] | None = None
         self._perm: list[int] = []
         self._perm_epoch: int | None = None
+
+    def _refuse_under_fsdp(self) -> None:
+        """model.strategy=fsdp trains every weight of the actor and critics; what it does not cover is one line."""
+        pc = self.pc
+        for on, what in ((pc.lora.enabled, "ppo.lora.enabled"), (pc.critic_lora.enabled, "ppo.critic_lora.enabled")):
+            if on:
+                raise UserError(f"ppo under model.strategy=fsdp trains every parameter: set {what}=false "
+                                "(LoRA is the single-process option, with model.strategy=ddp)")
+        if pc.rollout_backend == "vllm":
+            raise UserError("ppo.rollout_backend=vllm is not supported with model.strategy=fsdp; use "
+                            "ppo.rollout_backend=hf")
+
+    def _shard(self, model: torch.nn.Module, frozen: bool = False) -> torch.nn.Module:
+        mc = self.cfg.model
+        return sharding.shard(model.to(self.acc.device), "fsdp", mc.dtype, mc.fsdp_cpu_offload, self.acc.device,
+                              frozen=frozen)
 
     @staticmethod
     def _warn_without_cost_zero(path: str) -> None:
@@ -199,8 +236,8 @@ class PPOTrainer:
     def next_prompts(self) -> list[str]:
         """This process's prompts for the current step: a seeded permutation per pass over the
         data, so the data position is a pure function of the step (resume needs nothing else)."""
-        n, b, world = len(self.prompts), self.pc.rollout_batch_size, self.acc.num_processes
-        start = (self.step_idx * world + self.acc.process_index) * b
+        n, b = len(self.prompts), self._rollout_rows  # ppo.rollout_batch_size is the global batch
+        start = self.step_idx * self.pc.rollout_batch_size + self.acc.process_index * b
         out = []
         for i in range(start, start + b):
             epoch, pos = divmod(i, n)
@@ -249,7 +286,7 @@ class PPOTrainer:
             "response/ended_rate": ended.mean(),
             **({"cost/mean": cost.mean()} if cost is not None else {}),
         }))
-        self.kl_ctl.update(stats["kl/sequence"], pc.rollout_batch_size * self.acc.num_processes)
+        self.kl_ctl.update(stats["kl/sequence"], pc.rollout_batch_size)
         stats["kl/coef"] = self.kl_ctl.value
         if self.lagrangian:
             stats["lagrangian/lambda"] = self.lam.value  # the lambda used in this step's update
@@ -275,7 +312,9 @@ class PPOTrainer:
             return self.vllm.sample(prompts, pc.max_new_tokens, pc.temperature, pc.top_p, self.chat.stop_strings)
         if self.rollout_copy is not None:
             policy = self.rollout_copy.sync(policy)
-        with self._autocast():
+        # a sharded actor samples with its weights gathered once (benchmarks/sharding_memory.py: faster than
+        # a gathered copy, and no second model); each process then stops when its own rows end
+        with self._autocast(), sharding.whole_weights(policy):
             return sample(policy, self.tokenizer, prompts, pc.max_new_tokens, pc.temperature, pc.top_p,
                           batch_size=len(prompts), logprobs=True, stop_strings=self.chat.stop_strings)
 
@@ -348,11 +387,11 @@ class PPOTrainer:
         adv = None  # the actor's advantages: known once the critics' values are
         n = 0
         for _ in range(pc.ppo_epochs):
-            for idx in torch.randperm(B, device=exp.mask.device).split(pc.mini_batch_size):
+            for idx in torch.randperm(B, device=exp.mask.device).split(self._mini_rows):
                 if pending and len(idx) < B:
                     raise RuntimeError("values from the first epoch need one mini-batch per epoch")
                 micro = list(self._micro_batches(exp.sequences, exp.attention_mask, exp.position_ids, exp.mask, idx))
-                total = exp.mask[idx].sum().clamp(min=1.0)
+                total = self._tokens_per_process(exp.mask[idx])
                 stats: dict[str, torch.Tensor] = {}
                 # critics: clipped value loss, accumulated over micro-batches
                 fresh = []
@@ -362,7 +401,7 @@ class PPOTrainer:
                     for mb in self._accumulating(critic, micro):
                         rows, r = mb.rows, mb.r
                         mask = exp.mask[rows, :r]
-                        w = mask.sum() / total  # this micro-batch's share of the mini-batch's tokens
+                        w = mask.sum() / total * (not mb.pad)  # its share of the mini-batch's tokens
                         values = self._values(critic, mb)
                         if pending:  # this is the rollout's critic: its values are the old ones
                             old[rows, :r] = values.detach() * mask
@@ -393,7 +432,7 @@ class PPOTrainer:
                 for mb in self._accumulating(self.actor, micro, sync_last=self.ptx_blocks is None):
                     rows, r = mb.rows, mb.r
                     mask = exp.mask[rows, :r]
-                    w = mask.sum() / total
+                    w = mask.sum() / total * (not mb.pad)
                     logits = self._response_logits(self.actor, mb)  # size = (b, r, V)
                     logprobs = F.logprobs_from_logits(logits, mb.seq[:, -r:])
                     pg_loss, pg_stats = F.policy_loss(logprobs, exp.old_logprobs[rows, :r], adv[rows, :r], mask,
@@ -427,6 +466,9 @@ class PPOTrainer:
         pc = self.pc
         groups = length_groups(prompt_len[order].long().tolist(), resp_len[order].long().tolist(),
                                pc.micro_batch_size, pc.micro_batch_tokens, pc.pack_rows, self._pack_limit)
+        # every forward pass of a sharded model is collective: as many on every process (agreed
+        # before the first, which the caller may run before asking for the next)
+        pads = sharding.most(len(groups)) - len(groups) if self.fsdp else 0
         for rows in (order[g] for g in groups):
             r = max(1, int(resp_len[rows].max()))
             cols = slice(P - int(prompt_len[rows].max()), P + r)
@@ -434,6 +476,8 @@ class PPOTrainer:
             if packs(mb.seq.shape[1], pc.pack_rows, self._pack_limit):
                 mb = mb._replace(packed=pack(mb.seq, mb.attn, mb.pos, prompt_len[rows], resp_len[rows], r))
             yield mb
+        for _ in range(pads):
+            yield mb._replace(pad=True)
 
     # ------------------------------------------------------------------ helpers
     def _autocast(self):
@@ -471,13 +515,31 @@ class PPOTrainer:
         """The micro-batches, each with its forward *and* backward (the caller's loop body) inside
         `no_sync` but the last: DDP decides at the forward whether that backward all-reduces, so
         gradients are all-reduced once an update, however many micro-batches each process cut."""
+        if self.fsdp:  # FSDP2: gradients kept local (unreduced) until the last micro-batch's backward
+            for k, mb in enumerate(micro):
+                sharding.gradient_sync(model, sync_last and k == len(micro) - 1)
+                yield mb
+            sharding.gradient_sync(model, True)  # PPO-ptx's backward, after these, reduces
+            return
         for k, mb in enumerate(micro):
             with contextlib.nullcontext() if sync_last and k == len(micro) - 1 else self.acc.no_sync(model):
                 yield mb
 
     def _step(self, model, opt) -> None:
-        self.acc.clip_grad_norm_(model.parameters(), self.pc.grad_clip)
+        if self.fsdp:
+            sharding.clip_grad_norm(model, self.pc.grad_clip)  # the norm of the sharded gradients, over processes
+        else:
+            self.acc.clip_grad_norm_(model.parameters(), self.pc.grad_clip)
         opt.step()
+
+    def _tokens_per_process(self, mask: torch.Tensor) -> torch.Tensor:
+        """The mini-batch's response tokens over every process, / the number of processes: each
+        micro-batch's loss weighed by its tokens over this gives, once the gradient reduction has
+        averaged the processes, the token mean over the whole global mini-batch (as one process)."""
+        total = mask.sum()
+        if self.acc.num_processes > 1:
+            total = self._all_sum(total) / self.acc.num_processes
+        return total.clamp(min=1.0)
 
     def _ptx_loss(self) -> torch.Tensor:
         idx = torch.randint(len(self.ptx_blocks), (self.pc.ptx_batch_size,))
@@ -536,23 +598,35 @@ class PPOTrainer:
             raise RuntimeError(f"step {self.step_idx}: the processes' trained weights differ "
                                f"(checksums per process: {every.tolist()}); gradients were not all-reduced")
 
+    def _sharded_models(self) -> dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]]:
+        """Under fsdp, each trained model with its optimiser, as a DCP checkpoint holds them."""
+        models = {"actor": (self.actor, self.opt_a), "critic": (self.critic, self.opt_c)}
+        if self.lagrangian:
+            models["cost_critic"] = (self.cost_critic, self.opt_cc)
+        return models
+
     def save_checkpoint(self) -> None:
         if self.acc.num_processes > 1:
-            self._check_processes_agree()
+            if not self.fsdp:  # sharded weights differ by design
+                self._check_processes_agree()
             rngs = checkpoint.gathered_rng_states(gather_object)
         else:
             rngs = [checkpoint.rng_state()]
+        shards = None
+        if self.fsdp:  # every process writes its shards of weights and optimiser states (DCP)
+            shards = self.out / "checkpoints" / f".step-{self.step_idx:06d}.shards.tmp"
+            sharding.save_models(shards, self._sharded_models(), None)
         if self.acc.is_main_process:
-            states = {"opt_a": self.opt_a.state_dict(), "opt_c": self.opt_c.state_dict()}
-            if self.lagrangian:
+            states = {} if self.fsdp else {"opt_a": self.opt_a.state_dict(), "opt_c": self.opt_c.state_dict()}
+            if self.lagrangian and not self.fsdp:
                 states["opt_cc"] = self.opt_cc.state_dict()
             trainer_state = {"step": self.step_idx, "key": self.key, "resume_key": self.resume_key,
                              "kl_ctl": self.kl_ctl.state_dict(), "rng": rngs,
                              "recent_kl": self.recent_kl, "stopped_early": self.stopped_early,
                              "lambda": self.lam.state_dict() if self.lagrangian else None,
                              "config": asdict(self.pc)}
-            checkpoint.save(self.out / "checkpoints", self.step_idx, self._models(), states, trainer_state,
-                            world_size=self.acc.num_processes)
+            checkpoint.save(self.out / "checkpoints", self.step_idx, {} if self.fsdp else self._models(), states,
+                            trainer_state, world_size=self.acc.num_processes, shards=shards)
         self.acc.wait_for_everyone()
 
     def resume(self) -> bool:
@@ -567,17 +641,28 @@ class PPOTrainer:
                             f"or run without --resume")
         if ts["step"] > self.pc.steps:
             raise UserError(f"{path}: checkpoint is at step {ts['step']}, past ppo.steps={self.pc.steps}")
-        states, ts, rngs = checkpoint.load(path, self._models())
-        if len(rngs) != self.acc.num_processes:
-            raise UserError(f"{path}: saved with {len(rngs)} processes, resuming with {self.acc.num_processes}")
-        self.opt_a.load_state_dict(states["opt_a"])
-        self.opt_c.load_state_dict(states["opt_c"])
+        if self.fsdp:  # resharded to this run's processes, however many saved it
+            states, ts, rngs = checkpoint.load(path, {})
+            with checkpoint.readable(path):
+                sharding.load_models(path / checkpoint.SHARDS, self._sharded_models())
+        else:
+            states, ts, rngs = checkpoint.load(path, self._models())
+            if len(rngs) != self.acc.num_processes:
+                raise UserError(f"{path}: saved with {len(rngs)} processes, resuming with {self.acc.num_processes}")
+            self.opt_a.load_state_dict(states["opt_a"])
+            self.opt_c.load_state_dict(states["opt_c"])
+            if self.lagrangian:
+                self.opt_cc.load_state_dict(states["opt_cc"])
         if self.lagrangian:
-            self.opt_cc.load_state_dict(states["opt_cc"])
             self.lam.load_state_dict(ts["lambda"])
         self.kl_ctl.load_state_dict(ts["kl_ctl"])
         self.recent_kl, self.stopped_early = list(ts.get("recent_kl", [])), ts.get("stopped_early")
-        checkpoint.set_rng_state(rngs[self.acc.process_index])
+        if len(rngs) == self.acc.num_processes:
+            checkpoint.set_rng_state(rngs[self.acc.process_index])
+        else:  # fsdp on another number of processes: sampling cannot continue as it would have; seeded afresh
+            log.warning("ppo: %s was saved by %d processes, resumed by %d: the random draws (sampling) restart from "
+                        "a seed", path, len(rngs), self.acc.num_processes)
+            seed_everything(self.cfg.seed + 1000 * ts["step"] + self.acc.process_index)
         self.step_idx = ts["step"]
         log.info("ppo: resumed from %s (step %d)", path, self.step_idx)
         if self.stopped_early is not None and self.step_idx < self.pc.steps:
@@ -646,8 +731,14 @@ class PPOTrainer:
         return self.out / "checkpoints" / f"step-{step:06d}"
 
     def load_actor(self, path: Path) -> None:
-        """Put back the actor's weights of the checkpoint at `path` (KL roll-back, the guard's choice)."""
-        checkpoint.load_weights(path, {"actor": self.acc.unwrap_model(self.actor)})
+        """Put back the actor's weights of the checkpoint at `path` (KL roll-back, the guard's choice),
+        in place; every process calls it (under fsdp each loads its own shards, from a checkpoint of
+        any number of processes). The optimiser and the critic stay as they are."""
+        with checkpoint.readable(path):
+            if self.fsdp:
+                sharding.load_models(Path(path) / checkpoint.SHARDS, {"actor": (self.actor, None)})
+            else:
+                checkpoint.load_weights(path, {"actor": self.acc.unwrap_model(self.actor)})
 
     def _kl_ran_away(self, kl: float) -> bool:
         """Record this step's sequence KL; True (and `stopped_early` set) when the mean over the last
@@ -694,10 +785,13 @@ class PPOTrainer:
     def save_policy(self, out: Path, info: dict[str, Any]) -> Path | None:
         from .common import save_model_folder
 
+        # under fsdp every process takes part in gathering the whole actor, onto the main process
+        actor = sharding.unsharded(self.actor) if self.fsdp else self.acc.unwrap_model(self.actor)
         if not self.acc.is_main_process:
             return None
-        policy = merged_policy(self.acc.unwrap_model(self.actor))
-        return save_model_folder(out, policy.eval(), self.tokenizer, info)
+        if self.acc.num_processes > 1:
+            info = {**info, "processes": self.acc.num_processes, "strategy": self.cfg.model.strategy}
+        return save_model_folder(out, merged_policy(actor).eval(), self.tokenizer, info)
 
 
 def assemble(tokenizer, prompts: list[str], responses: list[list[int]], device: torch.device | str = "cpu"):

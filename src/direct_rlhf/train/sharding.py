@@ -19,17 +19,18 @@ Both strategies run on the CPU over gloo (`torchrun --nproc_per_node 2`), so CI 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_state_dict)
+                                                     set_model_state_dict, set_state_dict)
 
 from ..errors import UserError
 
@@ -76,6 +77,17 @@ def split_batch(global_batch: int, what: str) -> int:
     return global_batch // n
 
 
+def most(n: int) -> int:
+    """The largest `n` over the processes (`n` itself when there is one)."""
+    if world_size() == 1:
+        return n
+    x = torch.tensor([n], dtype=torch.long)
+    if dist.get_backend() == "nccl":
+        x = x.cuda()
+    dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return int(x.item())
+
+
 def all_sum(x: torch.Tensor) -> torch.Tensor:
     """`x` summed over the processes (a new tensor; `x` itself when there is one process)."""
     if world_size() == 1:
@@ -101,10 +113,11 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def shard(model: nn.Module, strategy: str, dtype: str = "float32", cpu_offload: bool = False,
-          device: torch.device | None = None) -> nn.Module:
+          device: torch.device | None = None, frozen: bool = False) -> nn.Module:
     """Spread `model` (already on `device`) over the processes for training under `strategy`;
     build the optimiser after this call (FSDP replaces the parameters by their shards).
-    `ddp` leaves the model as it is (gradients are averaged by `sync_gradients`)."""
+    `ddp` leaves the model as it is (gradients are averaged by `sync_gradients`). `frozen`: a model
+    that is only read (PPO's reference), sharded to hold 1/N of its weights per process."""
     if strategy not in STRATEGIES:
         raise UserError(f"model.strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
     if strategy == "ddp":
@@ -112,7 +125,7 @@ def shard(model: nn.Module, strategy: str, dtype: str = "float32", cpu_offload: 
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-    if any(not p.requires_grad for p in model.parameters()):
+    if not frozen and any(not p.requires_grad for p in model.parameters()):
         raise UserError("model.strategy=fsdp trains every parameter (full fine-tuning): turn LoRA off")
     device = device or next(model.parameters()).device
     if not dist.is_initialized():  # one process: a group of one, so the same code runs everywhere
@@ -137,6 +150,33 @@ def is_sharded(model: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)
+
+
+def fsdp_modules(model: nn.Module) -> list[nn.Module]:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+@contextlib.contextmanager
+def whole_weights(model: nn.Module) -> Iterator[nn.Module]:
+    """A sharded model with every parameter gathered (unshard) for the block, then resharded: its
+    forward passes inside run no collective, so the processes may run different numbers of them
+    (generation, each process stopping when its own rows end). Holds the whole model's weights
+    (in compute dtype) for the block. An unsharded model is yielded as it is."""
+    if not is_sharded(model):
+        yield model
+        return
+    mods = fsdp_modules(model)
+    for m in mods:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield model
+    finally:
+        for m in mods:
+            m.reshard()
+            m.set_reshard_after_forward(m is not model, recurse=False)  # FSDP2's defaults: the root keeps its own
 
 
 def gradient_sync(model: nn.Module, enabled: bool) -> None:
@@ -199,20 +239,41 @@ def unsharded(model: nn.Module) -> nn.Module | None:
     return plain
 
 
-def save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, extra: dict[str, Any]) -> Path:
+def save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, extra: dict[str, Any] | None) -> Path:
     """Write model + optimiser state as a DCP checkpoint at `path`, atomically: every process
     writes its shards into a temporary folder that the main process renames into place once all
     are done (a killed run leaves the old checkpoint or the new one). `extra` (step, schedule,
     data order: the same on every process) is written by the main process beside them."""
+    return save_models(path, {"": (model, opt)}, extra)
+
+
+def _state(models: dict[str, tuple[nn.Module, torch.optim.Optimizer | None]]) -> dict[str, Any]:
+    """DCP's state of several (model, optimiser) pairs: {name: {model, optim}}, or the pair's own
+    {model, optim} for the one unnamed pair (SFT's layout)."""
+    state: dict[str, Any] = {}
+    for name, (model, opt) in models.items():
+        if opt is None:
+            one = {"model": get_model_state_dict(model)}
+        else:
+            model_sd, optim_sd = get_state_dict(model, opt)
+            one = {"model": model_sd, "optim": optim_sd}
+        if not name:
+            return one
+        state[name] = one
+    return state
+
+
+def save_models(path: Path, models: dict[str, tuple[nn.Module, torch.optim.Optimizer]],
+                extra: dict[str, Any] | None) -> Path:
+    """`save_checkpoint` for several models, each with its optimiser (PPO's actor and critic)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     if is_main():
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
-    model_sd, optim_sd = get_state_dict(model, opt)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-    if is_main():
+    dcp.save(_state(models), checkpoint_id=str(tmp))
+    if is_main() and extra is not None:
         torch.save(extra, tmp / "trainer.pt")
     barrier()
     if is_main():
@@ -227,10 +288,23 @@ def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer) ->
     """Load a `save_checkpoint` folder into `model` and `opt` in place, resharded to this run's
     processes (a 2-process checkpoint resumes on 1 process and the other way round); returns `extra`."""
     path = Path(path)
-    if not (path / ".metadata").is_file() or not (path / "trainer.pt").is_file():
+    if not (path / "trainer.pt").is_file():
         raise UserError(f"{path}: not a complete checkpoint")
-    model_sd, optim_sd = get_state_dict(model, opt)
-    state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    load_models(path, {"": (model, opt)})
     return torch.load(path / "trainer.pt", weights_only=True)
+
+
+def load_models(path: Path, models: dict[str, tuple[nn.Module, torch.optim.Optimizer | None]]) -> None:
+    """Load a `save_models` folder into the named models (and optimisers; None: the weights only),
+    in place, resharded to this run's processes; the folder may hold more models than asked for."""
+    path = Path(path)
+    if not (path / ".metadata").is_file():
+        raise UserError(f"{path}: not a complete checkpoint")
+    state = _state(models)
+    dcp.load(state, checkpoint_id=str(path))
+    for name, (model, opt) in models.items():
+        one = state[name] if name else state
+        if opt is None:
+            set_model_state_dict(model, one["model"])
+        else:
+            set_state_dict(model, opt, model_state_dict=one["model"], optim_state_dict=one["optim"])

@@ -1,0 +1,204 @@
+"""PPO data parallel over two real processes on the CPU (torchrun over gloo), under both
+`model.strategy` settings: `ddp` (torch DDP through accelerate) and `fsdp` (PyTorch FSDP2: actor,
+critic and the frozen reference each sharded by their own `fully_shard`, train/sharding.py).
+
+Sampling is made identical whatever the number of processes: each response is a fixed function of
+its prompt (the actor still samples, sharded, then its tokens are replaced), and the experience pass
+recomputes the actor's log-probs. Two processes must then train as one process on the whole global
+batch; a sharded checkpoint must resume, on 2 or on 1 process, into the uninterrupted run; and the
+policy must be one plain Hugging Face folder.
+
+This file is also the worker torchrun starts (`python -m torch.distributed.run ... <this file> <json>`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+TOL = 1e-4
+STEPS = 4
+PROMPTS = [f"\n\nHuman: {w} {v} {u}\n\nAssistant:" for w, v, u in
+           zip("hello what France Paris one two frog sky green blue thanks good sorry colour you are".split(),
+               "capital is of plus three a the help with that I can't bad shut up hell".split(),
+               "sky green blue frog thanks good one two three hello what Paris France colour you the".split())]
+
+
+def _response(tok, prompt: str) -> list[int]:
+    """A fixed response per prompt (2..9 tokens, no special token): the same in any process."""
+    import random
+    import zlib
+
+    rng = random.Random(zlib.crc32(prompt.encode()))
+    specials = set(tok.all_special_ids)
+    vocab = [i for i in range(len(tok)) if i not in specials]
+    return [rng.choice(vocab) for _ in range(rng.randint(2, 9))]
+
+
+def _worker(args: dict) -> None:
+    from direct_rlhf.config import load_config
+    from direct_rlhf.rollout.hf_generate import Samples
+    from direct_rlhf.train.ppo import PPOTrainer
+
+    real = PPOTrainer._rollout
+
+    def fixed(self, prompts):
+        real(self, prompts)  # the (sharded) actor samples; each process stops when its own rows end
+        ids = [_response(self.tokenizer, p) for p in prompts]
+        return Samples(list(prompts), [self.tokenizer.decode(r) for r in ids], ids, [True] * len(ids), None)
+
+    PPOTrainer._rollout = fixed
+    cfg = load_config(None, ["ppo.rollout_batch_size=8", "ppo.mini_batch_size=8", "ppo.ppo_epochs=2",
+                             "ppo.max_new_tokens=6", f"ppo.steps={STEPS}", "ppo.save_every=2", "ppo.actor_lr=3e-3",
+                             "ppo.critic_lr=3e-3", "ppo.ptx_coef=0", "ppo.lora.enabled=false",
+                             f"ppo.micro_batch_size={args.get('micro', 8)}", f"model.strategy={args['strategy']}",
+                             *args.get("extra", [])])
+    out = Path(args["out"])
+    trainer = PPOTrainer(cfg, args["base"], args["rm"], PROMPTS, out / "work", key="test", progress=False)
+    finished = trainer.train(resume=bool(args.get("resume")), stop_after=args.get("stop_after"))
+    if finished:
+        trainer.save_policy(out / "policy", {"stage": "ppo"})
+    trainer.acc.wait_for_everyone()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A tiny random Mistral (2 layers, untied head) and a reward model folder, with the tests' BPE tokenizer."""
+    from tiny_eval_models import causal_lm, reward_folder, save, tokenizer
+
+    tok = tokenizer()
+    root = tmp_path_factory.mktemp("models")
+    return save(causal_lm(tok), tok, root / "base"), reward_folder(tok, root / "rm")
+
+
+def _run(nproc: int, models, **args) -> Path:
+    with socket.socket() as sock:  # a free port for the processes' rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    base, rm = models
+    args = {"base": str(base), "rm": str(rm), **{k: str(v) if isinstance(v, Path) else v for k, v in args.items()}}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port),
+           __file__, json.dumps(args)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-4000:]
+    return Path(args["out"])
+
+
+# compared: the losses and the per-row statistics. Per-token statistics (kl/token, values/*,
+# returns/mean, clip fractions) are logged as the mean of each process's own mean, and a clip
+# fraction flips with a token sitting on the boundary: those are not the update, so not compared.
+COMPARED = ("loss/policy", "loss/value", "policy/entropy", "policy/approx_kl", "kl/sequence", "kl/coef",
+            "reward/raw", "reward/score", "response/length")
+
+
+def _metrics(out: Path) -> dict[int, dict[str, float]]:
+    rows = map(json.loads, (out / "work" / "logs" / "metrics.jsonl").read_text().splitlines())
+    return {r["step"]: {k: r[k] for k in COMPARED} for r in rows}
+
+
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "policy" / "model.safetensors"))
+
+
+def _assert_close(a: Path, b: Path, steps=range(1, STEPS + 1)) -> None:
+    ma, mb = _metrics(a), _metrics(b)
+    for s in steps:
+        assert ma[s].keys() == mb[s].keys()
+        worst = max(ma[s], key=lambda k: abs(ma[s][k] - mb[s][k]))
+        assert abs(ma[s][worst] - mb[s][worst]) <= TOL, (s, worst, ma[s][worst], mb[s][worst])
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    worst = max((wa[k] - wb[k]).abs().max().item() for k in wa)
+    assert worst <= TOL, worst
+
+
+@pytest.fixture(scope="module")
+def one_process(models, tmp_path_factory):
+    """The reference: one process, the whole global batch (8 rollouts) in one forward pass per model."""
+    return _run(1, models, out=tmp_path_factory.mktemp("one"), strategy="ddp")
+
+
+@pytest.fixture(scope="module")
+def two_fsdp(models, tmp_path_factory):
+    """fsdp on 2 processes, 4 rollouts each in micro-batches cut by a token budget: the processes
+    cut different numbers of them (3 and 2 at some steps; the shorter list is padded with
+    weightless repeats, or every process would wait for the other's next collective forever)."""
+    return _run(2, models, out=tmp_path_factory.mktemp("two"), strategy="fsdp", micro=4,
+                extra=["ppo.micro_batch_tokens=30"])
+
+
+def test_two_fsdp_processes_train_as_one_process_on_the_full_batch(models, one_process, two_fsdp):
+    """Same losses, statistics and final weights within 1e-4; the weights must have moved."""
+    _assert_close(one_process, two_fsdp)
+    from safetensors.torch import load_file
+
+    start = load_file(str(models[0] / "model.safetensors"))
+    assert max((_weights(two_fsdp)[k] - start[k]).abs().max().item() for k in start) > 1e-3
+    info = json.loads((two_fsdp / "policy" / "run_info.json").read_text())
+    assert info["processes"] == 2 and info["strategy"] == "fsdp"
+
+
+def test_two_ddp_processes_train_as_one_process_on_the_full_batch(models, one_process, tmp_path):
+    """ppo.rollout_batch_size and ppo.mini_batch_size are global, and each micro-batch's loss is
+    weighed by its share of the global mini-batch's tokens (processes holding unequal token counts)."""
+    _assert_close(one_process, _run(2, models, out=tmp_path, strategy="ddp", micro=3))
+
+
+def test_a_sharded_checkpoint_resumes_on_two_or_one_process_as_the_uninterrupted_run(models, two_fsdp, tmp_path):
+    """Killed after the checkpoint at step 2 (2 processes); resumed on 2 processes and, resharded
+    by DCP, on 1 process: steps 3-4 and the final policy equal the run that never stopped."""
+    part = _run(2, models, out=tmp_path / "part", strategy="fsdp", micro=2, stop_after=2)
+    ckpt = part / "work" / "checkpoints" / "step-000002"
+    assert (ckpt / "sharded" / ".metadata").is_file() and not (part / "policy").exists()
+    assert not list((part / "work" / "checkpoints").glob(".*"))  # no temporary folder left behind
+    for nproc in (2, 1):
+        resumed = tmp_path / f"resumed{nproc}"
+        import shutil
+
+        shutil.copytree(part, resumed)
+        _run(nproc, models, out=resumed, strategy="fsdp", micro=2, resume=True)
+        assert sorted(_metrics(resumed)) == [1, 2, 3, 4]
+        _assert_close(two_fsdp, resumed, steps=[3, 4])
+
+
+def test_the_fsdp_policy_is_one_plain_hugging_face_folder(one_process, two_fsdp):
+    """Gathered whole on the main process: transformers loads it as the base's class, with every
+    weight, and it scores text as the one-process policy does."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = two_fsdp / "policy"
+    assert json.loads((folder / "config.json").read_text())["architectures"] == ["MistralForCausalLM"]
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    ref = AutoModelForCausalLM.from_pretrained(one_process / "policy").eval()
+    assert type(model).__name__ == "MistralForCausalLM"
+    ids = AutoTokenizer.from_pretrained(folder)(PROMPTS[0] + " Paris", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, ref(ids).logits, atol=1e-3)
+
+
+def test_what_fsdp_does_not_cover_is_one_line_before_any_model_is_loaded(models, tmp_path):
+    from direct_rlhf.config import load_config
+    from direct_rlhf.errors import UserError
+    from direct_rlhf.train.ppo import PPOTrainer
+
+    for extra, what in ((["ppo.lora.enabled=true"], "ppo.lora.enabled=false"),
+                        (["ppo.lora.enabled=false", "ppo.critic_lora.enabled=true"], "ppo.critic_lora.enabled=false")):
+        cfg = load_config(None, ["model.strategy=fsdp", *extra])
+        with pytest.raises(UserError, match=f"set {what} "):
+            PPOTrainer(cfg, str(models[0]), str(models[1]), PROMPTS, tmp_path, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+if __name__ == "__main__":
+    _worker(json.loads(sys.argv[1]))
