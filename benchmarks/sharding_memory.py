@@ -2,7 +2,11 @@
 gradients + AdamW state, counted tensor by tensor; under FSDP2 each process's own shards) under
 `fsdp` against `ddp`, on 2 CPU processes over gloo, for a Llama built from a config (512 hidden x
 8 layers by default), and the seconds per training step (forward, backward, gradient reduction,
-clipping, AdamW) at 1 and at 2 processes. The CPU's cores are split between the processes
+clipping, AdamW) at 1 and at 2 processes. Under fsdp it also times the two ways a sharded actor can
+sample (`--rollout-tokens` new tokens for each process's rows, sampled, none stopping early):
+gathering its weights for the call (unshard/reshard, train/sharding.whole_weights, what PPO does)
+against copying them into a plain, whole model first (rollout/policy_weights.actor_weights, the
+path to vLLM), which keeps a second copy of the model in every process. The CPU's cores are split between the processes
 (OMP_NUM_THREADS = cores / processes), so 1 and 2 processes use the same cores. Each variant is a
 fresh `torchrun`; the step is train/sharding.py's, as the SFT trainer runs it, on random tokens.
 
@@ -84,12 +88,52 @@ def child(a: argparse.Namespace) -> None:
     row = {"rank": sharding.rank(), **state, "step_s": times[1:],
            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
            "rss_after_steps_mib": int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20}
+    if a.strategy == "fsdp" and a.rollout_tokens:  # after the memory readings: the copy would be in them
+        row.update(_rollout_times(model, cfg, a, device, share))
     rows = [row]
     if sharding.world_size() > 1:
         rows = [None] * sharding.world_size()
         torch.distributed.all_gather_object(rows, row)
     if sharding.is_main():
         Path(a.child_out).write_text(json.dumps({"n_params": n_params, "ranks": rows}))
+
+
+def _rollout_times(model, cfg, a: argparse.Namespace, device, share: int) -> dict[str, list[float]]:
+    """Seconds per rollout (weights made whole + generation), each way, alternating, first of each not kept."""
+    from transformers import LlamaForCausalLM
+
+    from direct_rlhf.rollout.policy_weights import actor_weights
+    from direct_rlhf.train import sharding
+
+    ids = torch.randint(a.vocab, (share, 16), generator=torch.Generator().manual_seed(7))
+    kw = {"max_new_tokens": a.rollout_tokens, "min_new_tokens": a.rollout_tokens, "do_sample": True,
+          "pad_token_id": 0, "attention_mask": torch.ones_like(ids)}
+    copy = LlamaForCausalLM(cfg).to(device).eval().requires_grad_(False)
+    params = dict(copy.named_parameters())
+
+    def unshard():
+        with sharding.whole_weights(model):
+            model.generate(ids, **kw)
+
+    def gathered_copy():
+        for name, w in actor_weights(model):
+            params[name].copy_(w)
+        copy.generate(ids, **kw)
+
+    out: dict[str, list[float]] = {"rollout_unshard_s": [], "rollout_gathered_copy_s": []}
+    model.eval()
+    with torch.no_grad():
+        for k in range(a.steps):
+            for name, fn in (("rollout_unshard_s", unshard), ("rollout_gathered_copy_s", gathered_copy)):
+                sharding.barrier()
+                t = time.perf_counter()
+                fn()
+                sharding.barrier()
+                if k:
+                    out[name].append(time.perf_counter() - t)
+    model.train()
+    del copy, params
+    return out
 
 
 def launch(a: argparse.Namespace, strategy: str, nproc: int, out: Path) -> dict:
@@ -100,7 +144,7 @@ def launch(a: argparse.Namespace, strategy: str, nproc: int, out: Path) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port),
            __file__, "--child", strategy, "--child-out", str(out), "--hidden", str(a.hidden), "--layers",
            str(a.layers), "--vocab", str(a.vocab), "--rows", str(a.rows), "--tokens", str(a.tokens),
-           "--steps", str(a.steps)]
+           "--steps", str(a.steps), "--rollout-tokens", str(a.rollout_tokens)]
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // nproc)), "ACCELERATE_USE_CPU": "true"}
     subprocess.run(cmd, check=True, env=env, capture_output=not a.verbose)
     res = json.loads(out.read_text())
@@ -112,7 +156,9 @@ def launch(a: argparse.Namespace, strategy: str, nproc: int, out: Path) -> dict:
             "peak_rss_mib_per_process": max(r["peak_rss_mib"] for r in ranks),
             "rss_after_steps_mib_per_process": max(r["rss_after_steps_mib"] for r in ranks),
             "median_step_s": statistics.median(s for r in ranks[:1] for s in r["step_s"]),
-            "step_s": ranks[0]["step_s"]}
+            "step_s": ranks[0]["step_s"],
+            **{f"median_{k}": statistics.median(ranks[0][k]) for k in ("rollout_unshard_s", "rollout_gathered_copy_s")
+               if ranks[0].get(k)}}
 
 
 def main() -> None:
@@ -123,6 +169,7 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=8, help="global batch (rows), split over the processes")
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--steps", type=int, default=6, help="the first is warm-up, not timed in the median")
+    p.add_argument("--rollout-tokens", type=int, default=32, help="fsdp: new tokens per timed rollout (0: none)")
     p.add_argument("--out")
     p.add_argument("--verbose", action="store_true")
     p.add_argument("--child", choices=("ddp", "fsdp"))

@@ -312,8 +312,9 @@ class PPOTrainer:
             return self.vllm.sample(prompts, pc.max_new_tokens, pc.temperature, pc.top_p, self.chat.stop_strings)
         if self.rollout_copy is not None:
             policy = self.rollout_copy.sync(policy)
-        # a sharded actor samples with its weights gathered once (benchmarks/sharding_memory.py: faster than
-        # a gathered copy, and no second model); each process then stops when its own rows end
+        # a sharded actor samples with its weights gathered for the call (unshard/reshard); each process then
+        # stops when its own rows end. A gathered copy (rollout/policy_weights.actor_weights) sampled about
+        # as fast (benchmarks/sharding_memory.py, docs/performance.md) but holds a second model in each process
         with self._autocast(), sharding.whole_weights(policy):
             return sample(policy, self.tokenizer, prompts, pc.max_new_tokens, pc.temperature, pc.top_p,
                           batch_size=len(prompts), logprobs=True, stop_strings=self.chat.stop_strings)
