@@ -73,7 +73,6 @@ def child(a: argparse.Namespace) -> None:
         t = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         model(input_ids=ids, labels=ids).loss.backward()
-        sharding.sync_gradients(model)
         sharding.clip_grad_norm(model, 1.0)
         if step == 0:
             grads = _bytes(p.grad for p in model.parameters() if p.grad is not None)

@@ -110,7 +110,6 @@ def train_sft(cfg: Config, base: str, pairs: list[Pair], out: Path, log_dir: Pat
                 loss = model(input_ids=ids, attention_mask=attn, labels=labels, num_items_in_batch=tokens).loss
                 (loss * n_proc).backward()
                 shown += loss.detach()
-            sharding.sync_gradients(model)
             shown = sharding.all_sum(shown)
         sharding.clip_grad_norm(model, 1.0)
         opt.step()

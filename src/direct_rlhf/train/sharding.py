@@ -2,8 +2,9 @@
 
 `model.strategy`:
 
-- `ddp`: every process holds the whole model, optimiser and gradients; the gradients are averaged
-  over the processes once per optimiser step (after the last micro-batch).
+- `ddp`: every process holds the whole model, optimiser and gradients; torch's
+  DistributedDataParallel averages the gradients over the processes once per optimiser step
+  (in the last micro-batch's backward).
 - `fsdp`: PyTorch's FSDP2 (`torch.distributed.fsdp.fully_shard`): each decoder layer, then the
   root, is sharded over the processes, so parameters, gradients and optimiser state are split
   between them; a layer's parameters are gathered only while it runs. With `model.dtype:
@@ -116,12 +117,16 @@ def shard(model: nn.Module, strategy: str, dtype: str = "float32", cpu_offload: 
           device: torch.device | None = None, frozen: bool = False) -> nn.Module:
     """Spread `model` (already on `device`) over the processes for training under `strategy`;
     build the optimiser after this call (FSDP replaces the parameters by their shards).
-    `ddp` leaves the model as it is (gradients are averaged by `sync_gradients`). `frozen`: a model
-    that is only read (PPO's reference), sharded to hold 1/N of its weights per process."""
+    `ddp` wraps it in torch's DistributedDataParallel when there are several processes (as it is
+    for one). `frozen`: a model that is only read (PPO's reference), sharded to hold 1/N of its
+    weights per process."""
     if strategy not in STRATEGIES:
         raise UserError(f"model.strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
     if strategy == "ddp":
-        return model
+        if world_size() == 1 or frozen:
+            return model
+        device = device or next(model.parameters()).device
+        return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
@@ -144,6 +149,11 @@ def shard(model: nn.Module, strategy: str, dtype: str = "float32", cpu_offload: 
         fully_shard(layer, **kw)
     fully_shard(model, **kw)
     return model
+
+
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel wrapper (the model itself otherwise)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -180,28 +190,13 @@ def whole_weights(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def gradient_sync(model: nn.Module, enabled: bool) -> None:
-    """FSDP: reduce-scatter gradients in this backward pass (the last micro-batch) or keep them
-    local, unreduced, to accumulate (the ones before). `ddp` reduces in `sync_gradients` instead."""
+    """Reduce the gradients in the next forward + backward pass (the last micro-batch) or keep them
+    local, unreduced, to accumulate (the ones before); call it before the forward pass: DDP decides
+    there (what its `no_sync()` context sets), FSDP2 at the backward."""
     if is_sharded(model):
         model.set_requires_gradient_sync(enabled)
-
-
-def sync_gradients(model: nn.Module) -> None:
-    """`ddp` with several processes: average every gradient over them, once per optimiser step.
-    FSDP has already reduce-scattered its gradients during the backward pass."""
-    n = world_size()
-    if n == 1 or is_sharded(model):
-        return
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])  # one collective for all gradients
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat /= n
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
+    elif isinstance(model, nn.parallel.DistributedDataParallel):
+        model.require_backward_grad_sync = enabled
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
@@ -218,7 +213,7 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The whole model's state dict on the main process (on the CPU), empty on the others: every
     process must call it (FSDP gathers the shards). An unsharded model's own state dict, as is."""
     if not is_sharded(model):
-        return model.state_dict() if is_main() else {}
+        return unwrapped(model).state_dict() if is_main() else {}
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
@@ -227,7 +222,7 @@ def unsharded(model: nn.Module) -> nn.Module | None:
     process, None on the others; every process must call it. An unsharded model is returned as is
     (on the main process)."""
     if not is_sharded(model):
-        return model if is_main() else None
+        return unwrapped(model) if is_main() else None
     from torch.distributed.fsdp import FSDPModule
 
     state = full_state_dict(model)
