@@ -33,7 +33,7 @@ from ..data.preferences import Pair, PairStats, has_splits, load_pairs, split_ho
 from ..errors import UserError
 from ..models.reward_model import STATS_FILE, build_reward_model, encode, pad_right, plain_model, rewards, score_ids
 from ..tracking import MetricsLogger, seed_everything
-from . import checkpoint
+from . import checkpoint, sharding
 from .common import adamw, cosine_schedule, on_cpu, save_model_folder, training_device
 from .pair_packing import EncodedPair, can_pack, packed_rewards, packed_scores, row_lengths
 
@@ -247,51 +247,39 @@ class _NoLog:
         pass
 
 
-def _accumulate(model, enc: Sequence[EncodedPair], pairs: Sequence[Pair], idx: list[int], rank: int, world: int,
-                micro: int, pad_id: int, rc, packed: bool, cost: bool) -> dict[str, torch.Tensor]:
+class _PairLoss(torch.nn.Module):
+    """`pair_loss` of the reward model as a module's forward, so that torch's DistributedDataParallel
+    (which hooks into a forward) wraps the whole of it: the packed path (train/pair_packing.py)
+    calls the model's backbone and head directly, past the model's own forward."""
+
+    def __init__(self, model: torch.nn.Module, pad_id: int, rc, packed: bool, cost: bool):
+        super().__init__()
+        self.model, self.pad_id, self.rc, self.packed, self.cost = model, pad_id, rc, packed, cost
+
+    def forward(self, batch: Sequence[EncodedPair], batch_pairs: Sequence[Pair]):
+        return pair_loss(self.model, batch, self.pad_id, _margins(batch_pairs, self.rc.margin), self.rc.center_coef,
+                         self.packed, safety_targets(batch_pairs) if self.cost else None)
+
+
+def _accumulate(loss_fn, enc: Sequence[EncodedPair], pairs: Sequence[Pair], idx: list[int], rank: int, world: int,
+                micro: int) -> dict[str, torch.Tensor]:
     """Backward of this process's share of a global batch (`idx[rank::world]`), `micro` pairs a
-    pass, each pass's loss weighted by its share of the global batch: the gradients then sum, over
-    passes and processes, to those of one pass over the whole batch (every term of the loss is a
-    mean over pairs). Returns the loss and statistics, weighted alike (this process's part)."""
+    pass, each pass's loss weighted by its share of the global batch x the number of processes
+    (DDP averages the processes' gradients, in the last pass's backward): the gradients then sum,
+    over passes and processes, to those of one pass over the whole batch (every term of the loss
+    is a mean over pairs). A process without pairs in a short last batch runs one pair weighted 0,
+    as DDP needs every process's backward. Returns the loss and statistics, weighted by the share
+    of the global batch (this process's part)."""
     mine, total = idx[rank::world], {}
-    for s in range(0, len(mine), micro):
-        part = mine[s:s + micro]
-        w = len(part) / len(idx)  # 1.0 for one process in one pass: unchanged from before
-        batch_pairs = [pairs[i] for i in part]
-        loss, stats = pair_loss(model, [enc[i] for i in part], pad_id, _margins(batch_pairs, rc.margin),
-                                rc.center_coef, packed, safety_targets(batch_pairs) if cost else None)
-        (loss * w).backward()
+    parts = [mine[s:s + micro] for s in range(0, len(mine), micro)] or [idx[:1]]
+    for k, part in enumerate(parts):
+        w = len(part) / len(idx) if mine else 0.0  # 1.0 for one process in one pass: unchanged from before
+        sharding.gradient_sync(loss_fn, k == len(parts) - 1)
+        loss, stats = loss_fn([enc[i] for i in part], [pairs[i] for i in part])
+        (loss * (w * world)).backward()
         for name, value in (("loss", loss.detach()), *stats.items()):
             total[name] = total[name] + value.detach() * w if name in total else value.detach() * w
     return total
-
-
-def _all_reduce_grads(model: torch.nn.Module, device: torch.device, bucket: int = 1 << 24) -> None:
-    """Sum the trainable parameters' gradients over the processes, in flat buckets of at most
-    `bucket` elements (a process with no pairs in a short last batch adds zeros). Not DDP: the
-    packed forward (train/pair_packing.py) calls the backbone and the head directly, past the
-    module's forward where DDP hooks in, and a process may have no pairs to run a forward on."""
-    import torch.distributed as dist
-    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    groups, cur, size = [], [], 0
-    for p in params:
-        if cur and size + p.numel() > bucket:
-            groups.append(cur)
-            cur, size = [], 0
-        cur.append(p)
-        size += p.numel()
-    if cur:
-        groups.append(cur)
-    for group in groups:
-        flat = _flatten_dense_tensors([p.grad for p in group]).to(device)
-        dist.all_reduce(flat)
-        for p, g in zip(group, _unflatten_dense_tensors(flat, [p.grad for p in group])):
-            p.grad.copy_(g)
 
 
 def _all_sum(stats: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -354,6 +342,8 @@ def train_preference_model(cfg: Config, init: str, data: PreferenceData, out: Pa
     model.train()
     packed = can_pack(model, rc.max_len)
     lengths = row_lengths(train_enc, packed)
+    # data parallel through torch's DDP (one process: the loss as it is)
+    loss_fn = sharding.shard(_PairLoss(model, pad_id, rc, packed, cost), "ddp", device=device)
 
     def save(epoch: int, batch: int, gen_state: torch.Tensor) -> None:
         """A checkpoint to resume from: `batch` batches of `epoch` done, `gen` as at its start."""
@@ -372,9 +362,8 @@ def train_preference_model(cfg: Config, init: str, data: PreferenceData, out: Pa
                 continue
             step += 1
             opt.zero_grad(set_to_none=True)
-            stats = _accumulate(model, train_enc, data.train, idx, rank, world, micro, pad_id, rc, packed, cost)
+            stats = _accumulate(loss_fn, train_enc, data.train, idx, rank, world, micro)
             if world > 1:
-                _all_reduce_grads(model, device)
                 stats = _all_sum(stats, device)
             torch.nn.utils.clip_grad_norm_(model.parameters(), rc.grad_clip)
             opt.step()

@@ -126,7 +126,10 @@ def shard(model: nn.Module, strategy: str, dtype: str = "float32", cpu_offload: 
         if world_size() == 1 or frozen:
             return model
         device = device or next(model.parameters()).device
-        return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # no buffer broadcast: a forward then runs no collective, so processes may run unequal numbers of
+        # micro-batches (their gradients are reduced in the last one's backward)
+        return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                   broadcast_buffers=False)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
