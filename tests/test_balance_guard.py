@@ -114,3 +114,12 @@ def test_the_saved_policy_is_the_chosen_checkpoints_actor_and_the_last_one_is_sa
     chosen = load_file(str(work / "guard" / "step-000004" / "actor.safetensors"))
     last = load_file(str(work / "checkpoints" / "step-000006" / "actor.safetensors"))
     assert any(not torch.equal(chosen[n], last[n]) for n in chosen)  # two different policies
+
+
+def test_the_guard_under_fsdp_or_without_evaluations_is_one_line(tmp_path, capsys):
+    for extra, needle in ((["model.strategy=fsdp", "ppo.eval_every=2"], "does not run under model.strategy=fsdp"),
+                          (["ppo.eval_every=0"], "ppo.select=balanced chooses among evaluated steps")):
+        assert main(["-q", "ppo", "--out", str(tmp_path), *MICRO, "ppo.select=balanced", *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err
+    assert not (tmp_path / "world").exists() and not (tmp_path / "base").exists()

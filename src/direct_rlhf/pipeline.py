@@ -195,6 +195,7 @@ def _settings(cfg: Config, *sections: str) -> dict:
         del settings["model"]["chat_format"]
     reward = settings.get("reward", {})
     reward.pop("save_every", None)  # when to checkpoint changes no weight
+    settings.get("sft", {}).pop("save_every", None)
     if reward.get("micro_batch_size") == 0:  # one pass per process: the reward models made before it existed
         del reward["micro_batch_size"]
     return settings
@@ -329,6 +330,9 @@ def ensure_policy(cfg: Config, progress: bool = True, resume: bool = False, init
     guarded = pc.select == "balanced" or pc.eval_every > 0
     if pc.select == "balanced" and pc.eval_every == 0:
         raise UserError("ppo.select=balanced chooses among evaluated steps: set ppo.eval_every (e.g. 25)")
+    if guarded and cfg.model.strategy == "fsdp":  # the guard evaluates on one process, a sharded model needs all
+        raise UserError("the balance guard (ppo.select=balanced or ppo.eval_every > 0) does not run under "
+                        "model.strategy=fsdp yet: set ppo.select=last ppo.eval_every=0, or model.strategy=ddp")
     needs_world = ((pc.prompts is None and not from_pairs) or (pc.ptx_coef > 0 and pc.ptx_data is None)
                    or (guarded and (pc.validation_redteam is None or pc.validation_conversation is None
                                     or pc.validation_general.strip() == "toy")))
@@ -440,7 +444,9 @@ def ensure_sft(cfg: Config, progress: bool = True) -> str:
         return str(out)
     _may_build(cfg, "sft")
     log.info("sft model: fine-tuning %s on %d chosen responses into %s", base, len(pairs), out)
-    train_sft(cfg, base, pairs, out, run_dir(cfg) / "logs" / "sft", key, progress, load=asdict(load))
+    logs = run_dir(cfg) / "logs" / "sft"  # checkpoints continued by a killed run's next start (same key)
+    train_sft(cfg, base, pairs, out, logs, key, progress, load=asdict(load), checkpoints=logs / "checkpoints",
+              save_every=cfg.sft.save_every)
     return str(out)
 
 
