@@ -44,7 +44,7 @@ def _worker(args: dict) -> None:
                              "sft.log_every=1", f"sft.micro_batch_size={args.get('micro', 0)}",
                              f"model.strategy={args['strategy']}", *args.get("extra", [])])
     out = Path(args["out"])
-    train_sft(cfg, args["base"], _pairs(), out / "sft", out / "logs", key="test", progress=False,
+    train_sft(cfg, args["base"], _pairs(), out / "sft", out / "logs", key=args.get("key", "test"), progress=False,
               checkpoints=out / "checkpoints", save_every=args.get("save_every", 0),
               resume_from=Path(args["resume"]) if args.get("resume") else None)
 
@@ -128,6 +128,29 @@ def test_a_sharded_checkpoint_resumes_on_one_or_two_processes_as_the_uninterrupt
         resumed = _run(nproc, base=base, out=tmp_path / f"resumed{nproc}", strategy="fsdp", resume=ckpt)
         assert sorted(_losses(resumed)) == [3, 4]  # only the steps after the checkpoint were trained
         _assert_close(whole, resumed, steps=[3, 4])
+
+
+def test_a_killed_run_goes_on_from_its_newest_checkpoint_by_itself_and_another_runs_are_dropped(base, tmp_path):
+    """What `direct-rlhf sft` does (sft.save_every): a start that finds a checkpoint of the same
+    inputs (key) continues it, with no --resume, to the uninterrupted run's model; one of other
+    inputs is removed and training starts afresh."""
+    import shutil
+
+    whole = _run(2, base=base, out=tmp_path / "whole", strategy="fsdp", micro=2, save_every=2)
+    for key in ("test", "other"):
+        again = tmp_path / key
+        shutil.copytree(whole, again)
+        shutil.rmtree(again / "sft")  # as if killed after the checkpoint at step 2
+        log = again / "logs" / "metrics.jsonl"
+        rows = [json.loads(line) for line in log.read_text().splitlines()]
+        log.write_text("".join(json.dumps({**r, "loss": 99.0} if r["step"] == 1 else r) + "\n" for r in rows))
+        _run(2, base=base, out=again, strategy="fsdp", micro=2, save_every=2, key=key)
+        losses = _losses(again)
+        assert sorted(losses) == [1, 2, 3, 4]
+        # continued: step 1's row is the killed run's (marked); started afresh: trained again
+        assert (losses[1] == 99.0) == (key == "test"), losses
+        _assert_close(whole, again, steps=[3, 4])
+        assert torch.load(again / "checkpoints" / "step-000002" / "trainer.pt", weights_only=True)["key"] == key
 
 
 def test_the_fsdp_model_is_one_plain_hugging_face_folder(base, one_process, tmp_path):

@@ -153,6 +153,8 @@ class SFTConfig:
     warmup_steps: int = key(10, "linear warm-up steps", NON_NEGATIVE)
     max_len: int = key(256, "tokens per prompt + response; longer rows are cut", COUNT)
     log_every: int = key(10, "log every N steps", COUNT)
+    save_every: int = key(0, "checkpoint every N steps (sharded under fsdp); a killed run goes on from the newest "
+                          "with the same inputs; 0 = none", NON_NEGATIVE)
     lora: LoraConfig = key(help="LoRA for SFT", factory=LoraConfig)
 
 

@@ -195,6 +195,7 @@ def _settings(cfg: Config, *sections: str) -> dict:
         del settings["model"]["chat_format"]
     reward = settings.get("reward", {})
     reward.pop("save_every", None)  # when to checkpoint changes no weight
+    settings.get("sft", {}).pop("save_every", None)
     if reward.get("micro_batch_size") == 0:  # one pass per process: the reward models made before it existed
         del reward["micro_batch_size"]
     return settings
@@ -443,7 +444,9 @@ def ensure_sft(cfg: Config, progress: bool = True) -> str:
         return str(out)
     _may_build(cfg, "sft")
     log.info("sft model: fine-tuning %s on %d chosen responses into %s", base, len(pairs), out)
-    train_sft(cfg, base, pairs, out, run_dir(cfg) / "logs" / "sft", key, progress, load=asdict(load))
+    logs = run_dir(cfg) / "logs" / "sft"  # checkpoints continued by a killed run's next start (same key)
+    train_sft(cfg, base, pairs, out, logs, key, progress, load=asdict(load), checkpoints=logs / "checkpoints",
+              save_every=cfg.sft.save_every)
     return str(out)
 
 

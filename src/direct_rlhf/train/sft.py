@@ -7,6 +7,8 @@ tokens, earlier turns included, are context, not targets.
 
 from __future__ import annotations
 
+import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from .common import cosine_schedule, save_model_folder
 from .ppo_models import load_actor, merged_policy
 
 IGNORE = -100
+log = logging.getLogger("direct_rlhf")
 
 
 def sft_example(tokenizer, prompt: str, response: str, max_len: int) -> tuple[list[int], list[int]]:
@@ -36,6 +39,18 @@ def sft_example(tokenizer, prompt: str, response: str, max_len: int) -> tuple[li
     room = max(0, max_len - len(head) - len(r))
     p = head + p[len(p) - room:] if room else head
     return p + r, [IGNORE] * len(p) + r
+
+
+def _own_checkpoint(root: Path, key: str) -> Path | None:
+    """The newest complete checkpoint under `root` made with inputs `key`; the others' are removed
+    (by the main process; every process waits), or they would outlive this run's own."""
+    done = sorted(p for p in root.glob("step-*") if (p / ".metadata").is_file() and (p / "trainer.pt").is_file())
+    own = [p for p in done if torch.load(p / "trainer.pt", weights_only=True).get("key") == key]
+    if sharding.is_main():
+        for other in set(done) - set(own):
+            shutil.rmtree(other, ignore_errors=True)
+    sharding.barrier()
+    return own[-1] if own else None
 
 
 def collate(examples: list[tuple[list[int], list[int]]], pad_id: int):
@@ -57,8 +72,9 @@ def train_sft(cfg: Config, base: str, pairs: list[Pair], out: Path, log_dir: Pat
     each process takes its share in `sft.micro_batch_size` passes and `model.strategy` (ddp or
     fsdp, train/sharding.py) spreads the model; the loss is the mean over the global batch's
     response tokens, so N processes compute the step one process would. `save_every` > 0 writes a
-    sharded checkpoint `checkpoints/step-<N>` every that many steps; `resume_from` continues one,
-    on any number of processes."""
+    sharded checkpoint `checkpoints/step-<N>` every that many steps (the newest two kept);
+    `resume_from` continues one, on any number of processes; without it, the newest checkpoint
+    under `checkpoints` made with the same `key` is continued (the others are removed)."""
     sc, mc = cfg.sft, cfg.model
     device = sharding.init_processes()
     n_proc, me = sharding.world_size(), sharding.rank()
@@ -77,7 +93,10 @@ def train_sft(cfg: Config, base: str, pairs: list[Pair], out: Path, log_dir: Pat
     gen = torch.Generator().manual_seed(cfg.seed)
     order: list[int] = []
     first = 1
+    if resume_from is None and checkpoints is not None:
+        resume_from = _own_checkpoint(Path(checkpoints), key)
     if resume_from is not None:
+        log.info("sft: resuming from %s", resume_from)
         state = sharding.load_checkpoint(resume_from, model, opt)
         sched.load_state_dict(state["sched"])
         gen.set_state(state["gen"])
@@ -119,7 +138,10 @@ def train_sft(cfg: Config, base: str, pairs: list[Pair], out: Path, log_dir: Pat
         if checkpoints is not None and save_every > 0 and step % save_every == 0 and step < steps:
             sharding.save_checkpoint(Path(checkpoints) / f"step-{step:06d}", model, opt,
                                      {"step": step, "order": order, "gen": gen.get_state(),
-                                      "sched": sched.state_dict()})
+                                      "sched": sched.state_dict(), "key": key})
+            if main:  # the newest two: a 7B model's checkpoint is ~116 GB
+                for old in sorted(Path(checkpoints).glob("step-*"))[:-2]:
+                    shutil.rmtree(old, ignore_errors=True)
     if logger is not None:
         logger.close()
     info = {"stage": "sft", "key": key, "seed": cfg.seed, "init": base, "data_load": load, "n_examples": len(examples),
