@@ -8,6 +8,8 @@ their ratio, the median seconds of one guard evaluation and of one PPO step, and
 for the demo's schedule (200 steps, an evaluation every 25 and one of the start policy).
 
     .venv/bin/python benchmarks/guard_overhead.py [--steps 20] [--eval-every 10] [--repeats 2] [--out FILE]
+        [--run runs/toy]   # a demo run folder: its base, seed-0 reward model and world instead (trained
+                           # models end their turns, as in the demo; random ones rarely do)
 """
 
 from __future__ import annotations
@@ -76,13 +78,18 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--run", type=Path, default=None, help="a demo run folder: its base, world and seed-0 reward model")
     args = ap.parse_args()
     from ppo_step import build
 
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        base, reward, prompts = build(tmp, 128, 4)
-        world = prompts.parent
+        if args.run:
+            base, world = args.run / "base", args.run / "world"
+            reward = next(p for p in (args.run / "seed-0" / "reward", args.run / "reward") if p.is_dir())
+        else:
+            base, reward, prompts = build(tmp, 128, 4)
+            world = prompts.parent
         plain, guarded = [], []
         for i in range(args.repeats):  # alternated, so drifts of the machine hit both alike
             plain.append(run(tmp / f"r{i}", base, reward, world, args.steps, args.eval_every, False, args.threads))
@@ -92,7 +99,7 @@ def main() -> None:
     one_eval = statistics.median(evals)
     result = {
         "benchmark": "guard_overhead", "steps": args.steps, "eval_every": args.eval_every, "repeats": args.repeats,
-        "threads": args.threads, "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+        "threads": args.threads, "models": str(args.run) if args.run else "random 128x4", "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
         "wall_s_without_guard_median": statistics.median(r["wall_s"] for r in plain),
         "wall_s_with_guard_median": statistics.median(r["wall_s"] for r in guarded),
         "evaluation_s_median": one_eval, "ppo_step_s_median": step,
