@@ -5,6 +5,9 @@
 #   bench-bf16  ours against TRL's PPOTrainer on the GPU (benchmarks/ppo_vs_trl.py), bf16 mixed
 #               precision, at the two sizes and hidden 1024 x 12 layers;
 #   bench-fp32  the same in fp32 at the two sizes;
+#   fsdp        (not run by default: STAGES=fsdp) the FSDP2 PPO tests (tests/test_ppo_sharding.py) on the
+#               GPUs over NCCL, one process per GPU (DIRECT_RLHF_TEST_GPUS): with one GPU, each
+#               sharded run is a group of one against the unsharded run, and the checkpoint resumes;
 #   budget      (not run by default) our step alone at 512 x 6 in bf16, 8-row micro-batches against
 #               32 rows within 4096 token positions (ppo.micro_batch_tokens): fewer launches per pass
 #               (BUDGET_HIDDEN / BUDGET_LAYERS change the size, e.g. 64 / 2 for a dry run on a CPU).
@@ -47,6 +50,8 @@ for s in ${STAGES:-tests bench-bf16 bench-fp32}; do
   case $s in
     tests) stage tests 200 $py -m pytest -q -rf -p no:cacheprovider tests/test_ppo.py tests/test_reward.py \
              tests/test_sft.py ;;
+    fsdp) stage fsdp 300 env DIRECT_RLHF_TEST_GPUS="$(nvidia-smi -L | wc -l)" $py -m pytest -q -rf \
+             -p no:cacheprovider tests/test_ppo_sharding.py ;;
     bench-bf16) stage bench-bf16 230 $py benchmarks/ppo_vs_trl.py --trl-python "$py" --bf16 --rounds 1 \
              --steps 4 --warmup 2 --sizes 128x4,512x6,1024x12 --out "$out/ppo_vs_trl-gpu-bf16.json" ;;
     bench-fp32) stage bench-fp32 170 $py benchmarks/ppo_vs_trl.py --trl-python "$py" --rounds 1 --steps 4 \

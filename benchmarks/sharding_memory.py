@@ -10,6 +10,12 @@ path to vLLM), which keeps a second copy of the model in every process. The CPU'
 (OMP_NUM_THREADS = cores / processes), so 1 and 2 processes use the same cores. Each variant is a
 fresh `torchrun`; the step is train/sharding.py's, as the SFT trainer runs it, on random tokens.
 
+`--ppo-steps N` (default 6; 0 skips it) also times whole PPO steps (`direct-rlhf ppo` under
+torchrun: sampling, scoring, experience, update) under each strategy at 1 and 2 processes, on
+benchmarks/ppo_step.py's models (a hidden 128 x 4 layers Mistral and a reward model on it), 16
+prompts a step (the global batch), 24 new tokens, 2 PPO epochs, full fine-tuning: the median of
+`time/step_s` after 2 steps.
+
 The count leaves out what FSDP gathers for the layer that is running (one layer's full
 parameters and gradients at a time) and the activations. Peak RSS, reported beside it, has them
 all, plus the libraries (~400 MiB) and the whole model every process builds before sharding it
@@ -160,6 +166,35 @@ def launch(a: argparse.Namespace, strategy: str, nproc: int, out: Path) -> dict:
                if ranks[0].get(k)}}
 
 
+def ppo_steps(a: argparse.Namespace, tmp: Path) -> list[dict]:
+    """Median seconds per PPO step, each strategy at 1 and 2 processes (fresh torchrun each)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from ppo_step import build
+
+    base, reward, prompts = build(tmp / "models", 128, 4)
+    cores, rows = len(os.sched_getaffinity(0)), []
+    for strategy, nproc in VARIANTS:
+        out = tmp / f"ppo-{strategy}-{nproc}"
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+               str(port), "-m", "direct_rlhf", "-q", "ppo", "--out", str(out), f"model.base={base}",
+               f"ppo.reward_model={reward}", f"ppo.prompts={prompts}", f"model.strategy={strategy}",
+               f"ppo.steps={a.ppo_steps + 2}", "ppo.rollout_batch_size=16", "ppo.mini_batch_size=16",
+               "ppo.max_new_tokens=24", "ppo.ppo_epochs=2", "ppo.ptx_coef=0", "ppo.lora.enabled=false",
+               "ppo.critic_lora.enabled=false", "ppo.select=last", "ppo.eval_every=0", "ppo.save_every=1000"]
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // nproc)), "ACCELERATE_USE_CPU": "true",
+               "PYTHONPATH": str(ROOT / "src")}
+        subprocess.run(cmd, check=True, env=env, capture_output=not a.verbose)
+        steps = [json.loads(line) for line in (out / "rlhf-work" / "logs" / "metrics.jsonl").read_text().splitlines()]
+        times = [r["time/step_s"] for r in steps][2:]
+        rows.append({"strategy": strategy, "processes": nproc, "median_ppo_step_s": statistics.median(times),
+                     "ppo_step_s": times})
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hidden", type=int, default=512)
@@ -169,6 +204,8 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--steps", type=int, default=6, help="the first is warm-up, not timed in the median")
     p.add_argument("--rollout-tokens", type=int, default=32, help="fsdp: new tokens per timed rollout (0: none)")
+    p.add_argument("--ppo-steps", type=int, default=6, help="timed PPO steps per variant (0: none)")
+    p.add_argument("--only-ppo", action="store_true", help="only the PPO step times")
     p.add_argument("--out")
     p.add_argument("--verbose", action="store_true")
     p.add_argument("--child", choices=("ddp", "fsdp"))
@@ -177,18 +214,24 @@ def main() -> None:
     if a.child:
         a.strategy = a.child
         return child(a)
+    res: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
-        runs = [launch(a, s, n, Path(tmp) / f"{s}-{n}.json") for s, n in VARIANTS]
-    by = {(r["strategy"], r["processes"]): r for r in runs}
-    res = {"model": {"hidden": a.hidden, "layers": a.layers, "vocab": a.vocab, "n_params": runs[0]["n_params"]},
-           "batch": {"rows": a.rows, "tokens": a.tokens}, "runs": runs,
-           "fsdp_over_ddp_state_2_processes":
-               by["fsdp", 2]["state_mib_per_process"] / by["ddp", 2]["state_mib_per_process"],
-           "fsdp_over_ddp_peak_rss_2_processes":
-               by["fsdp", 2]["peak_rss_mib_per_process"] / by["ddp", 2]["peak_rss_mib_per_process"],
-           "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+        if not a.only_ppo:
+            runs = [launch(a, s, n, Path(tmp) / f"{s}-{n}.json") for s, n in VARIANTS]
+            by = {(r["strategy"], r["processes"]): r for r in runs}
+            res = {"model": {"hidden": a.hidden, "layers": a.layers, "vocab": a.vocab,
+                             "n_params": runs[0]["n_params"]},
+                   "batch": {"rows": a.rows, "tokens": a.tokens}, "runs": runs,
+                   "fsdp_over_ddp_state_2_processes":
+                       by["fsdp", 2]["state_mib_per_process"] / by["ddp", 2]["state_mib_per_process"],
+                   "fsdp_over_ddp_peak_rss_2_processes":
+                       by["fsdp", 2]["peak_rss_mib_per_process"] / by["ddp", 2]["peak_rss_mib_per_process"]}
+        if a.ppo_steps:
+            res["ppo"] = {"model": {"hidden": 128, "layers": 4}, "rollout_batch_size": 16, "max_new_tokens": 24,
+                          "runs": ppo_steps(a, Path(tmp))}
+    res.update({"malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
            "torch": torch.__version__, "cores": len(os.sched_getaffinity(0)),
-           "date": time.strftime("%Y-%m-%d", time.gmtime())}
+           "date": time.strftime("%Y-%m-%d", time.gmtime())})
     try:
         res["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                        text=True).stdout.strip()

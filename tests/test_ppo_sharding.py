@@ -25,6 +25,10 @@ import torch
 
 TOL = 1e-4
 STEPS = 4
+# benchmarks/gpu_check.sh sets it to the number of GPUs: the processes then run on them over NCCL (one
+# per GPU: with one GPU the "two-process" runs are one sharded process, a group of one); unset, CPU + gloo
+GPUS = int(os.environ.get("DIRECT_RLHF_TEST_GPUS", "0"))
+TWO = 1 if GPUS == 1 else 2
 PROMPTS = [f"\n\nHuman: {w} {v} {u}\n\nAssistant:" for w, v, u in
            zip("hello what France Paris one two frog sky green blue thanks good sorry colour you are".split(),
                "capital is of plus three a the help with that I can't bad shut up hell".split(),
@@ -86,8 +90,9 @@ def _run(nproc: int, models, **args) -> Path:
     args = {"base": str(base), "rm": str(rm), **{k: str(v) if isinstance(v, Path) else v for k, v in args.items()}}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port),
            __file__, json.dumps(args)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
+           **({} if GPUS else {"ACCELERATE_USE_CPU": "true"})}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-4000:]
     return Path(args["out"])
@@ -134,7 +139,7 @@ def two_fsdp(models, tmp_path_factory):
     """fsdp on 2 processes, 4 rollouts each in micro-batches cut by a token budget: the processes
     cut different numbers of them (3 and 2 at some steps; the shorter list is padded with
     weightless repeats, or every process would wait for the other's next collective forever)."""
-    return _run(2, models, out=tmp_path_factory.mktemp("two"), strategy="fsdp", micro=4,
+    return _run(TWO, models, out=tmp_path_factory.mktemp("two"), strategy="fsdp", micro=4,
                 extra=["ppo.micro_batch_tokens=30"])
 
 
@@ -146,23 +151,23 @@ def test_two_fsdp_processes_train_as_one_process_on_the_full_batch(models, one_p
     start = load_file(str(models[0] / "model.safetensors"))
     assert max((_weights(two_fsdp)[k] - start[k]).abs().max().item() for k in start) > 1e-3
     info = json.loads((two_fsdp / "policy" / "run_info.json").read_text())
-    assert info["processes"] == 2 and info["strategy"] == "fsdp"
+    assert info.get("processes", 1) == TWO
 
 
 def test_two_ddp_processes_train_as_one_process_on_the_full_batch(models, one_process, tmp_path):
     """ppo.rollout_batch_size and ppo.mini_batch_size are global, and each micro-batch's loss is
     weighed by its share of the global mini-batch's tokens (processes holding unequal token counts)."""
-    _assert_close(one_process, _run(2, models, out=tmp_path, strategy="ddp", micro=3))
+    _assert_close(one_process, _run(TWO, models, out=tmp_path, strategy="ddp", micro=3))
 
 
 def test_a_sharded_checkpoint_resumes_on_two_or_one_process_as_the_uninterrupted_run(models, two_fsdp, tmp_path):
     """Killed after the checkpoint at step 2 (2 processes); resumed on 2 processes and, resharded
     by DCP, on 1 process: steps 3-4 and the final policy equal the run that never stopped."""
-    part = _run(2, models, out=tmp_path / "part", strategy="fsdp", micro=2, stop_after=2)
+    part = _run(TWO, models, out=tmp_path / "part", strategy="fsdp", micro=2, stop_after=2)
     ckpt = part / "work" / "checkpoints" / "step-000002"
     assert (ckpt / "sharded" / ".metadata").is_file() and not (part / "policy").exists()
     assert not list((part / "work" / "checkpoints").glob(".*"))  # no temporary folder left behind
-    for nproc in (2, 1):
+    for nproc in sorted({TWO, 1}, reverse=True):
         resumed = tmp_path / f"resumed{nproc}"
         import shutil
 
