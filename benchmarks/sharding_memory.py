@@ -184,12 +184,14 @@ def ppo_steps(a: argparse.Namespace, tmp: Path) -> list[dict]:
                f"ppo.steps={a.ppo_steps + 2}", "ppo.rollout_batch_size=16", "ppo.mini_batch_size=16",
                "ppo.max_new_tokens=24", "ppo.ppo_epochs=2", "ppo.ptx_coef=0", "ppo.lora.enabled=false",
                "ppo.critic_lora.enabled=false", "ppo.select=last", "ppo.eval_every=0", "ppo.save_every=1000"]
-        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // nproc)), "ACCELERATE_USE_CPU": "true",
+        threads = a.threads or max(1, cores // nproc)
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "ACCELERATE_USE_CPU": "true",
                "PYTHONPATH": str(ROOT / "src")}
         subprocess.run(cmd, check=True, env=env, capture_output=not a.verbose)
         steps = [json.loads(line) for line in (out / "rlhf-work" / "logs" / "metrics.jsonl").read_text().splitlines()]
         times = [r["time/step_s"] for r in steps][2:]
-        rows.append({"strategy": strategy, "processes": nproc, "median_ppo_step_s": statistics.median(times),
+        rows.append({"strategy": strategy, "processes": nproc, "threads_per_process": threads,
+                     "median_ppo_step_s": statistics.median(times),
                      "ppo_step_s": times})
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return rows
@@ -206,6 +208,7 @@ def main() -> None:
     p.add_argument("--rollout-tokens", type=int, default=32, help="fsdp: new tokens per timed rollout (0: none)")
     p.add_argument("--ppo-steps", type=int, default=6, help="timed PPO steps per variant (0: none)")
     p.add_argument("--only-ppo", action="store_true", help="only the PPO step times")
+    p.add_argument("--threads", type=int, default=0, help="PPO steps: threads per process (0: the cores / processes)")
     p.add_argument("--out")
     p.add_argument("--verbose", action="store_true")
     p.add_argument("--child", choices=("ddp", "fsdp"))

@@ -67,6 +67,8 @@ def _worker(args: dict) -> None:
     out = Path(args["out"])
     trainer = PPOTrainer(cfg, args["base"], args["rm"], PROMPTS, out / "work", key="test", progress=False)
     finished = trainer.train(resume=bool(args.get("resume")), stop_after=args.get("stop_after"))
+    if args.get("load_actor"):  # what the KL roll-back and the balance guard do
+        trainer.load_actor(trainer.checkpoint_path(args["load_actor"]))
     if finished:
         trainer.save_policy(out / "policy", {"stage": "ppo"})
     trainer.acc.wait_for_everyone()
@@ -175,6 +177,15 @@ def test_a_sharded_checkpoint_resumes_on_two_or_one_process_as_the_uninterrupted
         _run(nproc, models, out=resumed, strategy="fsdp", micro=2, resume=True)
         assert sorted(_metrics(resumed)) == [1, 2, 3, 4]
         _assert_close(two_fsdp, resumed, steps=[3, 4])
+
+
+def test_a_sharded_actor_is_put_back_from_a_checkpoint(models, tmp_path):
+    """load_actor (KL roll-back, the balance guard's choice) under fsdp: 4 steps, then step 2's
+    actor loaded back, is the policy of a run of 2 steps, weight for weight."""
+    back = _run(TWO, models, out=tmp_path / "back", strategy="fsdp", micro=2, load_actor=2)
+    short = _run(TWO, models, out=tmp_path / "short", strategy="fsdp", micro=2, extra=["ppo.steps=2"])
+    a, b = _weights(back), _weights(short)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_the_fsdp_policy_is_one_plain_hugging_face_folder(one_process, two_fsdp):
