@@ -65,7 +65,9 @@ def _worker(args: dict) -> None:
                              f"ppo.micro_batch_size={args.get('micro', 8)}", f"model.strategy={args['strategy']}",
                              *args.get("extra", [])])
     out = Path(args["out"])
-    trainer = PPOTrainer(cfg, args["base"], args["rm"], PROMPTS, out / "work", key="test", progress=False)
+    extras = {"cost_path": args["rm"], "ptx_texts": [p + " Paris is the capital of France." for p in PROMPTS]} \
+        if args.get("lagrangian_ptx") else {}
+    trainer = PPOTrainer(cfg, args["base"], args["rm"], PROMPTS, out / "work", key="test", progress=False, **extras)
     finished = trainer.train(resume=bool(args.get("resume")), stop_after=args.get("stop_after"))
     if args.get("load_actor"):  # what the KL roll-back and the balance guard do
         trainer.load_actor(trainer.checkpoint_path(args["load_actor"]))
@@ -186,6 +188,22 @@ def test_a_sharded_actor_is_put_back_from_a_checkpoint(models, tmp_path):
     short = _run(TWO, models, out=tmp_path / "short", strategy="fsdp", micro=2, extra=["ppo.steps=2"])
     a, b = _weights(back), _weights(short)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ppo_lagrangian_trains_sharded_as_on_one_process_and_ptx_runs(models, tmp_path):
+    """The cost critic sharded with its own optimiser: 2 fsdp processes = 1 process. PPO-ptx's
+    backward comes after the last micro-batch's, which did not reduce: it must reduce both (each
+    process draws its own ptx rows, so only that it trains is checked)."""
+    extra = ["ppo.lagrangian=true", "ppo.cost_threshold=-100", "ppo.lambda_init=0.5"]
+    one = _run(1, models, out=tmp_path / "one", strategy="ddp", lagrangian_ptx=True, extra=extra)
+    two = _run(TWO, models, out=tmp_path / "two", strategy="fsdp", micro=2, lagrangian_ptx=True, extra=extra)
+    _assert_close(one, two)
+    rows = [json.loads(line) for line in (two / "work" / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["lagrangian/lambda"] > 0.5 and all("loss/cost_value" in r for r in rows)
+    ptx = _run(TWO, models, out=tmp_path / "ptx", strategy="fsdp", micro=2, lagrangian_ptx=True,
+               extra=[*extra, "ppo.ptx_coef=0.5", "ppo.ptx_batch_size=2"])
+    rows = [json.loads(line) for line in (ptx / "work" / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == STEPS and all(r["loss/ptx"] > 0 for r in rows)
 
 
 def test_the_fsdp_policy_is_one_plain_hugging_face_folder(one_process, two_fsdp):
