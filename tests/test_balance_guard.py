@@ -114,6 +114,9 @@ def test_the_saved_policy_is_the_chosen_checkpoints_actor_and_the_last_one_is_sa
     chosen = load_file(str(work / "guard" / "step-000004" / "actor.safetensors"))
     last = load_file(str(work / "checkpoints" / "step-000006" / "actor.safetensors"))
     assert any(not torch.equal(chosen[n], last[n]) for n in chosen)  # two different policies
+    # the last policy's record does not present it as the guard's choice (the report lists "guard" records)
+    last_info = json.loads((guarded_run / "rlhf-last" / "run_info.json").read_text())
+    assert "guard" not in last_info and last_info["guard_of_chosen_policy"]["step"] == 4
 
 
 def test_the_guard_under_fsdp_or_without_evaluations_is_one_line(tmp_path, capsys):

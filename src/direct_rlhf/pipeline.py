@@ -410,8 +410,12 @@ def _save_last_then_load_chosen(trainer, guard, last_out: Path, info: dict) -> N
 
     if trainer.acc.is_main_process:
         sel = guard.selection
+        # its record names the chosen step: kept under another key, so that the report does not
+        # present this folder as the guard's choice
+        last_info = {k: v for k, v in info.items() if k != "guard"}
         save_model_folder(last_out, guard.plain_policy(trainer).eval(), trainer.tokenizer,
-                          {**info, "policy": f"the last step's ({sel['last_step']}), not the chosen one"})
+                          {**last_info, "guard_of_chosen_policy": sel,
+                           "policy": f"the last step's ({sel['last_step']}), not the chosen one"})
     chosen = guard.chosen_checkpoint() if trainer.acc.is_main_process else None
     from accelerate.utils import broadcast_object_list
 
