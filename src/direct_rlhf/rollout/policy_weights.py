@@ -48,7 +48,7 @@ class MergedRolloutCopy:
     """A plain causal LM that samples for a LoRA actor (`ppo.merged_rollout`). Before each rollout
     its weights are set to the actor's, adapters added (`actor_weights`): a decoded token then costs
     one matrix product per projection instead of peft's three plus its small element-wise ops. On
-    the toy model that makes generation 10–25% faster (README, Performance); it holds one more copy
+    the toy model that makes generation 10–25% faster (docs/performance.md); it holds one more copy
     of the model's weights, which is why large-model recipes leave it off."""
 
     def __init__(self, base: str, trust_remote_code: bool = False):

@@ -131,7 +131,7 @@ class PPOTrainer:
         critic = ValueModel.from_reward_model(reward_path, dtype, self.pc.critic_lora, cfg.model.trust_remote_code)
         # scored in length-sorted chunks of micro_batch_size rows (and micro_batch_tokens positions), like
         # every other forward pass here:
-        # one padded batch of the whole rollout took twice as long (README, Performance; docs/performance.md)
+        # one padded batch of the whole rollout took twice as long (docs/performance.md)
         self.reward = self._scorer(reward_path, critic)
         # tests and custom objectives may replace the learned reward by a function of the text
         self.reward_fn = reward_fn or self.reward.score
