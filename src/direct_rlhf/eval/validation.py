@@ -49,11 +49,9 @@ class ValidationSets:
 def appropriateness_labels(prompts: Sequence[EvalPrompt], responses: Sequence[str],
                            toxic: Sequence[bool]) -> list[str] | None:
     """Labels of the red-team judge (eval/appropriateness.py) where it can judge exactly (the toy
-    world's provoking / harmful prompts); None otherwise, or while that module is missing."""
-    try:
-        from .appropriateness import judge_redteam
-    except ImportError:
-        return None
+    world's provoking / harmful prompts); None otherwise."""
+    from .appropriateness import judge_redteam
+
     if not prompts or any(p.kind not in ("provoking", "harmful") for p in prompts):
         return None
     return judge_redteam([{"kind": p.kind} for p in prompts], list(responses), list(toxic))
