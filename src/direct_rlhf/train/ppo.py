@@ -110,10 +110,8 @@ class PPOTrainer:
         if self.fsdp:
             self._refuse_under_fsdp()
         # global batches (the same whatever the number of processes); each process takes its share
-        self._rollout_rows = sharding.split_batch(self.pc.rollout_batch_size, "ppo.rollout_batch_size") \
-            if self.acc.num_processes > 1 else self.pc.rollout_batch_size
-        self._mini_rows = sharding.split_batch(self.pc.mini_batch_size, "ppo.mini_batch_size") \
-            if self.acc.num_processes > 1 else self.pc.mini_batch_size
+        self._rollout_rows = sharding.split_batch(self.pc.rollout_batch_size, "ppo.rollout_batch_size")
+        self._mini_rows = sharding.split_batch(self.pc.mini_batch_size, "ppo.mini_batch_size")
         self.prompts = prompts
         self.tokenizer = load_tokenizer(base, cfg.model.trust_remote_code)
         self.chat = chat_format(cfg.model.chat_format, self.tokenizer, base)  # where a response ends
