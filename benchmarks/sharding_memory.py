@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -141,17 +140,21 @@ def _rollout_times(model, cfg, a: argparse.Namespace, device, share: int) -> dic
     return out
 
 
+def _run(cmd: list[str], env: dict, verbose: bool) -> None:
+    """Run one torchrun; when it fails, exit with its last lines of output (not only its status)."""
+    res = subprocess.run(cmd, env=env, capture_output=not verbose, text=True)
+    if res.returncode:
+        sys.exit(f"{' '.join(cmd[:6])} ... exited {res.returncode}:\n{(res.stderr or '')[-4000:]}")
+
+
 def launch(a: argparse.Namespace, strategy: str, nproc: int, out: Path) -> dict:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     cores = len(os.sched_getaffinity(0))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            __file__, "--child", strategy, "--child-out", str(out), "--hidden", str(a.hidden), "--layers",
            str(a.layers), "--vocab", str(a.vocab), "--rows", str(a.rows), "--tokens", str(a.tokens),
            "--steps", str(a.steps), "--rollout-tokens", str(a.rollout_tokens)]
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // nproc)), "ACCELERATE_USE_CPU": "true"}
-    subprocess.run(cmd, check=True, env=env, capture_output=not a.verbose)
+    _run(cmd, env, a.verbose)
     res = json.loads(out.read_text())
     ranks = res["ranks"]
     return {"strategy": strategy, "processes": nproc, "threads_per_process": max(1, cores // nproc),
@@ -175,11 +178,8 @@ def ppo_steps(a: argparse.Namespace, tmp: Path) -> list[dict]:
     cores, rows = len(os.sched_getaffinity(0)), []
     for strategy, nproc in VARIANTS:
         out = tmp / f"ppo-{strategy}-{nproc}"
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-               str(port), "-m", "direct_rlhf", "-q", "ppo", "--out", str(out), f"model.base={base}",
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               "-m", "direct_rlhf", "-q", "ppo", "--out", str(out), f"model.base={base}",
                f"ppo.reward_model={reward}", f"ppo.prompts={prompts}", f"model.strategy={strategy}",
                f"ppo.steps={a.ppo_steps + 2}", "ppo.rollout_batch_size=16", "ppo.mini_batch_size=16",
                "ppo.max_new_tokens=24", "ppo.ppo_epochs=2", "ppo.ptx_coef=0", "ppo.lora.enabled=false",
@@ -187,7 +187,7 @@ def ppo_steps(a: argparse.Namespace, tmp: Path) -> list[dict]:
         threads = a.threads or max(1, cores // nproc)
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "ACCELERATE_USE_CPU": "true",
                "PYTHONPATH": str(ROOT / "src")}
-        subprocess.run(cmd, check=True, env=env, capture_output=not a.verbose)
+        _run(cmd, env, a.verbose)
         steps = [json.loads(line) for line in (out / "rlhf-work" / "logs" / "metrics.jsonl").read_text().splitlines()]
         times = [r["time/step_s"] for r in steps][2:]
         rows.append({"strategy": strategy, "processes": nproc, "threads_per_process": threads,

@@ -48,10 +48,11 @@ def test_logprob_memory_benchmark_runs_both_ways(tmp_path):
 
 def test_sharding_memory_benchmark_counts_half_the_state_per_process_under_fsdp(tmp_path):
     out = tmp_path / "bench.json"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sharding_memory.py"), "--hidden", "64", "--layers", "2",
-                    "--vocab", "256", "--rows", "4", "--tokens", "16", "--steps", "2", "--ppo-steps", "0",
-                    "--out", str(out)],  # the PPO step times run whole PPO stages: 3.5 min even at this size
-                   check=True, capture_output=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sharding_memory.py"), "--hidden", "64",
+                           "--layers", "2", "--vocab", "256", "--rows", "4", "--tokens", "16", "--steps", "2",
+                           "--ppo-steps", "0",  # the PPO step times run whole PPO stages: 3.5 min even at this size
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
     res = json.loads(out.read_text())
     assert [(r["strategy"], r["processes"]) for r in res["runs"]] == [("ddp", 1), ("ddp", 2), ("fsdp", 1), ("fsdp", 2)]
     assert res["fsdp_over_ddp_state_2_processes"] == pytest.approx(0.5, abs=0.02)  # each process keeps its half

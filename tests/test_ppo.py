@@ -548,13 +548,9 @@ def test_two_processes_train_checkpoint_and_resume_as_one_run(micro_run, tmp_pat
     checkpoint holds both processes' RNG states, and 2 steps + a resume to 4 equal 4 steps. With a
     token budget the processes cut different numbers of micro-batches (a hang if every micro-batch
     synchronised)."""
-    import socket
 
     def run(out, *args):
-        with socket.socket() as sock:  # a free port for the processes' rendezvous
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                # one mini-batch per epoch, as by default: the critic's old values come from its first
                # training pass, and the whitening's statistics are gathered over both processes there
                "-m", "direct_rlhf", "-q", "ppo", "--out", str(out), *args, *MICRO, *PPO_MICRO,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -87,12 +86,9 @@ def models(tmp_path_factory):
 
 
 def _run(nproc: int, models, **args) -> Path:
-    with socket.socket() as sock:  # a free port for the processes' rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     base, rm = models
     args = {"base": str(base), "rm": str(rm), **{k: str(v) if isinstance(v, Path) else v for k, v in args.items()}}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            __file__, json.dumps(args)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),

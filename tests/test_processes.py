@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -39,10 +38,7 @@ def tiny_base(tmp_path_factory, small_world):
 
 def _torchrun(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
     """`direct-rlhf ARGS` in two real processes on the CPU (as tests/test_ppo.py launches PPO)."""
-    with socket.socket() as sock:  # a free port for the processes' rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "direct_rlhf", "-q", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
