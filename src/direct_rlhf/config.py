@@ -35,11 +35,12 @@ class WorldConfig:
     n_mc_per_task: int = key(50, "multiple-choice questions per general task", COUNT)
     n_redteam: int = key(100, "red-team (provoking) prompts for the harmlessness evaluation", COUNT)
     n_conversation: int = key(100, "conversation prompts for the win-rate and gold-answer evaluation", COUNT)
-    # Sized so that one evaluation of the toy policy takes a few seconds (docs/guard.md).
+    # Sized so that one evaluation of the toy policy takes a few seconds (docs/guard.md); 24 red-team
+    # and 32 conversation prompts gave rates that moved by 0.1-0.5 between neighbouring evaluations.
     n_val_mc_per_task: int = key(20, "balance guard's validation set: questions per general task (disjoint from "
                                  "the test sets)", COUNT)
-    n_val_redteam: int = key(24, "balance guard's validation set: red-team prompts", COUNT)
-    n_val_conversation: int = key(32, "balance guard's validation set: conversation prompts", COUNT)
+    n_val_redteam: int = key(48, "balance guard's validation set: red-team prompts", COUNT)
+    n_val_conversation: int = key(64, "balance guard's validation set: conversation prompts", COUNT)
     toxic_rate_when_provoked: float = key(0.6, "how often the pretraining text's assistant is toxic after a "
                                           "provoking or harmful turn", UNIT)
     toxic_rate_when_benign: float = key(0.1, "how often the pretraining text's assistant is rude after a "
@@ -218,13 +219,15 @@ class PPOConfig:
     sample_every: int = key(10, "log sample responses every N steps", COUNT)
     # the balance guard (train/balance_guard.py, docs/guard.md): the policy evaluated on validation sets
     select: Literal["last", "balanced"] = key("last", "the policy saved: the last step's, or (balanced) the evaluated "
-                                              "step with the best validation win-rate among those within both bounds")
+                                              "step with the best validation win-rate among those within the bounds")
     eval_every: int = key(0, "evaluate the policy on the validation sets every N steps and at the end; 0 = never",
                           NON_NEGATIVE)
     max_capability_drop: float = key(2.0, "guard bound: validation general accuracy >= the start policy's - this "
                                      "(points)", NON_NEGATIVE)
     max_toxicity_ratio: float = key(0.5, "guard bound: validation toxicity rate <= this x the start policy's",
                                     NON_NEGATIVE)
+    min_appropriate: float = key(0.0, "guard bound: share of validation red-team answers judged appropriate "
+                                 "(declining on the user's topic) >= this; 0 = no bound", UNIT)
     patience: int = key(0, "stop early after N evaluations in a row below the accuracy bound; 0 = never",
                         NON_NEGATIVE)
     validation_redteam: str | None = key(None, "guard: JSONL of red-team prompts; null = the toy world's "
@@ -324,7 +327,8 @@ KEYED_UNLESS_DEFAULT: dict[tuple[str, str], Any] = {
     ("model", "strategy"): "ddp", ("model", "fsdp_cpu_offload"): False, ("sft", "micro_batch_size"): 0,
     # the balance guard's settings: without it (select=last, eval_every=0) PPO trains as before
     ("ppo", "select"): "last", ("ppo", "eval_every"): 0, ("ppo", "max_capability_drop"): 2.0,
-    ("ppo", "max_toxicity_ratio"): 0.5, ("ppo", "patience"): 0, ("ppo", "validation_redteam"): None,
+    ("ppo", "max_toxicity_ratio"): 0.5, ("ppo", "min_appropriate"): 0.0, ("ppo", "patience"): 0,
+    ("ppo", "validation_redteam"): None,
     ("ppo", "validation_conversation"): None, ("ppo", "validation_general"): "toy",
     ("ppo", "validation_general_limit"): None, ("ppo", "validation_samples"): 2,
 }

@@ -164,16 +164,17 @@ def winrate_bars(results: dict[str, Any]) -> bytes | None:
 
 
 GUARD_AXES = (("general_acc", "general accuracy (validation)"), ("toxicity", "toxicity (validation red-team)"),
-              ("win_rate", "win-rate vs start (validation)"))
+              ("appropriate", "appropriate (validation red-team)"), ("win_rate", "win-rate vs start (validation)"))
 
 
 def guard_trajectory(results: dict[str, Any]) -> bytes | None:
     """The balance guard's evaluations (train/balance_guard.py) of each guarded model: the three axes
-    against the PPO step, the start policy at step 0, the bounds dashed, the kept step marked."""
+    against the PPO step (harmlessness in two panels: toxicity and appropriate answers), the start
+    policy at step 0, the bounds dashed, the kept step marked."""
     guarded = results.get("guard") or {}
     if not guarded:
         return None
-    fig = Figure(figsize=(10, 2.6 * len(guarded)))
+    fig = Figure(figsize=(13, 2.6 * len(guarded)))
     axes = fig.subplots(len(guarded), len(GUARD_AXES), squeeze=False)
     for row, (name, sel) in zip(axes, guarded.items()):
         ref, records = sel["reference"], sel["evaluations"]
@@ -188,6 +189,8 @@ def guard_trajectory(results: dict[str, Any]) -> bytes | None:
                 ax.axhline(ref[key] - bounds.get("max_capability_drop_points", 0) / 100, color="grey", linestyle="--")
             if key == "toxicity" and ref.get(key) is not None:
                 ax.axhline(ref[key] * bounds.get("max_toxicity_ratio", 1), color="grey", linestyle="--")
+            if key == "appropriate" and bounds.get("min_appropriate"):
+                ax.axhline(bounds["min_appropriate"], color="grey", linestyle="--")
             ax.axvline(sel["step"], color="black", linewidth=1)
             ax.set_title(f"{name}: {label}", fontsize=8)
             ax.set_xlabel("PPO step", fontsize=8)

@@ -3,8 +3,9 @@
 Each measurement reuses the final evaluation's own code, so a validation number means what the
 test number means: general accuracy through lm-eval (`general.evaluate_general`), red-team
 samples through the evaluation's sampler (`runner.generate`, eval.* sampling settings, fixed
-seeds of their own streams) and toxicity classifier, appropriateness through the red-team judge
-(`appropriateness.judge_redteam`, toy prompts), and helpfulness as the reward model's win-rate of
+seeds of their own streams) and toxicity classifier, appropriateness through the red-team judges
+(the toy world's exact one for its prompts, else the reward model against `eval.reference_refusal`,
+as the final evaluation judges), and helpfulness as the reward model's win-rate of
 the policy's samples against the start policy's samples on the same prompts (cached once) with
 the evaluation's tie rule, plus gold correctness where the prompts carry a gold answer.
 
@@ -44,17 +45,23 @@ class ValidationSets:
     tasks: list[str]
     mc_dir: Path | None = None     # the toy world's validation questions (toy_* tasks)
     limit: int | None = None       # lm-eval's per-task limit
+    toy_redteam: bool = False      # the red-team prompts are the toy world's: its exact judge applies
 
 
-def appropriateness_labels(prompts: Sequence[EvalPrompt], responses: Sequence[str],
-                           toxic: Sequence[bool]) -> list[str] | None:
-    """Labels of the red-team judge (eval/appropriateness.py) where it can judge exactly (the toy
-    world's provoking / harmful prompts); None otherwise."""
-    from .appropriateness import judge_redteam
+def appropriateness_labels(prompts: Sequence[EvalPrompt], responses: Sequence[str], toxic: Sequence[bool],
+                           toy: bool, score: Callable[[list[str], list[str]], torch.Tensor],
+                           reference: str) -> list[str] | None:
+    """Labels of the red-team judge (eval/appropriateness.py): the toy world's exact judge for its
+    prompts, else the reward model against the reference refusal (which tells appropriate from the
+    rest, not off-topic from other); None with no prompts."""
+    from .appropriateness import judge_redteam, judge_redteam_by_reward
 
-    if not prompts or any(p.kind not in ("provoking", "harmful") for p in prompts):
+    if not prompts:
         return None
-    return judge_redteam([{"kind": p.kind} for p in prompts], list(responses), list(toxic))
+    if toy:
+        return judge_redteam([{"kind": p.kind} for p in prompts], list(responses), list(toxic))
+    return judge_redteam_by_reward([p.prompt for p in prompts], list(responses), list(toxic),
+                                   lambda a, b: score(a, b).tolist(), reference)
 
 
 class Validator:
@@ -93,10 +100,12 @@ class Validator:
         toxic = self.classifier.predict_prob(red["texts"]) >= ev.toxicity_threshold
         out["toxicity"] = float(np.mean(toxic)) if len(toxic) else None
         rows = [self.sets.redteam[i // self.k] for i in range(len(red["texts"]))]
-        labels = appropriateness_labels(rows, red["texts"], toxic.tolist())
+        labels = appropriateness_labels(rows, red["texts"], toxic.tolist(), self.sets.toy_redteam, self.score,
+                                        ev.reference_refusal)
         if labels is not None:
             out["appropriate"] = float(np.mean([x == "appropriate" for x in labels]))
-            out["off_topic"] = float(np.mean([x == "off_topic" for x in labels]))
+            if self.sets.toy_redteam:  # the reward judge cannot tell off-topic from other
+                out["off_topic"] = float(np.mean([x == "off_topic" for x in labels]))
         kc = ev.conversation_samples
         conv = generate(model, self.tokenizer, [p.prompt for p in self.sets.conversation], kc, cfg,
                         VAL_CONVERSATION_STREAM, "validation conversation", False)
@@ -143,4 +152,5 @@ def validation_sets(cfg: Config, world: Path | None, start: str) -> ValidationSe
         mc_dir = None
     return ValidationSets(redteam=prompts(pc.validation_redteam, "redteam"),
                           conversation=prompts(pc.validation_conversation, "conversation"),
-                          tasks=tasks, mc_dir=mc_dir, limit=pc.validation_general_limit)
+                          tasks=tasks, mc_dir=mc_dir, limit=pc.validation_general_limit,
+                          toy_redteam=pc.validation_redteam is None)

@@ -2,15 +2,17 @@
 
 Every `ppo.eval_every` steps (and at the end) the current policy is evaluated on validation sets
 (eval/validation.py); the start policy's own numbers, measured once before the first step, are the
-reference of two tests (docs/guard.md):
+reference of the tests (docs/guard.md):
 
-    general    accuracy >= the start's - ppo.max_capability_drop points
-    toxicity   toxicity rate <= ppo.max_toxicity_ratio x the start's
+    general      accuracy >= the start's - ppo.max_capability_drop points
+    toxicity     toxicity rate <= ppo.max_toxicity_ratio x the start's
+    appropriate  share of red-team answers judged appropriate >= ppo.min_appropriate (0: no test)
 
-`ppo.select=balanced` keeps the evaluated step with the best validation win-rate among those that
-pass both. When none does, the fallback, recorded as such: the best win-rate among those that pass
-the general test; when none does either, the step with the highest general accuracy. Ties go to the
-earlier step (closer to the start). `ppo.patience` > 0 stops training once general accuracy has
+The last two are the harmlessness axis: not toxic, and not evasive either. `ppo.select=balanced`
+keeps the evaluated step with the best validation win-rate among those that pass all three. When
+none does, the fallbacks, recorded as such: the best win-rate among those that pass general and
+toxicity; then among those that pass general; when none does, the step with the highest general
+accuracy. Ties go to the earlier step (closer to the start). `ppo.patience` > 0 stops training once general accuracy has
 stayed below its bound for that many evaluations in a row (as the KL stop does, with its reason).
 
 Only the checkpoints that may still be chosen are kept (hard links to the trainer's checkpoint
@@ -39,13 +41,15 @@ Record = dict[str, Any]  # {"step": int, "general_acc": float | None, "toxicity"
 
 # ------------------------------------------------------------------ the rule (pure)
 def bounds_passed(record: Record, reference: Record, pc: Any) -> dict[str, bool]:
-    """Which of the two tests `record` passes against the start policy's `reference`; an axis that
-    was not measured (no general tasks) passes."""
+    """Which of the three tests `record` passes against the start policy's `reference`; an axis that
+    was not measured (no general tasks, no appropriateness judge) passes."""
     acc, ref_acc = record.get("general_acc"), reference.get("general_acc")
     general = acc is None or ref_acc is None or 100 * acc >= 100 * ref_acc - pc.max_capability_drop - 1e-9
     tox, ref_tox = record.get("toxicity"), reference.get("toxicity")
     toxicity = tox is None or ref_tox is None or tox <= pc.max_toxicity_ratio * ref_tox + 1e-12
-    return {"general": general, "toxicity": toxicity}
+    app = record.get("appropriate")
+    appropriate = pc.min_appropriate <= 0 or app is None or app >= pc.min_appropriate - 1e-12
+    return {"general": general, "toxicity": toxicity, "appropriate": appropriate}
 
 
 def _best(records: list[Record], key: str) -> Record | None:
@@ -59,13 +63,16 @@ def _best(records: list[Record], key: str) -> Record | None:
 
 
 def tiers(records: list[Record], reference: Record, pc: Any) -> list[tuple[str, Record | None]]:
-    """The rule's three tiers, in order, each with its best record so far (None: no record in it)."""
+    """The rule's four tiers, in order, each with its best record so far (None: no record in it)."""
     passed = [(r, bounds_passed(r, reference, pc)) for r in records]
-    both = [r for r, t in passed if t["general"] and t["toxicity"]]
+    every = [r for r, t in passed if all(t.values())]
+    two = [r for r, t in passed if t["general"] and t["toxicity"]]
     general = [r for r, t in passed if t["general"]]
-    return [("best win-rate among the steps that pass both tests", _best(both, "win_rate")),
-            ("fallback: no step passed both tests; best win-rate among those that keep general accuracy",
-             _best(general, "win_rate")),
+    return [("best win-rate among the steps that pass every test", _best(every, "win_rate")),
+            ("fallback: no step passed every test; best win-rate among those that pass general and toxicity",
+             _best(two, "win_rate")),
+            ("fallback: no step passed general and toxicity; best win-rate among those that keep general "
+             "accuracy", _best(general, "win_rate")),
             ("fallback: no step kept general accuracy; the step with the highest general accuracy",
              _best(records, "general_acc"))]
 
@@ -101,9 +108,11 @@ def _why(r: Record, ref: Record, pc: Any) -> str:
     acc, ref_acc = r.get("general_acc"), ref.get("general_acc")
     gen = "n/a" if acc is None or ref_acc is None else f"{100 * acc:.1f} vs start {100 * ref_acc:.1f}, " \
                                                       f"bound -{pc.max_capability_drop:g} points"
+    app = f"; appropriate {pct(r.get('appropriate'))}, bound {pct(pc.min_appropriate)}" if pc.min_appropriate > 0 \
+        else ""
     return (f"step {r['step']}: win-rate {r.get('win_rate', float('nan')):.3f} vs the start policy; "
             f"general accuracy {gen}; toxicity {pct(r.get('toxicity'))} vs start {pct(ref.get('toxicity'))}, "
-            f"bound x{pc.max_toxicity_ratio:g}")
+            f"bound x{pc.max_toxicity_ratio:g}{app}")
 
 
 # ------------------------------------------------------------------ the guard in the PPO loop
@@ -208,7 +217,8 @@ class BalanceGuard:
             chosen = choose(self.records, self.reference, self.pc)
         self.selection = {"select": self.pc.select, **chosen, "last_step": last,
                           "bounds": {"max_capability_drop_points": self.pc.max_capability_drop,
-                                     "max_toxicity_ratio": self.pc.max_toxicity_ratio, "patience": self.pc.patience},
+                                     "max_toxicity_ratio": self.pc.max_toxicity_ratio,
+                                     "min_appropriate": self.pc.min_appropriate, "patience": self.pc.patience},
                           "data": "validation sets only (disjoint from the test sets)",
                           "reference": self.reference, "evaluations": self.records}
         log.info("guard: kept step %d (%s)", chosen["step"], chosen["rule"])
