@@ -24,7 +24,7 @@ import contextlib
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -114,12 +114,15 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def shard(model: nn.Module, strategy: str, dtype: str = "float32", cpu_offload: bool = False,
-          device: torch.device | None = None, frozen: bool = False) -> nn.Module:
+          device: torch.device | None = None, frozen: bool = False,
+          float32: Sequence[nn.Module] = ()) -> nn.Module:
     """Spread `model` (already on `device`) over the processes for training under `strategy`;
     build the optimiser after this call (FSDP replaces the parameters by their shards).
     `ddp` wraps it in torch's DistributedDataParallel when there are several processes (as it is
     for one). `frozen`: a model that is only read (PPO's reference), sharded to hold 1/N of its
-    weights per process."""
+    weights per process. `float32`: modules that compute in float32 whatever `dtype` (a head made
+    by models/precision.py's `float32_head`, which casts its input to float32): under bf16 compute
+    each is sharded on its own with float32 parameters, as the root's would be gathered in bf16."""
     if strategy not in STRATEGIES:
         raise UserError(f"model.strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
     if strategy == "ddp":
@@ -150,6 +153,8 @@ def shard(model: nn.Module, strategy: str, dtype: str = "float32", cpu_offload: 
     }
     for layer in decoder_layers(model):
         fully_shard(layer, **kw)
+    for module in float32 if compute else ():
+        fully_shard(module, **{**kw, "mp_policy": MixedPrecisionPolicy()})
     fully_shard(model, **kw)
     return model
 
@@ -220,20 +225,22 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def unsharded(model: nn.Module) -> nn.Module | None:
+def unsharded(model: nn.Module, part: str = "") -> nn.Module | None:
     """The trained model whole, as a plain module of its own class (no FSDP wrapping) on the main
     process, None on the others; every process must call it. An unsharded model is returned as is
-    (on the main process)."""
+    (on the main process). `part`: the trained model's name inside `model`, where the sharded root
+    is a module around it (the reward trainer's loss)."""
     if not is_sharded(model):
-        return unwrapped(model) if is_main() else None
+        return unwrapped(model).get_submodule(part) if is_main() else None
     from torch.distributed.fsdp import FSDPModule
 
     state = full_state_dict(model)
     if not is_main():
         return None
-    cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))  # FSDP2 subclasses the model's class
-    plain = cls(model.config)  # built on the CPU: non-persistent buffers (rotary tables) made as from_pretrained does
-    plain.load_state_dict(state)
+    inner, prefix = model.get_submodule(part), f"{part}." if part else ""
+    cls = next(c for c in type(inner).__mro__ if not issubclass(c, FSDPModule))  # FSDP2 subclasses the model's class
+    plain = cls(inner.config)  # built on the CPU: non-persistent buffers (rotary tables) made as from_pretrained does
+    plain.load_state_dict({name.removeprefix(prefix): w for name, w in state.items() if name.startswith(prefix)})
     return plain
 
 
