@@ -13,9 +13,15 @@ from ..models.loading import load_causal_lm
 
 def _whole(p: torch.Tensor) -> torch.Tensor:
     """A parameter whole: an FSDP2 shard (DTensor) is gathered from every process (a collective:
-    every process must ask for the same parameters in the same order)."""
+    every process must ask for the same parameters in the same order). A shard kept on the CPU
+    (model.fsdp_cpu_offload) is moved to its mesh's device first, as torch's own full state dict
+    does: NCCL gathers GPU tensors only."""
     p = p.detach()
-    return p.full_tensor() if hasattr(p, "full_tensor") else p
+    if not hasattr(p, "full_tensor"):
+        return p
+    if p.device.type != p.device_mesh.device_type:
+        p = p.to(p.device_mesh.device_type)
+    return p.full_tensor()
 
 
 def actor_weights(actor: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -49,12 +55,13 @@ class MergedRolloutCopy:
     its weights are set to the actor's, adapters added (`actor_weights`): a decoded token then costs
     one matrix product per projection instead of peft's three plus its small element-wise ops. On
     the toy model that makes generation 10–25% faster (docs/performance.md); it holds one more copy
-    of the model's weights, which is why large-model recipes leave it off."""
+    of the model's weights, which is why large-model recipes leave it off. The balance guard's plain
+    copy of a sharded actor is one too (train/balance_guard.py)."""
 
-    def __init__(self, base: str, trust_remote_code: bool = False):
-        # float32 whatever model.dtype is: the adapters' deltas are too small for bf16 weights
-        # (models/precision.py); under ppo.bf16 generation still computes in bf16
-        self.model = load_causal_lm(base, "float32", trust_remote_code).requires_grad_(False)
+    def __init__(self, base: str, trust_remote_code: bool = False, dtype: str = "float32"):
+        # float32 by default, whatever model.dtype is: the adapters' deltas are too small for bf16
+        # weights (models/precision.py); under ppo.bf16 generation still computes in bf16
+        self.model = load_causal_lm(base, dtype, trust_remote_code).requires_grad_(False)
         self._params = dict(self.model.named_parameters())
 
     def sync(self, actor: torch.nn.Module) -> torch.nn.Module:
