@@ -1,6 +1,10 @@
 """Scaling the reward model trainer: several processes (torchrun on the CPU, gloo) train it data
-parallel as one process would, micro-batches, gradient checkpointing and mid-epoch resume; and a
-launch of several processes never leaves an upstream stage to be built behind a barrier."""
+parallel as one process would, under model.strategy ddp and fsdp, micro-batches, gradient
+checkpointing and mid-epoch resume (fsdp: a sharded checkpoint, on 2 or 1 processes); and a launch
+of several processes never leaves an upstream stage to be built behind a barrier.
+
+This file is also the worker of a run killed on purpose (`torchrun ... test_processes.py N ARGS`:
+`direct-rlhf ARGS`, each process killed as its pair loss is asked for the (N+1)th time)."""
 
 from __future__ import annotations
 
@@ -36,10 +40,11 @@ def tiny_base(tmp_path_factory, small_world):
     return out
 
 
-def _torchrun(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    """`direct-rlhf ARGS` in two real processes on the CPU (as tests/test_ppo.py launches PPO)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "direct_rlhf", "-q", *args]
+def _torchrun(*args: str, nproc: int = 2, dies_after: int = 0, timeout: int = 240) -> subprocess.CompletedProcess:
+    """`direct-rlhf ARGS` in `nproc` real processes on the CPU (as tests/test_ppo.py launches PPO);
+    `dies_after` > 0: every process killed as it starts its pair loss number `dies_after` + 1."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           *([__file__, str(dies_after)] if dies_after else ["-m", "direct_rlhf"]), "-q", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
 
@@ -48,19 +53,39 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "model.safetensors"))
 
 
-def test_two_processes_train_the_reward_model_as_one_process_on_the_same_global_batch(tmp_path, tiny_base,
-                                                                                       small_world):
-    """reward.batch_size=16 is the global batch: 2 processes x 8 pairs (each in 2 passes of 4), their
-    gradients summed, give the weights, held-out accuracy and statistics of one process taking 16
-    pairs in one pass (fails when the all-reduce is skipped: each process then trains on its half)."""
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, tiny_base, small_world):
+    """The reference run of the reward model: one process (ddp), the global batch of 16 in one pass."""
     common = [*MICRO, f"model.base={tiny_base}", "reward.epochs=1", "reward.batch_size=16", "reward.stats_pairs=0",
               "reward.eval_every=4", "reward.log_every=1", f"reward.data={small_world / 'pairs_train.jsonl'}",
               f"reward.eval_data={small_world / 'pairs_eval.jsonl'}"]
-    res = _torchrun("reward", "--out", str(tmp_path / "two"), *common, "reward.micro_batch_size=4")
+    out = tmp_path_factory.mktemp("one")
+    assert main(["-q", "reward", "--out", str(out), *common]) == 0
+    return out, common
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_train_the_reward_model_as_one_process_on_the_same_global_batch(tmp_path, one_process,
+                                                                                       strategy):
+    """reward.batch_size=16 is the global batch: 2 processes x 8 pairs (each in 2 passes of 4), their
+    gradients summed, give the weights, held-out accuracy and statistics of one process taking 16
+    pairs in one pass (fails when the all-reduce is skipped: each process then trains on its half).
+    fsdp: the model sharded over the two, scored with its weights gathered, exported whole as a
+    plain Hugging Face folder that transformers loads, scoring as the one-process model does."""
+    from transformers import AutoModelForSequenceClassification
+
+    one, common = one_process
+    res = _torchrun("reward", "--out", str(tmp_path / "two"), *common, "reward.micro_batch_size=4",
+                    f"model.strategy={strategy}")
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("reward model: ") == 1, res.stdout  # said once, not once per process
-    assert main(["-q", "reward", "--out", str(tmp_path / "one"), *common]) == 0
-    two, one = tmp_path / "two" / "reward", tmp_path / "one" / "reward"
+    two, one = tmp_path / "two" / "reward", one / "reward"
+    models = [AutoModelForSequenceClassification.from_pretrained(f).eval() for f in (two, one)]
+    assert type(models[0]).__name__ == type(models[1]).__name__ == "MistralForSequenceClassification"
+    ids = torch.tensor([[5, 17, 33, 9, 41, 2]])
+    with torch.no_grad():
+        scores = [m(input_ids=ids).logits for m in models]
+    assert torch.allclose(*scores, atol=1e-4) and not torch.allclose(scores[0], torch.zeros(1), atol=1e-3), scores
     a, b = _weights(two), _weights(one)
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
@@ -69,11 +94,68 @@ def test_two_processes_train_the_reward_model_as_one_process_on_the_same_global_
     stats = [json.loads((f / "reward_stats.json").read_text()) for f in (two, one)]
     assert stats[0]["n"] == stats[1]["n"] and abs(stats[0]["mean"] - stats[1]["mean"]) < 1e-4
     # one log, written by the first process, with the loss of the whole global batch
-    rows = [[json.loads(line) for line in (tmp_path / run / "logs" / "reward" / "metrics.jsonl").read_text()
-             .splitlines()] for run in ("two", "one")]
+    rows = [[json.loads(line) for line in (run.parent / "logs" / "reward" / "metrics.jsonl").read_text()
+             .splitlines()] for run in (two, one)]
     losses = [[r["loss"] for r in rs if "loss" in r] for rs in rows]
     assert len(losses[0]) == len(losses[1]) > 0 and max(abs(x - y) for x, y in zip(*losses)) < 1e-4
     assert json.loads((two / "run_info.json").read_text())["processes"] == 2
+
+
+def test_fsdp_with_bf16_compute_cpu_offload_and_activation_checkpointing_trains_close_to_fp32(tmp_path,
+                                                                                             one_process):
+    """model.dtype=bfloat16 under fsdp: the layers compute in bf16 from fp32 master weights (saved
+    float32), the score head in float32 as in every role (its own shard unit: the root's weights
+    are gathered in bf16, which a float32 head cannot take); losses within bf16's reach of fp32's."""
+    one, common = one_process
+    res = _torchrun("reward", "--out", str(tmp_path), *common, "reward.micro_batch_size=4", "model.strategy=fsdp",
+                    "model.dtype=bfloat16", "model.fsdp_cpu_offload=true", "model.gradient_checkpointing=true")
+    assert res.returncode == 0, res.stderr[-3000:]
+    losses = [[json.loads(line).get("loss") for line in (run / "logs" / "reward" / "metrics.jsonl").read_text()
+               .splitlines()] for run in (tmp_path, one)]
+    gaps = [abs(x - y) for x, y in zip(*losses) if x is not None]
+    assert len(gaps) > 10 and 1e-5 < max(gaps) < 0.01, losses
+    assert all(w.dtype == torch.float32 for w in _weights(tmp_path / "reward").values())
+
+
+def test_a_sharded_run_killed_in_the_middle_of_an_epoch_resumes_on_two_or_one_process_to_the_same_model(
+        tmp_path, tiny_base, small_world):
+    """fsdp on 2 processes, killed in step 6 of 8 (57 pairs: 4 batches an epoch, the last of 9, so
+    the first process runs a pass more than the second, which runs one without pairs); resumed from
+    its DCP checkpoint in the middle of the first epoch (step 3), on 2 processes it equals the run
+    that was never killed, on 1 process (resharded) it does within 1e-4."""
+    import shutil
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join((small_world / "pairs_train.jsonl").read_text().splitlines(keepends=True)[:57]))
+    args = [*MICRO, f"model.base={tiny_base}", "model.strategy=fsdp", "reward.epochs=2", "reward.batch_size=16",
+            "reward.micro_batch_size=4", "reward.eval_every=1000", "reward.stats_pairs=16", "reward.log_every=1",
+            "reward.save_every=3", f"reward.data={data}", f"reward.eval_data={small_world / 'pairs_eval.jsonl'}"]
+    res = _torchrun("reward", "--out", str(tmp_path / "whole"), *args)
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = _torchrun("reward", "--out", str(tmp_path / "two"), *args, dies_after=10)  # 2 passes a step
+    assert res.returncode != 0 and not (tmp_path / "two" / "reward").exists()
+    ckpts = tmp_path / "two" / "logs" / "reward" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-000003", "step-000004"]
+    assert (ckpts / "step-000003" / "sharded" / ".metadata").is_file()  # every process's shards, no whole copy
+    assert not list(ckpts.glob("step-000003/*.safetensors"))
+    shutil.rmtree(ckpts / "step-000004")  # the epoch's end: resume from the middle of the epoch
+    shutil.copytree(tmp_path / "two", tmp_path / "one")
+    res = _torchrun("reward", "--out", str(tmp_path / "two"), *args)
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = _torchrun("reward", "--out", str(tmp_path / "one"), *args, nproc=1)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+    def losses(run: str) -> list[tuple[int, float]]:
+        rows = (tmp_path / run / "logs" / "reward" / "metrics.jsonl").read_text().splitlines()
+        return [(r["step"], r["loss"]) for r in map(json.loads, rows) if "loss" in r]
+
+    whole = _weights(tmp_path / "whole" / "reward")
+    for run, tol in (("two", 0.0), ("one", 1e-4)):
+        assert [s for s, _ in losses(run)] == list(range(1, 9))
+        assert max(abs(x - y) for (_, x), (_, y) in zip(losses(run), losses("whole"))) <= tol, run
+        resumed = _weights(tmp_path / run / "reward")
+        assert resumed.keys() == whole.keys()
+        assert max((resumed[k] - whole[k]).abs().max().item() for k in whole) <= tol, run
 
 
 def _data(small_world: Path, n: int = 48) -> PreferenceData:
@@ -197,3 +279,18 @@ def test_the_sft_command_under_two_processes_says_its_result_once(tmp_path, tiny
                     f"sft.data={small_world / 'pairs_train.jsonl'}")
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("sft model: ") == 1, res.stdout
+
+
+if __name__ == "__main__":  # a run killed on purpose: `test_processes.py N ARGS` (see `_torchrun`)
+    import direct_rlhf.train.reward as reward_mod
+
+    calls, real = [0], reward_mod.pair_loss
+
+    def dies_after_n(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] > int(sys.argv[1]):
+            os._exit(3)  # as a kill: nothing cleaned up, nothing saved
+        return real(*args, **kwargs)
+
+    reward_mod.pair_loss = dies_after_n
+    sys.exit(main(sys.argv[2:]))

@@ -213,23 +213,33 @@ def length_grouped_batches(lengths: Sequence[int], batch_size: int, gen: torch.G
 # The trainer
 
 
-def _resume(root: Path, key: str, model, opt, sched, gen: torch.Generator, acc=None) -> tuple[int, int, int] | None:
+def _resume(root: Path, key: str, model, opt, sched, gen: torch.Generator, acc=None,
+            loss_fn: torch.nn.Module | None = None) -> tuple[int, int, int] | None:
     """Restore the newest checkpoint made with the same inputs; (epoch, batches of it done, step) or None.
     `gen` comes back as it was at the start of that epoch, so the epoch's batches are drawn again
-    alike and the done ones skipped (a checkpoint from before mid-epoch saves has no 'batch': 0)."""
+    alike and the done ones skipped (a checkpoint from before mid-epoch saves has no 'batch': 0).
+    `loss_fn` sharded (model.strategy=fsdp): its weights and `opt`'s states are the checkpoint's
+    DCP shards, resharded to this run's processes, however many saved them."""
     path = checkpoint.latest(root)
     if path is None:
         return None
-    if checkpoint.trainer_state(path).get("key") != key:  # another run's (other inputs): start afresh,
-        if acc is not None:                               # or its later steps would shadow this run's
+    sharded = loss_fn is not None and sharding.is_sharded(loss_fn)
+    # another run's (other inputs, or the other strategy's layout): start afresh, or its later steps
+    # would shadow this run's
+    if checkpoint.trainer_state(path).get("key") != key or (path / checkpoint.SHARDS).is_dir() != sharded:
+        if acc is not None:
             acc.wait_for_everyone()
         if acc is None or acc.is_main_process:
             checkpoint.clear(root)
         if acc is not None:
             acc.wait_for_everyone()
         return None
-    states, ts, rngs = checkpoint.load(path, {"model": model})
-    opt.load_state_dict(states["opt"])
+    states, ts, rngs = checkpoint.load(path, {} if sharded else {"model": model})
+    if sharded:
+        with checkpoint.readable(path):
+            sharding.load_models(path / checkpoint.SHARDS, {"": (loss_fn, opt)})
+    else:
+        opt.load_state_dict(states["opt"])
     sched.load_state_dict(states["sched"])
     rank = acc.process_index if acc is not None else 0
     checkpoint.set_rng_state(rngs[min(rank, len(rngs) - 1)])  # training draws none; kept for exactness
@@ -249,8 +259,8 @@ class _NoLog:
 
 class _PairLoss(torch.nn.Module):
     """`pair_loss` of the reward model as a module's forward, so that torch's DistributedDataParallel
-    (which hooks into a forward) wraps the whole of it: the packed path (train/pair_packing.py)
-    calls the model's backbone and head directly, past the model's own forward."""
+    or FSDP's root (both hook into a forward) wraps the whole of it: the packed path
+    (train/pair_packing.py) calls the model's backbone and head directly, past the model's own forward."""
 
     def __init__(self, model: torch.nn.Module, pad_id: int, rc, packed: bool, cost: bool):
         super().__init__()
@@ -265,16 +275,19 @@ def _accumulate(loss_fn, enc: Sequence[EncodedPair], pairs: Sequence[Pair], idx:
                 micro: int) -> dict[str, torch.Tensor]:
     """Backward of this process's share of a global batch (`idx[rank::world]`), `micro` pairs a
     pass, each pass's loss weighted by its share of the global batch x the number of processes
-    (DDP averages the processes' gradients, in the last pass's backward): the gradients then sum,
-    over passes and processes, to those of one pass over the whole batch (every term of the loss
-    is a mean over pairs). A process without pairs in a short last batch runs one pair weighted 0,
-    as DDP needs every process's backward. Returns the loss and statistics, weighted by the share
-    of the global batch (this process's part)."""
+    (DDP and FSDP average the processes' gradients, in the last pass's backward): the gradients
+    then sum, over passes and processes, to those of one pass over the whole batch (every term of
+    the loss is a mean over pairs). A process without pairs in a short last batch runs one pair
+    weighted 0, as DDP needs every process's backward; sharded (fsdp), a forward is collective, so
+    every process runs as many passes as the first, which has the most pairs. Returns the loss and
+    statistics, weighted by the share of the global batch (this process's part)."""
     mine, total = idx[rank::world], {}
-    parts = [mine[s:s + micro] for s in range(0, len(mine), micro)] or [idx[:1]]
-    for k, part in enumerate(parts):
-        w = len(part) / len(idx) if mine else 0.0  # 1.0 for one process in one pass: unchanged from before
-        sharding.gradient_sync(loss_fn, k == len(parts) - 1)
+    parts = [mine[s:s + micro] for s in range(0, len(mine), micro)]
+    passes = max(1, math.ceil(len(idx[::world]) / micro) if sharding.is_sharded(loss_fn) else len(parts))
+    for k in range(passes):
+        part = parts[k] if k < len(parts) else idx[:1]
+        w = len(part) / len(idx) if k < len(parts) else 0.0  # 1.0 for one process in one pass: unchanged from before
+        sharding.gradient_sync(loss_fn, k == passes - 1)
         loss, stats = loss_fn([enc[i] for i in part], [pairs[i] for i in part])
         (loss * (w * world)).backward()
         for name, value in (("loss", loss.detach()), *stats.items()):
@@ -298,10 +311,12 @@ def train_preference_model(cfg: Config, init: str, data: PreferenceData, out: Pa
     Data parallel over every process of a `torchrun` / `accelerate launch`: `reward.batch_size`
     is the global batch, each process backpropagates its share (in `reward.micro_batch_size`
     passes) and the gradients are summed over the processes before the step, so every process
-    takes the same step as one process would on the whole batch. Every process scores the
-    held-out and statistics pairs itself (as long as one process alone would: no process waits on
-    another), so they are those of a one-process run; the first process alone writes the log, the
-    checkpoints and the folder."""
+    takes the same step as one process would on the whole batch. `model.strategy` (ddp or fsdp,
+    train/sharding.py) spreads the model. Every process scores the held-out and statistics pairs
+    itself (as long as one process alone would: no process waits on another; fsdp: with the
+    weights gathered whole for it, so its forwards run no collective), so they are those of a
+    one-process run; the first process alone writes the log and the folder (fsdp: gathered whole
+    on it), and the checkpoints (fsdp: every process writes its shards into them)."""
     from accelerate import Accelerator
 
     rc, cost = cfg.reward, stage == "cost"
@@ -314,8 +329,14 @@ def train_preference_model(cfg: Config, init: str, data: PreferenceData, out: Pa
     seed_everything(cfg.seed)  # the same on every process: the same new head, the same batches
     model, tokenizer = build_reward_model(init, cfg)
     device = acc.device if world > 1 else training_device()
-    model.to(device)
+    model.to(device).train()
     pad_id = tokenizer.pad_token_id
+    packed = can_pack(model, rc.max_len)
+    # data parallel: torch's DDP around the loss (one process: the loss as it is), or (fsdp) the loss
+    # module as the root over the sharded decoder layers; the optimiser is built on what this leaves
+    mc = cfg.model
+    loss_fn = sharding.shard(_PairLoss(model, pad_id, rc, packed, cost), mc.strategy, mc.dtype, mc.fsdp_cpu_offload,
+                             device, float32=[model.score])
     train_enc, n_trunc = encode_pairs(tokenizer, data.train, rc.max_len)
     eval_enc, n_trunc_eval = encode_pairs(tokenizer, data.eval, rc.max_len)
     load = data.info.get("train_load") or {}
@@ -329,7 +350,7 @@ def train_preference_model(cfg: Config, init: str, data: PreferenceData, out: Pa
     gen = torch.Generator().manual_seed(cfg.seed)
     start = time.perf_counter()
     held, held_sign, ckpt_root = {}, None, log_dir / "checkpoints"
-    resumed = _resume(ckpt_root, key, model, opt, sched, gen, acc)
+    resumed = _resume(ckpt_root, key, model, opt, sched, gen, acc, loss_fn)
     first_epoch, skip, step = resumed or (0, 0, 0)
     logger = MetricsLogger(log_dir, resume_from=step if resumed else None) if main else _NoLog()
     if resumed:
@@ -339,19 +360,20 @@ def train_preference_model(cfg: Config, init: str, data: PreferenceData, out: Pa
                        "truncated_eval": n_trunc_eval, "dropped_identical": load.get("dropped_identical", 0)})
     window: dict[str, list[float]] = {"loss": [], "accuracy": [], "margin": []}
     bar = tqdm(total=total, initial=step, desc=stage, disable=not (progress and main), dynamic_ncols=True)
-    model.train()
-    packed = can_pack(model, rc.max_len)
     lengths = row_lengths(train_enc, packed)
-    # data parallel through torch's DDP (one process: the loss as it is)
-    loss_fn = sharding.shard(_PairLoss(model, pad_id, rc, packed, cost), "ddp", device=device)
 
     def save(epoch: int, batch: int, gen_state: torch.Tensor) -> None:
-        """A checkpoint to resume from: `batch` batches of `epoch` done, `gen` as at its start."""
+        """A checkpoint to resume from: `batch` batches of `epoch` done, `gen` as at its start; sharded
+        (fsdp), every process writes its shards of the weights and optimiser states (DCP) into it."""
         rngs = checkpoint.gathered_rng_states(gather_object) if world > 1 else [checkpoint.rng_state()]
+        shards = None
+        if sharding.is_sharded(loss_fn):
+            shards = sharding.save_models(ckpt_root / f".step-{step:06d}.shards.tmp", {"": (loss_fn, opt)}, None)
         if main:
-            checkpoint.save(ckpt_root, step, {"model": model}, {"opt": opt.state_dict(), "sched": sched.state_dict()},
+            states = {"sched": sched.state_dict()} if shards else {"opt": opt.state_dict(), "sched": sched.state_dict()}
+            checkpoint.save(ckpt_root, step, {} if shards else {"model": model}, states,
                             {"key": key, "epoch": epoch, "batch": batch, "step": step, "rng": rngs,
-                             "gen": gen_state.tolist()}, world_size=world)
+                             "gen": gen_state.tolist()}, world_size=world, shards=shards)
         acc.wait_for_everyone()
 
     for epoch in range(first_epoch, rc.epochs):
@@ -365,7 +387,7 @@ def train_preference_model(cfg: Config, init: str, data: PreferenceData, out: Pa
             stats = _accumulate(loss_fn, train_enc, data.train, idx, rank, world, micro)
             if world > 1:
                 stats = _all_sum(stats, device)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), rc.grad_clip)
+            sharding.clip_grad_norm(loss_fn, rc.grad_clip)  # sharded: the norm over the processes' shards
             opt.step()
             sched.step()
             for name, value in stats.items():
@@ -376,7 +398,8 @@ def train_preference_model(cfg: Config, init: str, data: PreferenceData, out: Pa
                 bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.2f}")
                 window = {k: [] for k in window}
             if step % rc.eval_every == 0 or step == total:
-                held, held_scores = pairwise_accuracy(model, eval_enc, data.eval, pad_id, rc.batch_size, packed)
+                with sharding.whole_weights(loss_fn):
+                    held, held_scores = pairwise_accuracy(model, eval_enc, data.eval, pad_id, rc.batch_size, packed)
                 logger.log(step, {f"eval/accuracy/{k}" if k != "all" else "eval/accuracy": v
                                   for k, v in held.items() if not k.startswith("n")})
                 if cost:
@@ -389,12 +412,13 @@ def train_preference_model(cfg: Config, init: str, data: PreferenceData, out: Pa
             save(epoch + 1, 0, gen.get_state())
     bar.close()
     train_s = time.perf_counter() - start
-    model = plain_model(model).eval()
+    model = plain_model(model).eval()  # LoRA merged (ddp only: fsdp trains every weight)
     # Statistics PPO normalises with: rewards of both chosen and rejected responses on (a seeded sample
     # of) the training set; 1000 pairs pin mean and std to about 3% of std, at a fraction of a full pass.
     sample = sorted(torch.randperm(len(train_enc), generator=gen)[: rc.stats_pairs or None].tolist())
-    train_acc, scores = pairwise_accuracy(model, [train_enc[i] for i in sample], [data.train[i] for i in sample],
-                                          pad_id, rc.batch_size, packed)
+    with sharding.whole_weights(loss_fn):
+        train_acc, scores = pairwise_accuracy(model, [train_enc[i] for i in sample], [data.train[i] for i in sample],
+                                              pad_id, rc.batch_size, packed)
     reward_stats = {"mean": scores.mean().item(), "std": scores.std().item(), "n": scores.numel(),
                     "max_len": rc.max_len, "kind": stage,
                     "higher_is": "more harmful" if stage == "cost" else "more preferred",
@@ -407,10 +431,12 @@ def train_preference_model(cfg: Config, init: str, data: PreferenceData, out: Pa
     logger.log(step, {"train/accuracy": train_acc["all"], "reward_mean": reward_stats["mean"],
                       "reward_std": reward_stats["std"], "train_s": train_s})
     logger.close()
-    info = {"stage": stage, "key": key, "seed": cfg.seed, "init": init, "config": cfg.section_dict("reward"),
-            "data": data.info, "steps": total, "train_s": train_s, "wall_s": time.perf_counter() - start,
-            "n_params": sum(p.numel() for p in model.parameters()), **({"processes": world} if world > 1 else {})}
+    if sharding.is_sharded(loss_fn):
+        model = sharding.unsharded(loss_fn, "model")  # every process takes part; the whole model on the first only
     if main:
+        info = {"stage": stage, "key": key, "seed": cfg.seed, "init": init, "config": cfg.section_dict("reward"),
+                "data": data.info, "steps": total, "train_s": train_s, "wall_s": time.perf_counter() - start,
+                "n_params": sum(p.numel() for p in model.parameters()), **({"processes": world} if world > 1 else {})}
         save_model_folder(out, model, tokenizer, info, extra={STATS_FILE: reward_stats, "eval.json": eval_json})
         shutil.rmtree(ckpt_root, ignore_errors=True)  # only once the model is saved: a kill while scoring resumes
     acc.wait_for_everyone()  # the folder is there when any process returns it
