@@ -6,7 +6,8 @@ Sampling is made identical whatever the number of processes: each response is a 
 its prompt (the actor still samples, sharded, then its tokens are replaced), and the experience pass
 recomputes the actor's log-probs. Two processes must then train as one process on the whole global
 batch; a sharded checkpoint must resume, on 2 or on 1 process, into the uninterrupted run; and the
-policy must be one plain Hugging Face folder.
+policy must be one plain Hugging Face folder. The balance guard runs under both, with every
+collective call (gathering the sharded policy, saving and loading checkpoints) made by every process.
 
 This file is also the worker torchrun starts (`python -m torch.distributed.run ... <this file> <json>`).
 """
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import MICRO
 
 TOL = 1e-4
 STEPS = 4
@@ -46,6 +48,8 @@ def _response(tok, prompt: str) -> list[int]:
 
 
 def _worker(args: dict) -> None:
+    if "cli" in args:
+        return _guarded_worker(args)
     from direct_rlhf.config import load_config
     from direct_rlhf.rollout.hf_generate import Samples
     from direct_rlhf.train.ppo import PPOTrainer
@@ -75,6 +79,26 @@ def _worker(args: dict) -> None:
     trainer.acc.wait_for_everyone()
 
 
+def _guarded_worker(args: dict) -> None:
+    """`direct-rlhf ARGS` (args["cli"]) with the balance guard's validation win-rates replaced by
+    args["wins"], in the order the main process evaluates, and the sum of squares of the evaluated
+    model's weights recorded beside them (`weights_sq`), so that the test knows what was evaluated."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from direct_rlhf.cli import main
+    from direct_rlhf.eval import validation
+
+    real, wins = validation.Validator.evaluate, iter(args["wins"])
+
+    def scripted(self, model):
+        assert not isinstance(model, (FSDPModule, torch.nn.parallel.DistributedDataParallel)), type(model)
+        return {**real(self, model), "win_rate": next(wins),
+                "weights_sq": sum(p.detach().double().square().sum().item() for p in model.parameters())}
+
+    validation.Validator.evaluate = scripted
+    sys.exit(main(args["cli"]))
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """A tiny random Mistral (2 layers, untied head) and a reward model folder, with the tests' BPE tokenizer."""
@@ -88,6 +112,12 @@ def models(tmp_path_factory):
 def _run(nproc: int, models, **args) -> Path:
     base, rm = models
     args = {"base": str(base), "rm": str(rm), **{k: str(v) if isinstance(v, Path) else v for k, v in args.items()}}
+    _torchrun(nproc, args)
+    return Path(args["out"])
+
+
+def _torchrun(nproc: int, args: dict) -> None:
+    """This file's worker (`_worker`) in `nproc` processes, with `args`."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            __file__, json.dumps(args)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
@@ -95,7 +125,6 @@ def _run(nproc: int, models, **args) -> Path:
            **({} if GPUS else {"ACCELERATE_USE_CPU": "true"})}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-4000:]
-    return Path(args["out"])
 
 
 # compared: the losses and the per-row statistics. Per-token statistics (kl/token, values/*,
@@ -215,6 +244,89 @@ def test_the_fsdp_policy_is_one_plain_hugging_face_folder(one_process, two_fsdp)
     ids = AutoTokenizer.from_pretrained(folder)(PROMPTS[0] + " Paris", return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, ref(ids).logits, atol=1e-3)
+
+
+# the guard's run: evaluations at the start and after each of 4 steps, with these win-rates (the
+# start, steps 1-4): step 1 is kept, then replaced by step 2, which stays the choice to the end
+GUARD_STEPS, GUARD_WINS, GUARD_KEPT = 4, [0.5, 0.7, 0.9, 0.6, 0.8], 2
+GUARD = [*MICRO, "world.n_val_mc_per_task=4", "world.n_val_redteam=4", "world.n_val_conversation=4", "reward.epochs=1"]
+
+
+@pytest.fixture(scope="module")
+def guard_stages(tmp_path_factory):
+    """The toy world, the pretrained micro base and its reward model, built by one process (a launch
+    of several builds only its own stage)."""
+    from direct_rlhf.cli import main
+
+    run = tmp_path_factory.mktemp("guard-stages")
+    assert main(["-q", "pretrain", "--out", str(run), *GUARD]) == 0
+    assert main(["-q", "reward", "--out", str(run), *GUARD, f"model.base={run / 'base'}"]) == 0
+    return run
+
+
+def _actor(ckpt: Path) -> dict[str, torch.Tensor]:
+    """A PPO checkpoint's actor weights: its safetensors (ddp), or read from its DCP shards (fsdp);
+    a model folder's own weights."""
+    from safetensors.torch import load_file
+
+    if (ckpt / "model.safetensors").is_file():
+        return load_file(str(ckpt / "model.safetensors"))
+    if not (ckpt / "sharded").is_dir():
+        return load_file(str(ckpt / "actor.safetensors"))
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(ckpt / "sharded", ckpt.parent / f"{ckpt.name}.pt")
+    return torch.load(ckpt.parent / f"{ckpt.name}.pt", weights_only=True)["actor"]["model"]
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+def test_the_balance_guard_keeps_and_saves_the_known_step_under_two_processes(guard_stages, strategy, tmp_path):
+    """`direct-rlhf ppo` with ppo.select=balanced on 2 processes, the win-rates scripted so that step 2
+    is the one to keep (the last is 4): every evaluation is of the current policy, whole and plain
+    (under fsdp gathered from both processes' shards); only step 2's checkpoint is kept, after the
+    trainer's own pruning removed it (hard links; under fsdp both processes' DCP shards); <out>/rlhf
+    is step 2's actor, loaded back by both processes, and <out>/rlhf-last step 4's, weight for weight."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path / "run"
+    shutil.copytree(guard_stages, run)
+    _torchrun(TWO, {"out": str(run), "wins": GUARD_WINS, "cli": [
+        "-q", "ppo", "--out", str(run), *GUARD, f"model.base={run / 'base'}", f"model.strategy={strategy}",
+        f"ppo.steps={GUARD_STEPS}", "ppo.eval_every=1", "ppo.select=balanced", "ppo.save_every=10",
+        "ppo.rollout_batch_size=8", "ppo.mini_batch_size=8", "ppo.max_new_tokens=8", "ppo.ptx_coef=0",
+        "ppo.lora.enabled=false", "ppo.max_capability_drop=100", "ppo.max_toxicity_ratio=100",
+        "ppo.min_appropriate=0", "ppo.validation_samples=1", "eval.max_new_tokens=8"]})
+    info = json.loads((run / "rlhf" / "run_info.json").read_text())
+    assert info.get("processes", 1) == TWO and info.get("strategy", strategy) == strategy
+    guard = info["guard"]
+    assert guard["step"] == GUARD_KEPT and guard["last_step"] == GUARD_STEPS and guard["rule"].startswith("best win")
+    evaluations = [guard["reference"], *guard["evaluations"]]
+    assert [r["step"] for r in evaluations] == list(range(GUARD_STEPS + 1))
+    assert [r["win_rate"] for r in evaluations] == GUARD_WINS
+    assert {"general_acc", "toxicity", "gold_correct"} <= set(guard["evaluations"][0])
+
+    work = run / "rlhf-work"
+    # the trainer kept its last two checkpoints; step 2's lives on in the guard's links only
+    assert sorted(p.name for p in (work / "checkpoints").glob("step-*")) == ["step-000003", "step-000004"]
+    assert sorted(p.name for p in (work / "guard").glob("step-*")) == [f"step-{GUARD_KEPT:06d}"]
+    kept = work / "guard" / f"step-{GUARD_KEPT:06d}"
+    if strategy == "fsdp":
+        assert len(list((kept / "sharded").glob("*.distcp"))) == TWO and (kept / "sharded" / ".metadata").is_file()
+    actors = {0: _actor(run / "base"), GUARD_KEPT: _actor(kept),
+              **{s: _actor(work / "checkpoints" / f"step-{s:06d}") for s in (3, 4)}}
+    names = [n for n, _ in AutoModelForCausalLM.from_pretrained(run / "base").named_parameters()]
+    for r in evaluations:  # the model each evaluation saw: the policy of its step, every weight
+        if r["step"] in actors:
+            expected = sum(actors[r["step"]][n].double().square().sum().item() for n in names)
+            assert r["weights_sq"] == pytest.approx(expected, rel=1e-9), r["step"]
+    assert any(not torch.equal(actors[GUARD_KEPT][n], actors[GUARD_STEPS][n]) for n in names)
+    for folder, step in (("rlhf", GUARD_KEPT), ("rlhf-last", GUARD_STEPS)):
+        saved = AutoModelForCausalLM.from_pretrained(run / folder).state_dict()
+        assert all(torch.equal(saved[n], w) for n, w in actors[step].items()), folder
+    last_info = json.loads((run / "rlhf-last" / "run_info.json").read_text())
+    assert "guard" not in last_info and last_info["guard_of_chosen_policy"]["step"] == GUARD_KEPT
 
 
 def test_what_fsdp_does_not_cover_is_one_line_before_any_model_is_loaded(models, tmp_path):

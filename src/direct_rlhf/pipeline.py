@@ -330,9 +330,6 @@ def ensure_policy(cfg: Config, progress: bool = True, resume: bool = False, init
     guarded = pc.select == "balanced" or pc.eval_every > 0
     if pc.select == "balanced" and pc.eval_every == 0:
         raise UserError("ppo.select=balanced chooses among evaluated steps: set ppo.eval_every (e.g. 25)")
-    if guarded and cfg.model.strategy == "fsdp":  # the guard evaluates on one process, a sharded model needs all
-        raise UserError("the balance guard (ppo.select=balanced or ppo.eval_every > 0) does not run under "
-                        "model.strategy=fsdp yet: set ppo.select=last ppo.eval_every=0, or model.strategy=ddp")
     needs_world = ((pc.prompts is None and not from_pairs) or (pc.ptx_coef > 0 and pc.ptx_data is None)
                    or (guarded and (pc.validation_redteam is None or pc.validation_conversation is None
                                     or pc.validation_general.strip() == "toy")))
@@ -389,7 +386,9 @@ def ensure_policy(cfg: Config, progress: bool = True, resume: bool = False, init
 
 def _balance_guard(cfg: Config, trainer, world: Path | None, start: str, work: Path):
     """The balance guard (train/balance_guard.py) on the recipe's validation sets or the toy world's,
-    judging win-rates with the trainer's own reward model (normalised, as PPO scores)."""
+    judging win-rates with the trainer's own reward model (normalised, as PPO scores). The sets are
+    read by every process (a bad file stops each with its line); only the main process evaluates,
+    so only it holds a validator (and its toxicity classifier)."""
     from .eval.validation import Validator, validation_sets
     from .train.balance_guard import BalanceGuard
 
@@ -399,23 +398,29 @@ def _balance_guard(cfg: Config, trainer, world: Path | None, start: str, work: P
         with trainer._autocast():
             return trainer.reward.normalise(trainer.reward.score(prompts, responses))
 
-    validator = Validator(cfg, sets, trainer.tokenizer, score, str(trainer.acc.device), cfg.ppo.validation_samples)
+    validator = Validator(cfg, sets, trainer.tokenizer, score, str(trainer.acc.device), cfg.ppo.validation_samples) \
+        if trainer.acc.is_main_process else None
     return BalanceGuard(validator, cfg.ppo, work, start, cfg.model.trust_remote_code)
 
 
 def _save_last_then_load_chosen(trainer, guard, last_out: Path, info: dict) -> None:
-    """<out>/<name>-last: the last step's policy (saved from a plain copy, the actor untouched); then
-    the actor takes the chosen checkpoint's weights, for save_policy to write as the run's policy."""
+    """<out>/<name>-last: the last step's policy, the actor untouched; then the actor takes the
+    chosen checkpoint's weights, for save_policy to write as the run's policy. Every process calls
+    it: under fsdp both are collective (the actor gathered whole, as save_policy gathers it; the
+    checkpoint's shards loaded by every process, resharded)."""
     from .train.common import save_model_folder
 
+    last_info: dict = {}
     if trainer.acc.is_main_process:
         sel = guard.selection
         # its record names the chosen step: kept under another key, so that the report does not
         # present this folder as the guard's choice
-        last_info = {k: v for k, v in info.items() if k != "guard"}
-        save_model_folder(last_out, guard.plain_policy(trainer).eval(), trainer.tokenizer,
-                          {**last_info, "guard_of_chosen_policy": sel,
-                           "policy": f"the last step's ({sel['last_step']}), not the chosen one"})
+        last_info = {**{k: v for k, v in info.items() if k != "guard"}, "guard_of_chosen_policy": sel,
+                     "policy": f"the last step's ({sel['last_step']}), not the chosen one"}
+    if trainer.fsdp:  # the float32 master weights, as <out>/<name> is saved
+        trainer.save_policy(last_out, last_info)
+    elif trainer.acc.is_main_process:  # from a plain copy (the merged one of a LoRA actor)
+        save_model_folder(last_out, guard.plain_policy(trainer).eval(), trainer.tokenizer, last_info)
     chosen = guard.chosen_checkpoint() if trainer.acc.is_main_process else None
     from accelerate.utils import broadcast_object_list
 

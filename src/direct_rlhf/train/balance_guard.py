@@ -16,9 +16,15 @@ accuracy. Ties go to the earlier step (closer to the start). `ppo.patience` > 0 
 stayed below its bound for that many evaluations in a row (as the KL stop does, with its reason).
 
 Only the checkpoints that may still be chosen are kept (hard links to the trainer's checkpoint
-folders under <work>/guard/, so the trainer's own pruning does not remove them); the rest are
-removed as soon as a better one is known. The selection functions at the top are pure: they take
-evaluation records and decide, so the rule is tested on hand-made records.
+folders under <work>/guard/, so the trainer's own pruning does not remove them; under fsdp their DCP
+shards, every process's); the rest are removed as soon as a better one is known. The selection
+functions at the top are pure: they take evaluation records and decide, so the rule is tested on
+hand-made records.
+
+Under several processes every process calls the guard at the same points, since some of what it
+does is collective under model.strategy=fsdp: gathering the sharded actor into a plain model on the
+main process (`plain_policy`) and saving a checkpoint. Only the main process evaluates, chooses and
+writes the guard's files; the others wait for it at the next broadcast.
 """
 
 from __future__ import annotations
@@ -118,15 +124,16 @@ def _why(r: Record, ref: Record, pc: Any) -> str:
 # ------------------------------------------------------------------ the guard in the PPO loop
 class BalanceGuard:
     """Evaluates, records and keeps candidates for a PPOTrainer (its `train(guard=...)` calls
-    `start`, `after_step` and `finish`); only the main process evaluates and writes files."""
+    `start`, `after_step` and `finish`, on every process); only the main process evaluates and
+    writes files (`validator`: None on the others)."""
 
-    def __init__(self, validator: Any, pc: Any, work: Path, start_model: str, trust_remote_code: bool = False):
+    def __init__(self, validator: Any | None, pc: Any, work: Path, start_model: str, trust_remote_code: bool = False):
         self.validator, self.pc, self.dir = validator, pc, Path(work) / "guard"
         self.start_model, self.trust_remote_code = start_model, trust_remote_code
         self.reference: Record | None = None
         self.records: list[Record] = []
         self.selection: dict[str, Any] | None = None
-        self._copy = None  # a plain model for a LoRA actor that has no rollout copy
+        self._copy = None  # a plain model for a LoRA actor without a rollout copy, or of a sharded actor
 
     # -- records, kept across a resume
     def _save(self) -> None:
@@ -146,16 +153,20 @@ class BalanceGuard:
 
     def start(self, trainer: Any) -> None:
         """Before the first step: the start policy's numbers (once: a resumed run reads them back)."""
-        if not trainer.acc.is_main_process:
-            return
-        if trainer.step_idx > 0:
-            self._load(trainer.step_idx)
-        else:
-            shutil.rmtree(self.dir, ignore_errors=True)
-        if self.reference is None or self.validator.reference_scores is None:
+        main = trainer.acc.is_main_process
+        if main:
             if trainer.step_idx > 0:
-                raise RuntimeError(f"{self.dir}: no record of the start policy's evaluation to resume from")
-            self.reference = {"step": 0, **self._evaluate(trainer)}
+                self._load(trainer.step_idx)
+            else:
+                shutil.rmtree(self.dir, ignore_errors=True)
+        needed = _broadcast(trainer, main and (self.reference is None or self.validator.reference_scores is None))
+        if not needed:
+            return
+        if trainer.step_idx > 0:  # on every process: none is left waiting for the others
+            raise RuntimeError(f"{self.dir}: no record of the start policy's evaluation to resume from")
+        measured = self._evaluate(trainer)
+        if main:
+            self.reference = {"step": 0, **measured}
             self._save()
             log.info("guard: start policy %s", _short(self.reference))
 
@@ -168,9 +179,9 @@ class BalanceGuard:
         """At an evaluation step (`due`): evaluate; sets `trainer.stopped_early` when general accuracy
         ran out of patience. Returns the record (main process) for the caller to log with the step's
         row; the caller then saves its checkpoint and calls `keep`."""
-        record = None
-        if trainer.acc.is_main_process:
-            record = {"step": trainer.step_idx, **self._evaluate(trainer)}
+        record, measured = None, self._evaluate(trainer)
+        if measured is not None:  # the main process
+            record = {"step": trainer.step_idx, **measured}
             record["passes"] = bounds_passed(record, self.reference, self.pc)
             self.records = [r for r in self.records if r["step"] != record["step"]] + [record]
             self._save()
@@ -189,7 +200,8 @@ class BalanceGuard:
         if self.pc.select != "balanced":
             return
         step = trainer.step_idx
-        if not trainer.checkpoint_path(step).is_dir():
+        # the main process's view, so that every process saves (collective under fsdp) or none does
+        if _broadcast(trainer, not trainer.checkpoint_path(step).is_dir()):
             trainer.save_checkpoint()
         if not trainer.acc.is_main_process:
             return
@@ -233,20 +245,32 @@ class BalanceGuard:
         return self.dir / f"step-{step:06d}"
 
     # -- evaluation
-    def _evaluate(self, trainer: Any) -> Record:
-        """The validation numbers of the trainer's current policy. Every RNG is put back after, so
-        training draws the same numbers with the guard as without it."""
+    def _evaluate(self, trainer: Any) -> Record | None:
+        """The validation numbers of the trainer's current policy, on the main process; None on the
+        others, which only take part in gathering it (`plain_policy`). Every RNG is put back after,
+        so training draws the same numbers with the guard as without it."""
         from .checkpoint import rng_state, set_rng_state
 
         state = rng_state()
         try:
-            return self.validator.evaluate(self.plain_policy(trainer))
+            policy = self.plain_policy(trainer)
+            return None if policy is None else self.validator.evaluate(policy)
         finally:
             set_rng_state(state)
+            if trainer.fsdp and self._copy is not None:  # the GPU's memory back to training
+                self._copy.model.to("cpu")
 
-    def plain_policy(self, trainer: Any) -> torch.nn.Module:
-        """The current policy as a plain causal LM, without touching the actor: the rollout copy when
-        there is one, the actor itself when it has no adapters, else a copy made once."""
+    def plain_policy(self, trainer: Any) -> torch.nn.Module | None:
+        """The current policy as a plain causal LM on the main process (None on the others), without
+        touching the actor: the rollout copy when there is one, the actor itself when it has no
+        adapters, else a copy made once. Under model.strategy=fsdp every process must call it: each
+        parameter is gathered whole from every process's shards (`actor_weights`) into a copy on the
+        main process, in model.dtype (what the sharded actor computes in; one whole model, e.g.
+        14.5 GB for a 7B in bf16), kept in host memory between evaluations."""
+        if trainer.fsdp:
+            return self._gathered(trainer)
+        if not trainer.acc.is_main_process:
+            return None
         actor = trainer.acc.unwrap_model(trainer.actor)
         if trainer.rollout_copy is not None:
             return trainer.rollout_copy.sync(actor)
@@ -258,6 +282,19 @@ class BalanceGuard:
             self._copy = MergedRolloutCopy(self.start_model, self.trust_remote_code)
             self._copy.model.to(trainer.acc.device)
         return self._copy.sync(actor)
+
+    def _gathered(self, trainer: Any) -> torch.nn.Module | None:
+        """`plain_policy` of a sharded actor: the gather is collective, the copy the main process's."""
+        from ..rollout.policy_weights import MergedRolloutCopy, actor_weights
+
+        if not trainer.acc.is_main_process:
+            for _ in actor_weights(trainer.actor):  # each parameter gathered, in the main process's order
+                pass
+            return None
+        if self._copy is None:
+            self._copy = MergedRolloutCopy(self.start_model, self.trust_remote_code, trainer.cfg.model.dtype)
+        self._copy.model.to(trainer.acc.device)
+        return self._copy.sync(trainer.actor)
 
 
 def _broadcast(trainer: Any, flag: bool) -> bool:
