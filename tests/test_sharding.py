@@ -201,8 +201,9 @@ def test_the_new_settings_at_their_defaults_leave_every_stage_key_as_it_was():
     cfg = load_config(None, ["model.strategy=fsdp", "sft.micro_batch_size=2"])
     settings = cfg.section_dict("model", "sft")
     assert settings["model"]["strategy"] == "fsdp" and settings["sft"]["micro_batch_size"] == 2
-    # only the SFT stage reads it: the base it starts from (and reward, PPO) keep their keys
+    # the stages that read it (SFT, PPO, reward and cost models) are keyed by it; the base they start from is not
     assert cfg.section_dict("model", "pretrain") == load_config(None, []).section_dict("model", "pretrain")
+    assert cfg.section_dict("model", "reward")["model"]["strategy"] == "fsdp"
 
 
 if __name__ == "__main__":

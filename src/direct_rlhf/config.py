@@ -66,7 +66,7 @@ class ModelConfig:
                                   "model you trust)")
     gradient_checkpointing: bool = key(False, "trade compute for memory in trained models (large models)")
     strategy: Literal["ddp", "fsdp"] = key("ddp", "trained weights over processes: whole on each, or "
-                                           "FSDP2-sharded (SFT and PPO)")
+                                           "FSDP2-sharded (PPO, SFT, reward and cost models)")
     fsdp_cpu_offload: bool = key(False, "with fsdp: parameter shards, gradients and the optimiser step on the CPU")
     chat_format: Literal["hh", "template"] = key("hh", "HH transcripts (the paper's), or the tokenizer's own "
                                                  "chat template")
@@ -333,8 +333,9 @@ KEYED_UNLESS_DEFAULT: dict[tuple[str, str], Any] = {
     ("ppo", "validation_general_limit"): None, ("ppo", "validation_samples"): 2,
 }
 # The stages whose trainer reads model.strategy (train/sharding.py): the others' keys leave the
-# model section's sharding settings out, so an fsdp SFT run finds its base cached.
-SHARDED_STAGES = ("sft", "ppo")
+# model section's sharding settings out, so an fsdp SFT run finds its base cached. The reward (and
+# cost) model's key has them: under bf16, fsdp computes in bf16 where ddp trains in fp32.
+SHARDED_STAGES = ("sft", "ppo", "reward")
 
 
 DEFAULT_RECIPE = "toy.yaml"
