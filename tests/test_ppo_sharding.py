@@ -231,6 +231,22 @@ def test_ppo_lagrangian_trains_sharded_as_on_one_process_and_ptx_runs(models, tm
     assert len(rows) == STEPS and all(r["loss/ptx"] > 0 for r in rows)
 
 
+def test_bf16_compute_under_fsdp_trains_close_to_fp32_with_float32_value_heads(models, tmp_path):
+    """model.dtype=bfloat16 under fsdp (the mistral-7b recipe's setting): the critics' float32 heads
+    are sharded on their own in float32 (gathered by the root they came in bf16 and the first
+    critic forward failed on a dtype mismatch); the losses stay near an fp32 run's and the saved
+    policy is float32 (the master weights)."""
+    extra = ["ppo.lagrangian=true", "ppo.cost_threshold=-100", "ppo.lambda_init=0.5"]
+    fp32 = _run(TWO, models, out=tmp_path / "fp32", strategy="fsdp", micro=4, lagrangian_ptx=True, extra=extra)
+    bf16 = _run(TWO, models, out=tmp_path / "bf16", strategy="fsdp", micro=4, lagrangian_ptx=True,
+                extra=[*extra, "model.dtype=bfloat16"])
+    ma, mb = _metrics(fp32), _metrics(bf16)
+    for s in range(1, STEPS + 1):
+        for k in ("loss/policy", "loss/value", "reward/score"):
+            assert abs(ma[s][k] - mb[s][k]) <= 0.05, (s, k, ma[s][k], mb[s][k])
+    assert all(w.dtype == torch.float32 for w in _weights(bf16).values())
+
+
 def test_the_fsdp_policy_is_one_plain_hugging_face_folder(one_process, two_fsdp):
     """Gathered whole on the main process: transformers loads it as the base's class, with every
     weight, and it scores text as the one-process policy does."""

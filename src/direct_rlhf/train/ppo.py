@@ -197,9 +197,12 @@ class PPOTrainer:
                             "ppo.rollout_backend=hf")
 
     def _shard(self, model: torch.nn.Module, frozen: bool = False) -> torch.nn.Module:
+        """`model` sharded; a value model's float32 head stays float32 under bf16 compute (as gathered
+        by the root it would come in bf16 and meet the float32 input its head casts to)."""
         mc = self.cfg.model
+        heads = [model.head] if isinstance(model, ValueModel) else []
         return sharding.shard(model.to(self.acc.device), "fsdp", mc.dtype, mc.fsdp_cpu_offload, self.acc.device,
-                              frozen=frozen)
+                              frozen=frozen, float32=heads)
 
     @staticmethod
     def _warn_without_cost_zero(path: str) -> None:
