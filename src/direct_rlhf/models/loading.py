@@ -80,6 +80,19 @@ def load_causal_lm(name_or_path: str | Path, dtype: str = "float32", trust_remot
     return model.eval()
 
 
+def activation_checkpointing(model: Any) -> Any:
+    """Recompute each layer's activations in the backward instead of keeping them (trained models of
+    a large base: `model.gradient_checkpointing`). transformers 5.x calls it activation
+    checkpointing (the old name warns); older versions have only the old name."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False  # generation turns it back on per call
+    return model
+
+
 def _check_local(name_or_path: str | Path) -> None:
     """A path that looks local but does not exist is a typo, not a hub id: say so plainly."""
     text = str(name_or_path)

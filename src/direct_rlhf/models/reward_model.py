@@ -27,7 +27,7 @@ from ..config import Config
 from ..data.chat_format import special_wrapping
 from ..errors import UserError
 from .dropout import disable_dropout
-from .loading import DTYPES, load_tokenizer, pretrained
+from .loading import DTYPES, activation_checkpointing, load_tokenizer, pretrained
 from .precision import float32_head, merge_in_float32, trained_dtype
 
 STATS_FILE = "reward_stats.json"
@@ -109,12 +109,8 @@ def build_reward_model(init: str, cfg: Config):
                            trust_remote_code=cfg.model.trust_remote_code)
     model.config.pad_token_id = tokenizer.pad_token_id
     float32_head(model.score)
-    if cfg.model.gradient_checkpointing:  # as load_actor does (train/ppo_models.py); only while training
-        enable = getattr(model, "activation_checkpointing_enable", None)
-        if enable is not None:
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.model.gradient_checkpointing:  # only while training: a loaded reward model never has it
+        activation_checkpointing(model)
     if lora.enabled:
         from .lora import add_lora
 

@@ -126,7 +126,8 @@ class PPOTrainer:
         self.ref = load_reference(base, dtype, self.pc.lora, cfg.model.trust_remote_code)
         self.rollout_copy = (MergedRolloutCopy(base, cfg.model.trust_remote_code)
                              if self.vllm is None and self.pc.lora.enabled and self.pc.merged_rollout else None)
-        critic = ValueModel.from_reward_model(reward_path, dtype, self.pc.critic_lora, cfg.model.trust_remote_code)
+        critic = ValueModel.from_reward_model(reward_path, dtype, self.pc.critic_lora, cfg.model.trust_remote_code,
+                                              cfg.model.gradient_checkpointing)
         # scored in length-sorted chunks of micro_batch_size rows (and micro_batch_tokens positions), like
         # every other forward pass here:
         # one padded batch of the whole rollout took twice as long (docs/performance.md)
@@ -160,7 +161,7 @@ class PPOTrainer:
             if not cost_path:
                 raise UserError("ppo.lagrangian needs a cost model (train one with `direct-rlhf reward --cost`)")
             cost_critic = ValueModel.from_reward_model(cost_path, dtype, self.pc.critic_lora,
-                                                       cfg.model.trust_remote_code)
+                                                       cfg.model.trust_remote_code, cfg.model.gradient_checkpointing)
             self.cost = self._scorer(cost_path, cost_critic)
             self._warn_without_cost_zero(cost_path)
             self._use_attention(cost_critic.backbone, packed=True)

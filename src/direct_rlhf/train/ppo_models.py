@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from ..config import LoraConfig
 from ..models.dropout import disable_dropout
-from ..models.loading import load_causal_lm
+from ..models.loading import activation_checkpointing, load_causal_lm
 from ..models.precision import float32_head, merge_in_float32, trained_dtype
 from ..models.lora import add_lora
 from ..models.reward_model import load_reward_model
@@ -41,12 +41,14 @@ class ValueModel(nn.Module):
 
     @classmethod
     def from_reward_model(cls, path: str | Path, dtype: str = "float32", lora: LoraConfig | None = None,
-                          trust_remote_code: bool = False) -> "ValueModel":
+                          trust_remote_code: bool = False, gradient_checkpointing: bool = False) -> "ValueModel":
         """The critic, initialised from a reward model folder: fully trained in float32, or LoRA on
         its transformer in `dtype`; the head float32 either way (models/precision.py)."""
         with_lora = lora is not None and lora.enabled
         rm = load_reward_model(path, trained_dtype(dtype, with_lora), trust_remote_code)
         backbone, score = getattr(rm, rm.base_model_prefix), rm.score
+        if gradient_checkpointing:
+            activation_checkpointing(backbone)
         if not isinstance(score, nn.Linear) or score.out_features != 1:
             raise TypeError(f"{path}: the reward model's head is a {type(score).__name__}, not a one-output linear layer")
         # a float32 head with a bias (Llama's score layer has none), so that the normalisation can be
@@ -104,13 +106,7 @@ def load_actor(base: str, dtype: str, lora: LoraConfig, trust_remote_code: bool 
     (float32) on the base in `dtype` (models/precision.py); dropout off (models/dropout.py)."""
     model = load_causal_lm(base, trained_dtype(dtype, lora.enabled), trust_remote_code)
     if gradient_checkpointing:
-        # transformers renamed it activation checkpointing (5.x; the old name warns); older versions have only the old
-        enable = getattr(model, "activation_checkpointing_enable", None)
-        if enable is not None:
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False  # generation turns it back on per call
+        activation_checkpointing(model)
     if lora.enabled:
         model = add_lora(model, lora, "CAUSAL_LM")
     return disable_dropout(model).train()
