@@ -246,7 +246,7 @@ def test_several_processes_refuse_to_build_an_upstream_stage_behind_a_barrier(tm
     lines = [line for line in res.stderr.splitlines() if line.startswith("direct-rlhf: error: ")]
     assert len(lines) == 2 and lines[0] == lines[1], res.stderr[-3000:]  # each process, one line
     assert "2 processes launched, but the reward model" in lines[0]
-    assert f"run 'direct-rlhf reward --out {tmp_path / 'run'} " in lines[0] and lines[0].endswith("first (one process)")
+    assert f"run 'direct-rlhf reward --out {tmp_path / 'run'} " in lines[0] and lines[0].endswith("first (under the same launcher, or one process)")
     assert not (tmp_path / "run" / "reward").exists() and not (tmp_path / "run" / "rlhf-work").exists()
     # the toy base (model.base unset) and its world: pretrain builds them
     res = _torchrun("ppo", "--out", str(tmp_path / "toy"), *MICRO)

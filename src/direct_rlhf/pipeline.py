@@ -74,9 +74,10 @@ def _may_build(cfg: Config, stage: str) -> None:
     # without model.base, pretrain writes the world with the base; with it, only the command itself does
     builder = command if stage == "world" and cfg.model.base else _BUILT_BY[stage]
     line = " ".join(part for part in ("direct-rlhf", builder, arguments) if part)
+    how = "one process" if builder == "pretrain" else "under the same launcher, or one process"
     raise UserError(f"{launched_processes()} processes launched, but the {_WHAT[stage]} ({run_dir(cfg) / stage}) is "
                     f"missing or stale, and one process would build it while the others wait at a barrier that "
-                    f"times out: run '{line}' first (one process)")
+                    f"times out: run '{line}' first ({how})")
 
 
 STAGE_FOLDERS = ("world", "base", "reward", "cost", "sft", "rlhf", "eval")  # each replaced whole when rebuilt
