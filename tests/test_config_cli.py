@@ -110,8 +110,11 @@ def test_head_counts_are_checked_only_for_the_tiny_model_we_build():
 def test_every_shipped_recipe_is_in_range():
     from direct_rlhf.config import recipe_path
 
-    for name in ("toy.yaml", "quick.yaml", "mistral-7b.yaml"):
-        load_config(recipe_path(name))
+    for name in ("toy.yaml", "quick.yaml", "mistral-7b.yaml", "smollm2-135m.yaml"):
+        cfg = load_config(recipe_path(name))
+        if cfg.model.strategy == "fsdp":  # fsdp trains every weight: a LoRA stage would stop at its first line
+            loras = {"reward": cfg.reward.lora, "sft": cfg.sft.lora, "ppo": cfg.ppo.lora, "critic": cfg.ppo.critic_lora}
+            assert not [k for k, lora in loras.items() if lora.enabled], name
     assert load_config(None, ["ppo.entropy_coef=-0.02", "ppo.no_end_penalty=-2"]).ppo.entropy_coef == -0.02
 
 
