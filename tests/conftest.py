@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -11,6 +14,23 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 
 from direct_rlhf.config import WorldConfig  # noqa: E402
+
+def torchrun(nproc: int, args: list[str], env: dict[str, str], timeout: int) -> subprocess.CompletedProcess:
+    """`python -m torch.distributed.run --standalone --nproc_per_node NPROC ARGS` (--standalone: a free
+    port, held by torchrun itself). Past `timeout` seconds the whole process group is killed, the
+    workers with torchrun (killing torchrun alone left a hung run's workers behind), and the result
+    says so in its stderr with exit status -9."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                          start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            return subprocess.CompletedProcess(cmd, -9, out, f"{err}\ntorchrun: killed after {timeout} s")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
 
 # A world small enough to generate in well under a second, big enough to hold every kind of record.
 SMALL_WORLD = WorldConfig(n_dialogues=300, n_pairs=200, n_ppo_prompts=64, n_mc_per_task=8, n_redteam=20,

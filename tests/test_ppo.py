@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import MICRO
+from conftest import MICRO, torchrun
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from direct_rlhf.cli import main
@@ -551,14 +549,13 @@ def test_two_processes_train_checkpoint_and_resume_as_one_run(micro_run, tmp_pat
     synchronised)."""
 
     def run(out, *args):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               # one mini-batch per epoch, as by default: the critic's old values come from its first
+        cmd = [  # one mini-batch per epoch, as by default: the critic's old values come from its first
                # training pass, and the whitening's statistics are gathered over both processes there
                "-m", "direct_rlhf", "-q", "ppo", "--out", str(out), *args, *MICRO, *PPO_MICRO,
                "ppo.mini_batch_size=8", *extra, f"model.base={micro_run / 'base'}",
                f"ppo.reward_model={micro_run / 'rm'}", f"ppo.prompts={micro_run / 'world' / 'ppo_prompts.jsonl'}"]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
-        res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        res = torchrun(2, cmd, env, timeout=300)
         assert res.returncode == 0, res.stderr[-3000:]
         assert res.stdout.count("policy: ") == 1, res.stdout  # said once, not once per process
 

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import MICRO
+from conftest import MICRO, torchrun
 
 TOL = 1e-4
 STEPS = 4
@@ -118,12 +117,11 @@ def _run(nproc: int, models, **args) -> Path:
 
 def _torchrun(nproc: int, args: dict) -> None:
     """This file's worker (`_worker`) in `nproc` processes, with `args`."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           __file__, json.dumps(args)]
+    cmd = [__file__, json.dumps(args)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
            **({} if GPUS else {"ACCELERATE_USE_CPU": "true"})}
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    res = torchrun(nproc, cmd, env, timeout=300)
     assert res.returncode == 0, res.stderr[-4000:]
 
 

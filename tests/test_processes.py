@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MICRO
+from conftest import MICRO, torchrun
 from safetensors.torch import load_file
 
 from direct_rlhf.cli import main
@@ -43,10 +43,9 @@ def tiny_base(tmp_path_factory, small_world):
 def _torchrun(*args: str, nproc: int = 2, dies_after: int = 0, timeout: int = 240) -> subprocess.CompletedProcess:
     """`direct-rlhf ARGS` in `nproc` real processes on the CPU (as tests/test_ppo.py launches PPO);
     `dies_after` > 0: every process killed as it starts its pair loss number `dies_after` + 1."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           *([__file__, str(dies_after)] if dies_after else ["-m", "direct_rlhf"]), "-q", *args]
+    cmd = [*([__file__, str(dies_after)] if dies_after else ["-m", "direct_rlhf"]), "-q", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    return torchrun(nproc, cmd, env, timeout)
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:

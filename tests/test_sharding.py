@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import torchrun
 
 STEPS = 4  # 32 pairs, global batch 8, one epoch
 TOL = 1e-4
@@ -67,11 +67,10 @@ def base(tmp_path_factory):
 
 
 def _run(nproc: int, **args) -> Path:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           __file__, json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in args.items()})]
+    cmd = [__file__, json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in args.items()})]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    res = torchrun(nproc, cmd, env, timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
     return Path(args["out"])
 
