@@ -293,3 +293,33 @@ if __name__ == "__main__":  # a run killed on purpose: `test_processes.py N ARGS
 
     reward_mod.pair_loss = dies_after_n
     sys.exit(main(sys.argv[2:]))
+
+
+WAITER = """
+import sys, time
+import torch.distributed as dist
+from direct_rlhf.train import sharding
+
+sharding.init_processes(float(sys.argv[1]))
+if dist.get_rank() == 1:
+    time.sleep(8)  # the first process waits for this one at the barrier
+dist.barrier()
+print("through", flush=True)
+"""
+
+
+def test_model_process_timeout_min_is_how_long_a_process_waits_for_the_others(tmp_path):
+    """The balance guard evaluates on the first process while the others wait at a collective, which
+    torch gives up on after its own timeout (10 min under NCCL): model.process_timeout_min sets it.
+    3 s: the wait for a process 8 s late stops the run; 1 min: both go through."""
+    import time
+
+    worker = tmp_path / "waiter.py"
+    worker.write_text(WAITER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    start = time.perf_counter()
+    short = torchrun(2, [str(worker), "0.05"], env, timeout=120)
+    assert short.returncode != 0 and "through" not in short.stdout and time.perf_counter() - start < 60
+    long = torchrun(2, [str(worker), "1"], env, timeout=120)
+    assert long.returncode == 0 and long.stdout.count("through") == 2, long.stderr[-2000:]
+

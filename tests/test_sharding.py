@@ -203,6 +203,9 @@ def test_the_new_settings_at_their_defaults_leave_every_stage_key_as_it_was():
     # the stages that read it (SFT, PPO, reward and cost models) are keyed by it; the base they start from is not
     assert cfg.section_dict("model", "pretrain") == load_config(None, []).section_dict("model", "pretrain")
     assert cfg.section_dict("model", "reward")["model"]["strategy"] == "fsdp"
+    # how long processes wait for each other changes no stage's key
+    waiting = load_config(None, ["model.process_timeout_min=120"])
+    assert waiting.section_dict("model", "ppo") == load_config(None, []).section_dict("model", "ppo")
 
 
 if __name__ == "__main__":

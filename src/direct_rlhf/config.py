@@ -68,6 +68,9 @@ class ModelConfig:
     strategy: Literal["ddp", "fsdp"] = key("ddp", "trained weights over processes: whole on each, or "
                                            "FSDP2-sharded (PPO, SFT, reward and cost models)")
     fsdp_cpu_offload: bool = key(False, "with fsdp: parameter shards, gradients and the optimiser step on the CPU")
+    process_timeout_min: float = key(60.0, "several processes: minutes one waits for the others at a collective "
+                                     "before the run stops (torch's own: 10 under NCCL); the balance guard "
+                                     "evaluates on the first process while the others wait", POSITIVE)
     chat_format: Literal["hh", "template"] = key("hh", "HH transcripts (the paper's), or the tokenizer's own "
                                                  "chat template")
 
@@ -319,6 +322,8 @@ class Config:
             if section in out and (out[section].get(key, default) == default
                                    or (section == "model" and not sharded)):
                 out[section].pop(key, None)
+        for section, key in NEVER_KEYED:
+            out.get(section, {}).pop(key, None)
         return out
 
 
@@ -332,6 +337,8 @@ KEYED_UNLESS_DEFAULT: dict[tuple[str, str], Any] = {
     ("ppo", "validation_conversation"): None, ("ppo", "validation_general"): "toy",
     ("ppo", "validation_general_limit"): None, ("ppo", "validation_samples"): 2,
 }
+# Settings that change how a run waits, never what it trains: in no stage key.
+NEVER_KEYED = (("model", "process_timeout_min"),)
 # The stages whose trainer reads model.strategy (train/sharding.py): the others' keys leave the
 # model section's sharding settings out, so an fsdp SFT run finds its base cached. The reward (and
 # cost) model's key has them: under bf16, fsdp computes in bf16 where ddp trains in fp32.

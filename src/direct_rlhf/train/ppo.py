@@ -102,6 +102,7 @@ class PPOTrainer:
         self.cfg, self.pc, self.out, self.progress, self.key = cfg, cfg.ppo, Path(out), progress, key
         self.resume_key = resume_key or key
         refuse_sharding()
+        sharding.init_processes(cfg.model.process_timeout_min)
         self.acc = Accelerator(cpu=on_cpu())
         seed_everything(cfg.seed + self.acc.process_index)
         if not prompts:

@@ -320,6 +320,7 @@ def train_preference_model(cfg: Config, init: str, data: PreferenceData, out: Pa
     from accelerate import Accelerator
 
     rc, cost = cfg.reward, stage == "cost"
+    sharding.init_processes(cfg.model.process_timeout_min)
     acc = Accelerator(cpu=on_cpu())
     world, rank, main = acc.num_processes, acc.process_index, acc.is_main_process
     if rc.batch_size % world:

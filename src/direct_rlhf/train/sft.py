@@ -76,7 +76,7 @@ def train_sft(cfg: Config, base: str, pairs: list[Pair], out: Path, log_dir: Pat
     `resume_from` continues one, on any number of processes; without it, the newest checkpoint
     under `checkpoints` made with the same `key` is continued (the others are removed)."""
     sc, mc = cfg.sft, cfg.model
-    device = sharding.init_processes()
+    device = sharding.init_processes(cfg.model.process_timeout_min)
     n_proc, me = sharding.world_size(), sharding.rank()
     share = sharding.split_batch(sc.batch_size, "sft.batch_size")
     micro = sc.micro_batch_size or share

@@ -57,17 +57,23 @@ def barrier() -> None:
         dist.barrier()
 
 
-def init_processes() -> torch.device:
+def init_processes(timeout_min: float | None = None) -> torch.device:
     """Join the other processes when started by torchrun / accelerate launch (WORLD_SIZE > 1), over
     gloo on the CPU and NCCL on GPUs (accelerate's PartialState picks, as PPO's Accelerator does);
-    returns this process's device. A single process starts no process group."""
+    returns this process's device. A single process starts no process group. `timeout_min`
+    (model.process_timeout_min): how long a collective waits for the other processes; it takes
+    effect in the first call of a process (the group is made once), so every trainer calls this
+    before building its Accelerator."""
     from .common import on_cpu, training_device
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return training_device()
+    from datetime import timedelta
+
     from accelerate import PartialState
 
-    return PartialState(cpu=on_cpu()).device
+    kwargs = {} if timeout_min is None else {"timeout": timedelta(minutes=timeout_min)}
+    return PartialState(cpu=on_cpu(), **kwargs).device
 
 
 def split_batch(global_batch: int, what: str) -> int:
