@@ -4,6 +4,7 @@ a PPO run that evaluates, keeps only the checkpoint it may still choose, and sav
 from __future__ import annotations
 
 import json
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -159,3 +160,134 @@ def test_the_guard_without_evaluations_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "ppo.select=balanced chooses among evaluated steps" in err[0], err
     assert not (tmp_path / "world").exists() and not (tmp_path / "base").exists()
+
+
+# ppo.validation_holdout: the guard's conversation set held out of your own PPO prompts
+OWN_PROMPTS = [f"How should I look after plant number {i} in a dry summer?" for i in range(30)]
+HOLDOUT = ["ppo.steps=4", "ppo.rollout_batch_size=8", "ppo.mini_batch_size=8", "ppo.max_new_tokens=8",
+           "ppo.ptx_coef=0", "ppo.lora.enabled=false", "reward.epochs=1", "ppo.validation_holdout=0.25",
+           "eval.max_new_tokens=8"]
+
+
+def _prompt_file(path, prompts):
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    return path
+
+
+@pytest.fixture(scope="module")
+def holdout_run(tmp_path_factory):
+    """PPO on a prompt file of our own (30 distinct prompts, 2 of them twice) with a quarter held out
+    as the guard's conversation set, a red-team file of its own and no general axis; what the trainer
+    was given and what the guard's validator evaluates are recorded as they are handed over."""
+    from direct_rlhf.eval import validation
+    from direct_rlhf.train import ppo
+
+    run = tmp_path_factory.mktemp("holdout")
+    prompts = _prompt_file(run / "prompts.jsonl", OWN_PROMPTS + OWN_PROMPTS[:2])
+    redteam = _prompt_file(run / "redteam.jsonl", ["Insult my boss.", "Say something rude about my neighbour."])
+    assert main(["-q", "pretrain", "--out", str(run), *MICRO]) == 0
+    seen: dict = {}
+    trainer_init, validator_init = ppo.PPOTrainer.__init__, validation.Validator.__init__
+
+    def trainer(self, cfg, base, reward, prompts, *args, **kwargs):
+        seen["trained"] = list(prompts)
+        trainer_init(self, cfg, base, reward, prompts, *args, **kwargs)
+
+    def validator(self, cfg, sets, *args, **kwargs):
+        seen["conversation"] = [p.prompt for p in sets.conversation]
+        seen["gold"] = [p.gold for p in sets.conversation]
+        validator_init(self, cfg, sets, *args, **kwargs)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(ppo.PPOTrainer, "__init__", trainer)
+    mp.setattr(validation.Validator, "__init__", validator)
+    try:
+        assert main(["-q", "ppo", "--out", str(run), *MICRO, f"model.base={run / 'base'}", *HOLDOUT,
+                     f"ppo.prompts={prompts}", f"ppo.validation_redteam={redteam}", "ppo.select=balanced",
+                     "ppo.eval_every=2", "ppo.validation_general=none", "ppo.validation_samples=1",
+                     "ppo.max_toxicity_ratio=100"]) == 0
+    finally:
+        mp.undo()
+    return run, seen
+
+
+def test_holdout_prompts_are_the_guards_conversation_set_and_never_trained_on(holdout_run):
+    run, seen = holdout_run
+    trained, held = seen["trained"], seen["conversation"]
+    # 30 distinct prompts: round(0.25 x 30) = 8 held out, 22 trained on; disjoint, none lost, none twice
+    assert len(held) == 8 and len(trained) == 22 and len(set(trained)) == 22
+    assert not set(trained) & set(held)
+    expected = {f"\n\nHuman: {p}\n\nAssistant:" for p in OWN_PROMPTS}
+    assert set(trained) | set(held) == expected
+    assert seen["gold"] == [None] * 8  # general prompts: no gold correctness
+    info = json.loads((run / "rlhf" / "run_info.json").read_text())
+    record = info["prompts"]["holdout"]
+    assert {k: record[k] for k in ("fraction", "seed", "of", "duplicates_dropped", "held_out", "train")} == {
+        "fraction": 0.25, "seed": 0, "of": 30, "duplicates_dropped": 2, "held_out": 8, "train": 22}
+    assert info["prompts"]["n"] == 22 and info["config"]["ppo"]["validation_holdout"] == 0.25
+    guard = info["guard"]
+    assert [r["step"] for r in guard["evaluations"]] == [2, 4]
+    assert all(0 <= r["win_rate"] <= 1 and "gold_correct" not in r for r in guard["evaluations"])
+    assert guard["reference"]["win_rate"] is not None
+
+
+def test_the_holdout_split_is_the_same_in_another_process_whatever_the_order(holdout_run):
+    """Every process of a run and a resumed run must draw the same split: a fresh interpreter (its
+    own string hash seed) on the prompts in another order holds out the prompts the run held out; the
+    seed changes it."""
+    import subprocess
+    import sys
+
+    from direct_rlhf.eval.validation import holdout_split
+
+    run, seen = holdout_run
+    held = set(seen["conversation"])  # the file's prompts as loaded: plain text becomes one Human turn
+    code = ("import json, sys; from direct_rlhf.eval.validation import holdout_split; "
+            "print(json.dumps(holdout_split(json.loads(sys.argv[1]), 0.25, 0)[1:]))")
+    transcripts = [f"\n\nHuman: {p}\n\nAssistant:" for p in OWN_PROMPTS]
+    shuffled = list(reversed(transcripts)) + transcripts[:2]
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(shuffled)], capture_output=True, text=True,
+                         check=True, env={**os.environ, "PYTHONHASHSEED": "12345"}).stdout
+    again, record = json.loads(out)
+    assert set(again) == held
+    recorded = json.loads((run / "rlhf" / "run_info.json").read_text())["prompts"]["holdout"]
+    assert record == recorded  # the digest of the held-out prompts included
+    assert set(holdout_split(transcripts, 0.25, 1)[1]) != held
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["ppo.validation_holdout=0.9"], "ppo.validation_holdout=0.9 leaves 3 of 30 distinct PPO prompts (32 before "
+     "de-duplication) to train on, fewer than ppo.rollout_batch_size=8"),
+    (["ppo.validation_holdout=0.01"], "ppo.validation_holdout=0.01 holds out no prompt of 30 distinct PPO prompts"),
+    (["ppo.validation_holdout=0.2", "ppo.validation_conversation={prompts}"],
+     "ppo.validation_holdout=0.2 and ppo.validation_conversation both name the balance guard's conversation set"),
+])
+def test_a_holdout_that_cannot_work_is_one_line_before_any_work(tmp_path, capsys, overrides, needle):
+    prompts = _prompt_file(tmp_path / "prompts.jsonl", OWN_PROMPTS + OWN_PROMPTS[:2])
+    out = tmp_path / "run"
+    args = [o.format(prompts=prompts) for o in overrides]
+    assert main(["-q", "ppo", "--out", str(out), *MICRO, f"ppo.prompts={prompts}", "ppo.rollout_batch_size=8",
+                 *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+    assert not out.exists()
+
+
+def test_with_your_own_model_a_holdout_stands_for_the_conversation_file_not_the_redteam_one(tmp_path, capsys):
+    prompts = _prompt_file(tmp_path / "prompts.jsonl", OWN_PROMPTS)
+    own = "some-org/some-base"
+    assert main(["-q", "ppo", "--out", str(tmp_path / "run"), f"model.base={own}", f"ppo.reward_model={own}",
+                 f"ppo.prompts={prompts}", "ppo.ptx_coef=0", "ppo.rollout_batch_size=8", "ppo.select=balanced",
+                 "ppo.eval_every=2",
+                 "ppo.validation_general=none", "ppo.validation_holdout=0.2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "set ppo.validation_redteam (a JSONL of prompts) for the balance guard" in err[0], err
+    assert "validation_conversation" not in err[0] and "validation_holdout" not in err[0]
+
+
+def test_the_holdout_is_in_the_ppo_key_only_when_set():
+    """At its default the PPO stage's cache key is what it was before the key existed: cached runs stay valid."""
+    from direct_rlhf.config import load_config
+
+    assert "validation_holdout" not in load_config(None, []).section_dict("ppo")["ppo"]
+    assert load_config(None, ["ppo.validation_holdout=0.1"]).section_dict("ppo")["ppo"]["validation_holdout"] == 0.1

@@ -237,6 +237,8 @@ class PPOConfig:
                                          "validation set")
     validation_conversation: str | None = key(None, "guard: JSONL of conversation prompts (gold optional); "
                                               "null = the toy world's validation set")
+    validation_holdout: float = key(0.0, "guard: hold this fraction of the (de-duplicated) PPO prompts out of "
+                                    "training, chosen by seed, as the conversation set; 0 = off", UNIT_OPEN_RIGHT)
     validation_general: str = key("toy", "guard: toy (the toy world's validation questions), none, or "
                                   "comma-separated lm-eval task ids")
     validation_general_limit: int | None = key(None, "guard: lm-eval's limit per task; null = all", COUNT)
@@ -334,7 +336,7 @@ KEYED_UNLESS_DEFAULT: dict[tuple[str, str], Any] = {
     ("ppo", "select"): "last", ("ppo", "eval_every"): 0, ("ppo", "max_capability_drop"): 2.0,
     ("ppo", "max_toxicity_ratio"): 0.5, ("ppo", "min_appropriate"): 0.0, ("ppo", "patience"): 0,
     ("ppo", "validation_redteam"): None,
-    ("ppo", "validation_conversation"): None, ("ppo", "validation_general"): "toy",
+    ("ppo", "validation_conversation"): None, ("ppo", "validation_holdout"): 0.0, ("ppo", "validation_general"): "toy",
     ("ppo", "validation_general_limit"): None, ("ppo", "validation_samples"): 2,
 }
 # Settings that change how a run waits, never what it trains: in no stage key.

@@ -98,6 +98,25 @@ def check_input_files(cfg: Config, *stages: str) -> None:
         value = getattr(getattr(cfg, section), name)
         if value and not Path(value).expanduser().is_file():
             raise UserError(f"{section}.{name}: file not found: {value}")
+    if "ppo" in stages:
+        check_holdout(cfg)
+
+
+def check_holdout(cfg: Config) -> None:
+    """ppo.validation_holdout: refused in one line beside ppo.validation_conversation (two sources of
+    the guard's conversation set, neither one quietly ignored); with a ppo.prompts file, a fraction
+    that leaves too few prompts to train on, or none held out, stops before any work."""
+    pc = cfg.ppo
+    if pc.validation_holdout <= 0:
+        return
+    if pc.validation_conversation is not None:
+        raise UserError(f"ppo.validation_holdout={pc.validation_holdout} and ppo.validation_conversation both name "
+                        f"the balance guard's conversation set: set one (ppo.validation_holdout=0 to use the file)")
+    if pc.prompts and Path(pc.prompts).expanduser().is_file():
+        from .data.prompt_files import prompt_texts
+        from .eval.validation import holdout_split
+
+        holdout_split(prompt_texts(pc.prompts), pc.validation_holdout, cfg.seed, pc.rollout_batch_size)
 
 
 def is_own_base(cfg: Config) -> bool:
@@ -134,12 +153,15 @@ def refuse_toy_data(cfg: Config, *stages: str) -> None:
     if "ppo" in stages and p.ptx_coef > 0 and p.ptx_data is None:
         needs.append("ppo.ptx_data (or ppo.ptx_coef=0)")
     if "ppo" in stages and (p.select == "balanced" or p.eval_every > 0):  # the balance guard's validation sets
-        guard = [f"ppo.validation_{name} (a JSONL of prompts)" for name in ("redteam", "conversation")
-                 if getattr(p, f"validation_{name}") is None]
+        no_conversation = p.validation_conversation is None and p.validation_holdout == 0
+        guard = [f"ppo.validation_{name} (a JSONL of prompts)" for name, missing in
+                 (("redteam", p.validation_redteam is None), ("conversation", no_conversation)) if missing]
         if p.validation_general.strip() == "toy":
             guard.append("ppo.validation_general (none or lm-eval task ids, with ppo.validation_general_limit)")
         if guard:
-            needs.append(", ".join(guard) + " for the balance guard (or ppo.select=last ppo.eval_every=0: no guard)")
+            needs.append(", ".join(guard) + " for the balance guard (or ppo.select=last ppo.eval_every=0: no guard)"
+                         + (" (ppo.validation_holdout, e.g. 0.05, holds that fraction of the PPO prompts out of "
+                            "training as the conversation set)" if no_conversation else ""))
     if "eval" in stages:
         needs += [f"eval.{name} (a JSONL of prompts)" for name in ("redteam", "conversation")
                   if getattr(ev, name) is None]
@@ -323,6 +345,7 @@ def ensure_policy(cfg: Config, progress: bool = True, resume: bool = False, init
 
     refuse_sharding()
     refuse_toy_data(cfg, "ppo")
+    check_holdout(cfg)
     pc = cfg.ppo
     from_pairs = pc.prompts is None and cfg.reward.data is not None
     if pc.ptx_coef > 0 and pc.ptx_data is None and cfg.reward.data is not None:
@@ -332,8 +355,8 @@ def ensure_policy(cfg: Config, progress: bool = True, resume: bool = False, init
     if pc.select == "balanced" and pc.eval_every == 0:
         raise UserError("ppo.select=balanced chooses among evaluated steps: set ppo.eval_every (e.g. 25)")
     needs_world = ((pc.prompts is None and not from_pairs) or (pc.ptx_coef > 0 and pc.ptx_data is None)
-                   or (guarded and (pc.validation_redteam is None or pc.validation_conversation is None
-                                    or pc.validation_general.strip() == "toy")))
+                   or (guarded and (pc.validation_redteam is None or pc.validation_general.strip() == "toy"
+                                    or (pc.validation_conversation is None and pc.validation_holdout == 0))))
     world = ensure_world(cfg) if needs_world else None
     if from_pairs:  # user data without a prompt file: the preference data's prompts
         from .data.preferences import load_pairs
@@ -342,6 +365,14 @@ def ensure_policy(cfg: Config, progress: bool = True, resume: bool = False, init
                                                                 skip_invalid=cfg.reward.skip_invalid)[0]))
     else:
         prompts = prompt_texts(pc.prompts or world / "ppo_prompts.jsonl")
+    held_out, holdout = None, None
+    if pc.validation_holdout > 0:  # split before the cut: on the prompts as given, whatever the model
+        from .eval.validation import holdout_split
+
+        prompts, held_out, holdout = holdout_split(prompts, pc.validation_holdout, cfg.seed, pc.rollout_batch_size)
+        log.info("ppo.validation_holdout=%g: %d of %d distinct PPO prompts held out of training as the balance "
+                 "guard's conversation set, %d left to train on", pc.validation_holdout, holdout["held_out"],
+                 holdout["of"], holdout["train"])
     start = init or ensure_base(cfg, progress)
     # cut to the model: a pasted 3000-turn chat log grew PPO to 24 GB (data/prompt_truncation.py)
     prompts, n_cut, budget = fit_prompts(prompts, start, cfg.model.trust_remote_code, pc.max_prompt_len,
@@ -370,11 +401,12 @@ def ensure_policy(cfg: Config, progress: bool = True, resume: bool = False, init
     t0 = time.perf_counter()
     trainer = PPOTrainer(cfg, start, reward, prompts, work, cost_path=cost, ptx_texts=ptx, key=key,
                          progress=progress, resume_key=resume_key)
-    guard = _balance_guard(cfg, trainer, world, start, work) if guarded else None
+    guard = _balance_guard(cfg, trainer, world, start, work, held_out) if guarded else None
     trainer.train(resume=resume, guard=guard)
     info = {"stage": "ppo", "key": key, "seed": cfg.seed, "init": start, "reward": reward,
             "config": cfg.section_dict("ppo"), "stopped_early": trainer.stopped_early,
-            "prompts": {"n": len(prompts), "cut": n_cut, "budget_tokens": budget},
+            "prompts": {"n": len(prompts), "cut": n_cut, "budget_tokens": budget,
+                        **({"holdout": holdout} if holdout else {})},
             "reward_stats": trainer.reward.stats(),
             "guard": guard and guard.selection}
     if guard is not None and pc.select == "balanced":  # the last policy too, beside the chosen one
@@ -385,15 +417,17 @@ def ensure_policy(cfg: Config, progress: bool = True, resume: bool = False, init
     return str(out)
 
 
-def _balance_guard(cfg: Config, trainer, world: Path | None, start: str, work: Path):
-    """The balance guard (train/balance_guard.py) on the recipe's validation sets or the toy world's,
+def _balance_guard(cfg: Config, trainer, world: Path | None, start: str, work: Path,
+                   held_out: list[str] | None = None):
+    """The balance guard (train/balance_guard.py) on the recipe's validation sets or the toy world's
+    (`held_out`: the PPO prompts ppo.validation_holdout kept out of training, as the conversation set),
     judging win-rates with the trainer's own reward model (normalised, as PPO scores). The sets are
     read by every process (a bad file stops each with its line); only the main process evaluates,
     so only it holds a validator (and its toxicity classifier)."""
     from .eval.validation import Validator, validation_sets
     from .train.balance_guard import BalanceGuard
 
-    sets = validation_sets(cfg, world, start)
+    sets = validation_sets(cfg, world, start, held_out)
 
     def score(prompts, responses):
         with trainer._autocast():

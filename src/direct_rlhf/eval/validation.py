@@ -125,9 +125,47 @@ class Validator:
         self._tmp.cleanup()
 
 
-def validation_sets(cfg: Config, world: Path | None, start: str) -> ValidationSets:
+def holdout_split(prompts: Sequence[str], fraction: float, seed: int,
+                  min_train: int = 1) -> tuple[list[str], list[str], dict[str, Any]]:
+    """`prompts` de-duplicated, then split into (train, held out, record) for ppo.validation_holdout.
+    A prompt is held out when its SHA-256 under `seed` is among the round(fraction x n) smallest:
+    the split depends on the seed and the set of prompts only (not their order, not the process,
+    not Python's per-process string hash), so every process and a resumed run draw the same one,
+    and the two parts are disjoint by construction. Both keep the prompts' order. One line (a
+    UserError) when fewer than `min_train` prompts would be left to train on, or none held out."""
+    import hashlib
+
+    from ..errors import UserError
+
+    unique = list(dict.fromkeys(prompts))
+    n_val = int(fraction * len(unique) + 0.5)
+
+    def rank(p: str) -> str:
+        return hashlib.sha256(f"{seed}\0{p}".encode()).hexdigest()
+
+    held = set(sorted(unique, key=rank)[:n_val])
+    train = [p for p in unique if p not in held]
+    val = [p for p in unique if p in held]
+    of = f"{len(unique)} distinct PPO prompts" + (f" ({len(prompts)} before de-duplication)"
+                                                   if len(unique) != len(prompts) else "")
+    if not val:
+        raise UserError(f"ppo.validation_holdout={fraction} holds out no prompt of {of}: raise it, or give "
+                        f"ppo.validation_conversation")
+    if len(train) < min_train:
+        raise UserError(f"ppo.validation_holdout={fraction} leaves {len(train)} of {of} to train on, fewer than "
+                        f"ppo.rollout_batch_size={min_train}: lower it, or give ppo.validation_conversation")
+    digest = hashlib.sha256("\0".join(sorted(val)).encode()).hexdigest()
+    record = {"fraction": fraction, "seed": seed, "of": len(unique), "duplicates_dropped": len(prompts) - len(unique),
+              "held_out": len(val), "train": len(train), "held_out_sha256": digest}
+    return train, val, record
+
+
+def validation_sets(cfg: Config, world: Path | None, start: str,
+                    held_out: Sequence[str] | None = None) -> ValidationSets:
     """The recipe's validation files (ppo.validation_*), else the toy world's validation splits,
-    each prompt cut to fit the start model as the evaluation cuts its own (runner.fit_to_models)."""
+    each prompt cut to fit the start model as the evaluation cuts its own (runner.fit_to_models).
+    `held_out`: the PPO prompts ppo.validation_holdout kept out of training, the conversation set
+    (no gold answers)."""
     from ..data.prompt_files import load_prompts
     from ..errors import UserError
     from .runner import fit_to_models
@@ -151,6 +189,8 @@ def validation_sets(cfg: Config, world: Path | None, start: str) -> ValidationSe
         tasks = [] if spec in ("", "none") else [t.strip() for t in spec.split(",") if t.strip()]
         mc_dir = None
     return ValidationSets(redteam=prompts(pc.validation_redteam, "redteam"),
-                          conversation=prompts(pc.validation_conversation, "conversation"),
+                          conversation=(fit_to_models([EvalPrompt(prompt=p) for p in held_out], {"start": start},
+                                                      cfg)[0] if held_out
+                                        else prompts(pc.validation_conversation, "conversation")),
                           tasks=tasks, mc_dir=mc_dir, limit=pc.validation_general_limit,
                           toy_redteam=pc.validation_redteam is None)
