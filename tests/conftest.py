@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -29,6 +30,9 @@ def torchrun(nproc: int, args: list[str], env: dict[str, str], timeout: int) -> 
             os.killpg(proc.pid, signal.SIGKILL)
             out, err = proc.communicate()
             return subprocess.CompletedProcess(cmd, -9, out, f"{err}\ntorchrun: killed after {timeout} s")
+    if proc.returncode:  # each process's own error at the end, where a test's message (the tail) shows it
+        errors = [line for line in err.splitlines() if re.match(r"(\[rank\d+\]: )?\w*(Error|Exception|Exit)\b", line)]
+        err += "\nthe processes' errors:\n" + "\n".join(errors[-8:])
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 

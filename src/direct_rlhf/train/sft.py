@@ -46,6 +46,8 @@ def _own_checkpoint(root: Path, key: str) -> Path | None:
     (by the main process; every process waits), or they would outlive this run's own."""
     done = sorted(p for p in root.glob("step-*") if (p / ".metadata").is_file() and (p / "trainer.pt").is_file())
     own = [p for p in done if torch.load(p / "trainer.pt", weights_only=True).get("key") == key]
+    sharding.barrier()  # every process has read them before the main one removes any (a process still
+    # reading a removed folder's trainer.pt crashed, and the others then failed at the next barrier)
     if sharding.is_main():
         for other in set(done) - set(own):
             shutil.rmtree(other, ignore_errors=True)
