@@ -102,16 +102,22 @@ def check_input_files(cfg: Config, *stages: str) -> None:
         check_holdout(cfg)
 
 
+def refuse_two_conversation_sets(cfg: Config) -> None:
+    """ppo.validation_holdout is refused in one line beside ppo.validation_conversation (two sources
+    of the guard's conversation set, neither one quietly ignored)."""
+    pc = cfg.ppo
+    if pc.validation_holdout > 0 and pc.validation_conversation is not None:
+        raise UserError(f"ppo.validation_holdout={pc.validation_holdout} and ppo.validation_conversation both name "
+                        f"the balance guard's conversation set: set one (ppo.validation_holdout=0 to use the file)")
+
+
 def check_holdout(cfg: Config) -> None:
-    """ppo.validation_holdout: refused in one line beside ppo.validation_conversation (two sources of
-    the guard's conversation set, neither one quietly ignored); with a ppo.prompts file, a fraction
-    that leaves too few prompts to train on, or none held out, stops before any work."""
+    """ppo.validation_holdout, checked before any work: `refuse_two_conversation_sets`, and with a
+    ppo.prompts file, a fraction that leaves too few prompts to train on, or none held out."""
     pc = cfg.ppo
     if pc.validation_holdout <= 0:
         return
-    if pc.validation_conversation is not None:
-        raise UserError(f"ppo.validation_holdout={pc.validation_holdout} and ppo.validation_conversation both name "
-                        f"the balance guard's conversation set: set one (ppo.validation_holdout=0 to use the file)")
+    refuse_two_conversation_sets(cfg)
     if pc.prompts and Path(pc.prompts).expanduser().is_file():
         from .data.prompt_files import prompt_texts
         from .eval.validation import holdout_split
@@ -160,7 +166,7 @@ def refuse_toy_data(cfg: Config, *stages: str) -> None:
             guard.append("ppo.validation_general (none or lm-eval task ids, with ppo.validation_general_limit)")
         if guard:
             needs.append(", ".join(guard) + " for the balance guard (or ppo.select=last ppo.eval_every=0: no guard)"
-                         + (" (ppo.validation_holdout, e.g. 0.05, holds that fraction of the PPO prompts out of "
+                         + (" (ppo.validation_holdout, e.g. 0.002 of 160k prompts, holds that fraction of the PPO prompts out of "
                             "training as the conversation set)" if no_conversation else ""))
     if "eval" in stages:
         needs += [f"eval.{name} (a JSONL of prompts)" for name in ("redteam", "conversation")
@@ -345,7 +351,7 @@ def ensure_policy(cfg: Config, progress: bool = True, resume: bool = False, init
 
     refuse_sharding()
     refuse_toy_data(cfg, "ppo")
-    check_holdout(cfg)
+    refuse_two_conversation_sets(cfg)  # the fraction itself is checked by the split below, before any training
     pc = cfg.ppo
     from_pairs = pc.prompts is None and cfg.reward.data is not None
     if pc.ptx_coef > 0 and pc.ptx_data is None and cfg.reward.data is not None:
