@@ -64,7 +64,8 @@ def child(a: argparse.Namespace) -> None:
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.hidden * 11 // 4,
                       num_hidden_layers=a.layers, num_attention_heads=a.hidden // 64,
-                      num_key_value_heads=a.hidden // 64, max_position_embeddings=a.tokens, tie_word_embeddings=False)
+                      num_key_value_heads=a.hidden // 64, tie_word_embeddings=False,
+                      max_position_embeddings=max(a.tokens, 16 + a.rollout_tokens))  # rollouts: 16 prompt tokens
     model = LlamaForCausalLM(cfg).train().to(device)  # whole in every process, then sharded (as SFT loads it)
     n_params = sum(p.numel() for p in model.parameters())
     model = sharding.shard(model, a.strategy, device=device)
@@ -100,6 +101,9 @@ def child(a: argparse.Namespace) -> None:
         torch.distributed.all_gather_object(rows, row)
     if sharding.is_main():
         Path(a.child_out).write_text(json.dumps({"n_params": n_params, "ranks": rows}))
+    if torch.distributed.is_initialized():  # left to the interpreter's exit, gloo's threads aborted a process
+        sharding.barrier()                  # now and then ("terminate called without an active exception")
+        torch.distributed.destroy_process_group()
 
 
 def _rollout_times(model, cfg, a: argparse.Namespace, device, share: int) -> dict[str, list[float]]:
