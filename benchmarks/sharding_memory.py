@@ -101,9 +101,6 @@ def child(a: argparse.Namespace) -> None:
         torch.distributed.all_gather_object(rows, row)
     if sharding.is_main():
         Path(a.child_out).write_text(json.dumps({"n_params": n_params, "ranks": rows}))
-    if torch.distributed.is_initialized():  # left to the interpreter's exit, gloo's threads aborted a process
-        sharding.barrier()                  # now and then ("terminate called without an active exception")
-        torch.distributed.destroy_process_group()
 
 
 def _rollout_times(model, cfg, a: argparse.Namespace, device, share: int) -> dict[str, list[float]]:
