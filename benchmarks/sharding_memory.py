@@ -137,7 +137,6 @@ def _rollout_times(model, cfg, a: argparse.Namespace, device, share: int) -> dic
                 if k:
                     out[name].append(time.perf_counter() - t)
     model.train()
-    del copy, params
     return out
 
 
@@ -217,7 +216,10 @@ def main() -> None:
     a = p.parse_args()
     if a.child:
         a.strategy = a.child
-        return child(a)
+        child(a)  # returns having freed its models (a DDP model's reducer holds the group too)
+        from direct_rlhf.train import sharding
+
+        return sharding.close_processes()
     res: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         if not a.only_ppo:

@@ -18,10 +18,15 @@ from direct_rlhf.config import WorldConfig  # noqa: E402
 
 def torchrun(nproc: int, args: list[str], env: dict[str, str], timeout: int) -> subprocess.CompletedProcess:
     """`python -m torch.distributed.run --standalone --nproc_per_node NPROC ARGS` (--standalone: a free
-    port, held by torchrun itself). Past `timeout` seconds the whole process group is killed, the
-    workers with torchrun (killing torchrun alone left a hung run's workers behind), and the result
+    port, held by torchrun itself), run as `run_as_group` runs it."""
+    return run_as_group([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+                         *args], env, timeout)
+
+
+def run_as_group(cmd: list[str], env: dict[str, str] | None, timeout: int) -> subprocess.CompletedProcess:
+    """`cmd` in a process group of its own: past `timeout` seconds the whole group is killed, torchrun's
+    workers with it (killing the launcher alone left a hung run's workers behind), and the result
     says so in its stderr with exit status -9."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                           start_new_session=True) as proc:
         try:
@@ -29,7 +34,7 @@ def torchrun(nproc: int, args: list[str], env: dict[str, str], timeout: int) -> 
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             out, err = proc.communicate()
-            return subprocess.CompletedProcess(cmd, -9, out, f"{err}\ntorchrun: killed after {timeout} s")
+            return subprocess.CompletedProcess(cmd, -9, out, f"{err}\n{cmd[0]}: killed after {timeout} s")
     if proc.returncode:  # each process's own error at the end, where a test's message (the tail) shows it
         errors = [line for line in err.splitlines() if re.match(r"(\[rank\d+\]: )?\w*(Error|Exception|Exit)\b", line)]
         err += "\nthe processes' errors:\n" + "\n".join(errors[-8:])

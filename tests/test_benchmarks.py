@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_as_group
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,18 +49,18 @@ def test_logprob_memory_benchmark_runs_both_ways(tmp_path):
 
 def test_sharding_memory_benchmark_counts_half_the_state_per_process_under_fsdp(tmp_path):
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sharding_memory.py"), "--hidden", "64",
-                           "--layers", "2", "--vocab", "256", "--rows", "4", "--tokens", "16", "--steps", "2",
-                           "--ppo-steps", "0",  # the PPO step times run whole PPO stages: 3.5 min even at this size
-                           # no rollout timings: a child aborted now and then at exit after them (an open bug;
-                           # generation from a sharded actor is tested in tests/test_ppo_sharding.py)
-                           "--rollout-tokens", "0",
-                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    proc = run_as_group([sys.executable, str(ROOT / "benchmarks" / "sharding_memory.py"), "--hidden", "64",
+                         "--layers", "2", "--vocab", "256", "--rows", "4", "--tokens", "16", "--steps", "2",
+                         "--ppo-steps", "0",  # the PPO step times run whole PPO stages: 3.5 min even at this size
+                         "--rollout-tokens", "4", "--out", str(out)],
+                        None, timeout=300)  # past it, torchrun's workers are killed with it
     assert proc.returncode == 0, proc.stderr[-4000:]
     res = json.loads(out.read_text())
     assert [(r["strategy"], r["processes"]) for r in res["runs"]] == [("ddp", 1), ("ddp", 2), ("fsdp", 1), ("fsdp", 2)]
     assert res["fsdp_over_ddp_state_2_processes"] == pytest.approx(0.5, abs=0.02)  # each process keeps its half
     assert all(len(r["step_s"]) == 1 and r["peak_rss_mib_per_process"] > 0 for r in res["runs"])
+    assert all(("median_rollout_unshard_s" in r) == ("median_rollout_gathered_copy_s" in r) == (r["strategy"] == "fsdp")
+               for r in res["runs"])
 
 
 def test_side_by_side_prompts_spread_longer_stay_valid_and_reach_our_step(tmp_path):

@@ -357,4 +357,7 @@ def test_what_fsdp_does_not_cover_is_one_line_before_any_model_is_loaded(models,
 
 
 if __name__ == "__main__":
+    from direct_rlhf.train.sharding import close_processes
+
     _worker(json.loads(sys.argv[1]))
+    close_processes()  # after the worker's models are gone, as the CLI does (gloo aborts at exit otherwise)

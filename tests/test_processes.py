@@ -100,6 +100,17 @@ def test_two_processes_train_the_reward_model_as_one_process_on_the_same_global_
     assert json.loads((two / "run_info.json").read_text())["processes"] == 2
 
 
+def test_a_command_leaves_its_process_group_once_it_has_finished(tmp_path, one_process):
+    """Left to the interpreter's exit, gloo's worker threads abort a process now and then
+    ('terminate called without an active exception', SIGABRT: torchrun then reports a finished run
+    as failed; it was seen in CI). A command that made a group (here fsdp's group of one, in this
+    process) destroys it once its work is done."""
+    one, common = one_process
+    assert main(["-q", "reward", "--out", str(tmp_path), *common, "model.strategy=fsdp"]) == 0
+    assert (tmp_path / "reward" / "model.safetensors").exists()
+    assert not torch.distributed.is_initialized()
+
+
 def test_fsdp_with_bf16_compute_cpu_offload_and_activation_checkpointing_trains_close_to_fp32(tmp_path,
                                                                                              one_process):
     """model.dtype=bfloat16 under fsdp: the layers compute in bf16 from fp32 master weights (saved

@@ -209,4 +209,7 @@ def test_the_new_settings_at_their_defaults_leave_every_stage_key_as_it_was():
 
 
 if __name__ == "__main__":
+    from direct_rlhf.train.sharding import close_processes
+
     _worker(json.loads(sys.argv[1]))
+    close_processes()  # after the worker's models are gone, as the CLI does (gloo aborts at exit otherwise)

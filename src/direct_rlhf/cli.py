@@ -287,6 +287,10 @@ def main(argv: list[str] | None = None) -> int:
 
             hf_logging.disable_progress_bar()
         args.func(args)
+        if "torch.distributed" in sys.modules:  # a command that trained or scored; `--help` stays light
+            from .train.sharding import close_processes
+
+            close_processes()
     except UserError as err:
         print(f"direct-rlhf: error: {err}", file=sys.stderr)
         return 2

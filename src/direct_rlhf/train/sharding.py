@@ -76,6 +76,16 @@ def init_processes(timeout_min: float | None = None) -> torch.device:
     return PartialState(cpu=on_cpu(), **kwargs).device
 
 
+def close_processes() -> None:
+    """Leave the process group once a command has finished cleanly. Left to the interpreter's exit,
+    gloo's worker threads can outlive it and abort the process ('terminate called without an active
+    exception', SIGABRT; pytorch#190489), which torchrun then reports as a failed run. Not after an
+    error: the other processes may be inside a collective, and torchrun stops them anyway."""
+    if dist.is_available() and dist.is_initialized():
+        barrier()  # every earlier collective done, the GIL free while waiting for the others
+        dist.destroy_process_group()
+
+
 def split_batch(global_batch: int, what: str) -> int:
     """Rows per process for a global batch of `global_batch` rows; a one-line error if it does not divide."""
     n = world_size()
