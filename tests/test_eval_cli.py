@@ -301,3 +301,16 @@ def test_a_reward_model_without_statistics_judges_with_ones_measured_on_the_refe
     stats = res["judges"]["reward_model"]["stats"]
     assert stats["source"].startswith("measured on ") and stats["source"].endswith("responses of 'base'")
     assert abs(res["per_model"]["base"]["mean_reward"]) < 1e-5 and stats["std"] > 0
+
+
+def test_a_run_folder_the_eval_command_wrote_into_still_takes_the_other_commands(folders, tmp_path):
+    """`direct-rlhf eval` writes to <out>/eval by default; every training command then checks that
+    the run's stage folders are ours before any work (cli._load -> check_stage_folders). The eval
+    folder once had no marker, so a `reward`, `ppo` or `sft` after `eval` refused the run folder."""
+    from direct_rlhf.config import load_config
+    from direct_rlhf.pipeline import check_stage_folders
+
+    run = tmp_path / "run"
+    assert main(["-q", "eval", "--models", f"base={folders['a']}", f"out={run}", *WORLD, *FAST]) == 0
+    assert (run / "eval" / "results.json").is_file()
+    check_stage_folders(load_config(None, [f"out={run}"]))  # raised "a folder with files direct-rlhf did not write"

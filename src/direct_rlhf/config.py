@@ -166,7 +166,8 @@ class SFTConfig:
 class PPOConfig:
     """PPO from the base model, KL-anchored to it (see algos/ppo.py for the math)."""
 
-    prompts: str | None = key(None, "JSONL with a 'prompt' field; null = the toy world's PPO prompts")
+    prompts: str | None = key(None, "JSONL with a 'prompt' field; null = the prompts of reward.data's pairs "
+                              "(the toy world's PPO prompts when reward.data is null too)")
     reward_model: str | None = key(None, "reward model folder; null = this run's <out>/reward (trained if missing)")
     cost_model: str | None = key(None, "cost model folder for ppo.lagrangian; null = this run's <out>/cost")
     # Toy world, 3 seeds: 300 steps gave gold +4.2 points, over-refusal -4.2, win-rate +0.02 (8 samples
@@ -183,8 +184,8 @@ class PPOConfig:
     # 2 (toy world, seeds 0/2, 8 samples a held-out prompt): gold +3.4 points, win-rate +0.02 over 150 x 4.
     ppo_epochs: int = key(2, "passes over each step's rollouts", COUNT)
     max_new_tokens: int = key(48, "tokens sampled per response", COUNT)
-    max_prompt_len: int = key(256, "prompt tokens; a longer prompt loses its oldest turns "
-                              "(data/prompt_truncation.py)", COUNT)
+    max_prompt_len: int = key(256, "prompt tokens; a longer prompt loses its oldest turns, whole (a last "
+                              "user turn too long alone keeps its last tokens)", COUNT)
     temperature: float = key(1.0, "sampling temperature of the rollouts", POSITIVE)
     top_p: float = key(1.0, "nucleus sampling of the rollouts", OPEN_UNIT_RIGHT_CLOSED)
     # LoRA adapters: 1e-3 cost the toy model 2-4 points of general accuracy.

@@ -378,6 +378,10 @@ def run_eval(cfg: Config, models: dict[str, str], out_dir: str | Path, sources: 
     results["timing_s"]["total"] = time.perf_counter() - t_start  # before the report, which shows it
     write_report(results, out_dir)
     write_json(out_dir / "results.json", results)
+    # marks the folder as ours (io.ARTIFACT_MARKERS): a later command on the same run folder may replace
+    # <out>/eval, where `direct-rlhf eval` writes by default, without calling it a user's folder
+    write_json(out_dir / "run_info.json", {"stage": "eval", "models": models,
+                                           "wall_s": results["timing_s"]["total"]})
     return results
 
 
