@@ -40,10 +40,11 @@ def tiny_base(tmp_path_factory, small_world):
     return out
 
 
-def _torchrun(*args: str, nproc: int = 2, dies_after: int = 0, timeout: int = 240) -> subprocess.CompletedProcess:
-    """`direct-rlhf ARGS` in `nproc` real processes on the CPU (as tests/test_ppo.py launches PPO);
+def _torchrun(*args: str, nproc: int = 2, dies_after: int = 0, timeout: int = 240,
+              quiet: bool = True) -> subprocess.CompletedProcess:
+    """`direct-rlhf [-q] ARGS` in `nproc` real processes on the CPU (as tests/test_ppo.py launches PPO);
     `dies_after` > 0: every process killed as it starts its pair loss number `dies_after` + 1."""
-    cmd = [*([__file__, str(dies_after)] if dies_after else ["-m", "direct_rlhf"]), "-q", *args]
+    cmd = [*([__file__, str(dies_after)] if dies_after else ["-m", "direct_rlhf"]), *(["-q"] if quiet else []), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
     return torchrun(nproc, cmd, env, timeout)
 
@@ -284,11 +285,14 @@ def test_gradient_checkpointing_trains_the_reward_model_to_the_same_weights(tmp_
 
 def test_the_sft_command_under_two_processes_says_its_result_once(tmp_path, tiny_base, small_world):
     """`direct-rlhf sft` under torchrun trains data parallel (tests/test_sharding.py checks the
-    weights) and, like reward and ppo, prints its result line from one process, not from each."""
+    weights) and, like reward and ppo, prints its result line and logs what it does from one
+    process, not from each."""
     res = _torchrun("sft", "--out", str(tmp_path), *MICRO, f"model.base={tiny_base}", "sft.batch_size=8",
-                    f"sft.data={small_world / 'pairs_train.jsonl'}")
+                    f"sft.data={small_world / 'pairs_train.jsonl'}", quiet=False)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("sft model: ") == 1, res.stdout
+    assert res.stderr.count("sft model: fine-tuning ") == 1, res.stderr[-3000:]
+    assert "broadcast_buffers" not in res.stderr  # torch 2.13's deprecation, for the switch we now name otherwise
 
 
 if __name__ == "__main__":  # a run killed on purpose: `test_processes.py N ARGS` (see `_torchrun`)

@@ -280,9 +280,11 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.
 def main(argv: list[str] | None = None) -> int:
     try:
         args = _parse(build_parser(), argv)
-        logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+        # under a launcher only the first process says what it does; every process warns
+        quiet = args.quiet or int(os.environ.get("RANK", "0")) > 0
+        logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
                             format="%(message)s", stream=sys.stderr)
-        if args.quiet:  # libraries' own progress bars too
+        if quiet:  # libraries' own progress bars too
             from transformers.utils import logging as hf_logging
 
             hf_logging.disable_progress_bar()

@@ -21,6 +21,7 @@ Both strategies run on the CPU over gloo (`torchrun --nproc_per_node 2`), so CI 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import shutil
 from pathlib import Path
@@ -146,9 +147,12 @@ def shard(model: nn.Module, strategy: str, dtype: str = "float32", cpu_offload: 
             return model
         device = device or next(model.parameters()).device
         # no buffer broadcast: a forward then runs no collective, so processes may run unequal numbers of
-        # micro-batches (their gradients are reduced in the last one's backward)
-        return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                                   broadcast_buffers=False)
+        # micro-batches (their gradients are reduced in the last one's backward). torch 2.13 renamed the
+        # switch (the new one still syncs buffers once, at wrapping: the same weights everywhere anyway)
+        ddp = nn.parallel.DistributedDataParallel
+        no_sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters
+                   else "broadcast_buffers")
+        return ddp(model, device_ids=[device.index] if device.type == "cuda" else None, **{no_sync: False})
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
