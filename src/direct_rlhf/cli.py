@@ -247,8 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--with-sft-rlhf", action="store_true", help="also run PPO from the SFT model")
 
     s = sub.add_parser("chat", help="multi-turn chat in the terminal with a causal-LM folder")
-    s.add_argument("model_dir")
-    s.add_argument("--max-new-tokens", type=int, default=64)
+    s.add_argument("model_dir", help="a model folder (e.g. runs/toy/rlhf), a hub id or a .gguf file")
+    s.add_argument("--max-new-tokens", type=int, default=64, help="the longest answer, in tokens")
     s.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
     s.add_argument("--trust-remote-code", action="store_true",
                    help="run the model folder's own modelling code (as model.trust_remote_code does)")
