@@ -97,6 +97,14 @@ def test_each_jsonl_format_loads_to_the_same_pairs(tmp_path, fmt):
     assert pairs == EXPECTED and stats.kept == 2
 
 
+def test_one_file_may_mix_the_formats_line_by_line(tmp_path):
+    """The README says so: each line is read in its own format."""
+    write_jsonl(tmp_path / "p.jsonl", [_rows("hh")[0], _rows("trl_standard")[1]])
+    assert load_pairs(tmp_path / "p.jsonl")[0] == EXPECTED
+    write_jsonl(tmp_path / "p.jsonl", [_rows("trl_conversation")[0], _rows("trl_prompt")[1]])
+    assert load_pairs(tmp_path / "p.jsonl")[0] == EXPECTED
+
+
 def test_trl_standard_format_with_plain_string_prompts_loads_to_the_same_pairs(tmp_path):
     """TRL's standard format as most datasets write it: a plain-text prompt (one Human turn) and bare
     responses; a prompt that already is an HH transcript ("Human:" with or without the leading blank
