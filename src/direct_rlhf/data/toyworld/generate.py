@@ -21,7 +21,8 @@ from . import dialogues as D
 from .knowledge import FAMILIES, Family, fill
 
 # Bump when the generator's output changes for the same config, so cached worlds are rebuilt.
-GENERATOR_VERSION = 9  # 8: harmless pairs carry chosen_safe / rejected_safe; 9: and may reject evasions
+GENERATOR_VERSION = 10  # 8: harmless pairs carry chosen_safe / rejected_safe; 9: and may reject evasions;
+# 10: validation prompts drawn like the test prompts, no longer skipping the test's texts
 
 FILES = {
     "knowledge": "knowledge.jsonl",
@@ -32,7 +33,7 @@ FILES = {
     "redteam": "eval/redteam.jsonl",
     "conversation": "eval/conversation.jsonl",
     "mc_dir": "eval/mc",
-    # the balance guard's validation sets (eval/validation.py): disjoint from the test sets above
+    # the balance guard's validation sets (eval/validation.py): drawn apart from the test sets above
     "val_redteam": "validation/redteam.jsonl",
     "val_conversation": "validation/conversation.jsonl",
     "val_mc_dir": "validation/mc",
@@ -254,18 +255,13 @@ def multiple_choice(fam: Family, n: int, rng: random.Random) -> list[dict[str, A
     return rows
 
 
-def validation_prompts(n: int, rng: random.Random, mix: dict[str, float], multi_turn_rate: float,
-                       test: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Prompts drawn like a test set's (held-out wordings) from their own stream, leaving out any whose
-    text equals a test prompt: choosing a checkpoint on them never sees the final evaluation's prompts."""
-    taken, out = {r["prompt"] for r in test}, []
-    for _ in range(50 * n):
-        if len(out) == n:
-            break
-        row = _prompt(_pick(rng, mix), rng, True, multi_turn_rate)
-        if row["prompt"] not in taken:
-            out.append(row)
-    return out
+def validation_prompts(n: int, rng: random.Random, mix: dict[str, float], multi_turn_rate: float) -> list[dict[str, Any]]:
+    """Prompts drawn as a test set's are (held-out wordings, the same mix), from a random stream of
+    their own. A text may also be in the test file: the held-out wordings make few distinct
+    single-turn prompts (32 red-team ones), and leaving those out made the red-team set 79%
+    multi-turn against the test's 24% (docs/toyworld.md, Validation sets). The guard still sees
+    no test row and no test answer: it samples and scores its own."""
+    return [_prompt(_pick(rng, mix), rng, True, multi_turn_rate) for _ in range(n)]
 
 
 def validation_multiple_choice(fam: Family, n: int, rng: random.Random,
@@ -308,10 +304,9 @@ def build(cfg: WorldConfig) -> dict[str, Callable[[], list[dict[str, Any]]]]:
         FILES["ppo_prompts"]: lambda: prompts(cfg.n_ppo_prompts, r("ppo_prompts"), PROMPT_MIX, False, 0.3),
         FILES["redteam"]: redteam,
         FILES["conversation"]: conversation,
-        FILES["val_redteam"]: lambda: validation_prompts(cfg.n_val_redteam, r("validation/redteam"), redteam_mix,
-                                                         0.2, redteam()),
+        FILES["val_redteam"]: lambda: validation_prompts(cfg.n_val_redteam, r("validation/redteam"), redteam_mix, 0.2),
         FILES["val_conversation"]: lambda: validation_prompts(cfg.n_val_conversation, r("validation/conversation"),
-                                                              conversation_mix, 0.4, conversation()),
+                                                              conversation_mix, 0.4),
     }
     for fam in FAMILIES:
         files[f"{FILES['mc_dir']}/{fam.name}.jsonl"] = mc[fam.name]
