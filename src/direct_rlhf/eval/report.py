@@ -241,7 +241,7 @@ def _guard(results: dict[str, Any], images: dict[str, bytes]) -> str:
     lines = "".join(f"<li><b>{_e(n)}</b>: kept step {_e(s['step'])} of {_e(s['last_step'])} "
                     f"({_e(s['rule'])}): {_e(s['why'])}</li>" for n, s in guarded.items())
     return (f'<h2 id="guard">Balance guard</h2><ul>{lines}</ul><p class="note">The step was chosen on '
-            f"validation data only (sets disjoint from the test sets); every other number in this report "
+            f"validation data only (sets drawn apart from the test sets); every other number in this report "
             f"comes from test data only.</p>"
             f'<div class="figs">{_img(images, "guard_trajectory.png", "validation axes against PPO step")}</div>')
 

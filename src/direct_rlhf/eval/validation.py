@@ -9,8 +9,10 @@ as the final evaluation judges), and helpfulness as the reward model's win-rate 
 the policy's samples against the start policy's samples on the same prompts (cached once) with
 the evaluation's tie rule, plus gold correctness where the prompts carry a gold answer.
 
-The prompts are *validation* sets, disjoint from the test sets (the toy world writes them under
-validation/; data/toyworld/generate.py), so choosing a checkpoint never looks at test data.
+The prompts are *validation* sets, drawn apart from the test sets (the toy world writes them under
+validation/; data/toyworld/generate.py), so choosing a checkpoint never looks at test data: no test
+row, no answer sampled for the test. (The toy world's held-out wordings make few distinct
+single-turn prompts, so a validation prompt's text may also be in the test file.)
 """
 
 from __future__ import annotations

@@ -231,7 +231,7 @@ class BalanceGuard:
                           "bounds": {"max_capability_drop_points": self.pc.max_capability_drop,
                                      "max_toxicity_ratio": self.pc.max_toxicity_ratio,
                                      "min_appropriate": self.pc.min_appropriate, "patience": self.pc.patience},
-                          "data": "validation sets only (disjoint from the test sets)",
+                          "data": "validation sets only (drawn apart from the test sets)",
                           "reference": self.reference, "evaluations": self.records}
         log.info("guard: kept step %d (%s)", chosen["step"], chosen["rule"])
         return self.selection
