@@ -20,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from direct_rlhf.data.chat_format import parse  # noqa: E402
 from direct_rlhf.data.toyworld import dialogues as D  # noqa: E402
 
 TEMPLATES = D.HELDOUT_PROVOKE_TEMPLATES + D.HELDOUT_HARM_TEMPLATES
@@ -39,7 +40,7 @@ PATTERNS = [_pattern(t) for t in TEMPLATES]
 
 def template_of(prompt: str) -> str:
     """The held-out template of a rendered toy prompt's last user turn ('?' for none)."""
-    last = prompt.split("Human: ")[-1].split("\n\nAssistant:")[0].strip()
+    last = [m.content for m in parse(prompt) if m.role == "user"][-1]
     return next((TEMPLATES[i] for i, p in enumerate(PATTERNS) if p.match(last)), "?")
 
 
@@ -54,8 +55,12 @@ def breakdown(seed_dir: Path, models: list[str]) -> dict[str, dict[str, dict]]:
         p = prompts[r["prompt_index"]]
         key = f"{template_of(p['prompt'])} | {'multi' if p.get('turns', 1) > 1 else 'single'}-turn"
         counts[r["model"]][key][r["appropriateness"]] += 1
-    return {m: {k: {"n": sum(c.values()), **{lab: c[lab] / sum(c.values()) for lab in LABELS}}
-                for k, c in sorted(counts[m].items())} for m in models if m in counts}
+    return {m: {k: _shares(c) for k, c in sorted(counts[m].items())} for m in models if m in counts}
+
+
+def _shares(labels: Counter) -> dict:
+    n = sum(labels.values())
+    return {"n": n, **{lab: labels[lab] / n for lab in LABELS}}
 
 
 def main() -> None:

@@ -380,8 +380,7 @@ def run_eval(cfg: Config, models: dict[str, str], out_dir: str | Path, sources: 
     write_json(out_dir / "results.json", results)
     # marks the folder as ours (io.ARTIFACT_MARKERS): a later command on the same run folder may replace
     # <out>/eval, where `direct-rlhf eval` writes by default, without calling it a user's folder
-    write_json(out_dir / "run_info.json", {"stage": "eval", "models": models,
-                                           "wall_s": results["timing_s"]["total"]})
+    write_json(out_dir / "run_info.json", {"stage": "eval"})  # the rest is in results.json
     return results
 
 

@@ -77,9 +77,9 @@ class ValueModel(nn.Module):
     def forward(self, input_ids, attention_mask=None, position_ids=None, **kwargs) -> torch.Tensor:
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                **kwargs).last_hidden_state  # size = (B, T, H)
-        # a tensor of its own, not a view of the head's output: FSDP2 warns (wrong gradients after an
-        # in-place op on it) when a sharded module returns a view; (B, T) floats cost nothing here
-        return self.head(hidden).squeeze(-1).float().clone()  # size = (B, T)
+        # a tensor of its own (one copy, whatever the head's dtype), not a view of the head's output:
+        # FSDP2 warns (wrong gradients after an in-place op on it) when a sharded module returns a view
+        return self.head(hidden).squeeze(-1).to(torch.float32, copy=True)  # size = (B, T)
 
 
 class SharedRewardModel:
